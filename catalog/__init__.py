@@ -1,0 +1,1 @@
+"""The model of the fleet: manifests, naming, families, the merged view. Pure logic."""

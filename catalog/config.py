@@ -1,0 +1,146 @@
+"""The gateway config file: one YAML document that says where things listen and how names are exposed."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, replace
+from typing import Any
+
+import yaml
+
+PREFIX_MODES = ("always", "conditional", "never")
+_PREFIX = re.compile(r"^[a-zA-Z][a-zA-Z0-9_-]*$")
+_KNOWN = {
+    "apiVersion", "kind", "listen", "path", "internalListen", "envoyAdmin", "processor", "catalog",
+    "prefix", "prefixMode", "maxRequestBytes", "sessionKey", "stateDir", "listPageSize", "serverName",
+    "instructions", "listTtlMs", "allowedOrigins",
+}
+
+
+class ConfigError(ValueError):
+    """A gateway config that cannot be used; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, value: Any, field: str) -> Address:
+        if not isinstance(value, str) or ":" not in value:
+            raise ConfigError(f"{field}: expected HOST:PORT, got {value!r}")
+        host, _, port = value.rpartition(":")
+        if not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
+            raise ConfigError(f"{field}: expected HOST:PORT, got {value!r}")
+        return cls(host.strip("[]"), int(port))
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    source: str = ""
+    listen: Address = Address("127.0.0.1", 8080)
+    path: str = "/mcp"
+    internal_listen: Address = Address("127.0.0.1", 18080)
+    envoy_admin: Address = Address("127.0.0.1", 9901)
+    processor_listen: Address = Address("127.0.0.1", 50051)
+    workers: int = 1
+    status_listen: Address = Address("127.0.0.1", 9902)
+    catalog_dir: str = "servers"
+    prefix: str = "x"
+    prefix_mode: str = "always"
+    max_request_bytes: int = 4 * 1024 * 1024
+    session_key_file: str = ""
+    session_key_env: str = ""
+    state_dir: str = ".state"
+    list_page_size: int = 0
+    list_ttl_ms: int = 60_000
+    server_name: str = "muster-edge"
+    instructions: str = ""
+    allowed_origins: tuple[str, ...] = ()
+
+    @property
+    def public_url(self) -> str:
+        return f"http://{self.listen}{self.path}"
+
+    def with_overrides(self, **changes: Any) -> GatewayConfig:
+        return replace(self, **changes)
+
+
+def _int(raw: dict[str, Any], key: str, default: int, lo: int, hi: int, where: str) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(f"{where}: {key}: must be a whole number from {lo} to {hi}")
+    return value
+
+
+def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
+    """Parse the gateway config; relative paths are resolved against the file's folder."""
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the gateway config must be a mapping")
+    unknown = sorted(set(raw) - _KNOWN)
+    if unknown:
+        raise ConfigError(f"{source}: {unknown[0]}: unknown field")
+    base = os.path.dirname(os.path.abspath(source)) if source != "<config>" else os.getcwd()
+
+    def path_of(value: str) -> str:
+        return value if os.path.isabs(value) else os.path.normpath(os.path.join(base, value))
+
+    processor = raw.get("processor") or {}
+    if not isinstance(processor, dict):
+        raise ConfigError(f"{source}: processor: must be a mapping")
+    prefix = raw.get("prefix", "x")
+    if not isinstance(prefix, str) or not _PREFIX.match(prefix):
+        raise ConfigError(f"{source}: prefix: must match {_PREFIX.pattern}")
+    mode = raw.get("prefixMode", "always")
+    if mode not in PREFIX_MODES:
+        raise ConfigError(f"{source}: prefixMode: must be one of {', '.join(PREFIX_MODES)}, got {mode!r}")
+    path = raw.get("path", "/mcp")
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ConfigError(f"{source}: path: must start with '/'")
+    key = raw.get("sessionKey") or {}
+    if not isinstance(key, dict) or set(key) - {"file", "env"}:
+        raise ConfigError(f"{source}: sessionKey: expected {{file: PATH}} or {{env: NAME}}")
+    origins = raw.get("allowedOrigins") or []
+    if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+        raise ConfigError(f"{source}: allowedOrigins: must be a list of origins")
+    cfg = GatewayConfig(
+        source=source,
+        listen=Address.parse(raw.get("listen", "127.0.0.1:8080"), f"{source}: listen"),
+        path=path.rstrip("/") or "/",
+        internal_listen=Address.parse(raw.get("internalListen", "127.0.0.1:18080"), f"{source}: internalListen"),
+        envoy_admin=Address.parse(raw.get("envoyAdmin", "127.0.0.1:9901"), f"{source}: envoyAdmin"),
+        processor_listen=Address.parse(processor.get("listen", "127.0.0.1:50051"), f"{source}: processor.listen"),
+        workers=_int(processor, "workers", 1, 1, 64, f"{source}: processor"),
+        status_listen=Address.parse(processor.get("status", "127.0.0.1:9902"), f"{source}: processor.status"),
+        catalog_dir=path_of(str(raw.get("catalog", "servers"))),
+        prefix=prefix,
+        prefix_mode=mode,
+        max_request_bytes=_int(raw, "maxRequestBytes", 4 * 1024 * 1024, 1024, 64 * 1024 * 1024, source),
+        session_key_file=path_of(key["file"]) if key.get("file") else "",
+        session_key_env=str(key.get("env", "")),
+        state_dir=path_of(str(raw.get("stateDir", ".state"))),
+        list_page_size=_int(raw, "listPageSize", 0, 0, 100_000, source),
+        list_ttl_ms=_int(raw, "listTtlMs", 60_000, 0, 86_400_000, source),
+        server_name=str(raw.get("serverName", "muster-edge")),
+        instructions=str(raw.get("instructions", "")),
+        allowed_origins=tuple(origins),
+    )
+    return cfg
+
+
+def load_config(path: str) -> GatewayConfig:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the gateway config: {exc.strerror}") from exc
+    return parse_config(text, path)

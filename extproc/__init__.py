@@ -1,0 +1,1 @@
+"""The ext_proc processor and its command line."""

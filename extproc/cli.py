@@ -1,0 +1,165 @@
+"""The `muster-edge` command: run the gateway, run one processor, render Envoy config, check a catalog."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from catalog.config import ConfigError, GatewayConfig, load_config
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "deploy" / "demo"
+
+
+def _config(path: str) -> GatewayConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise SystemExit(f"muster-edge: {exc}") from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from extproc.supervisor import run
+
+    return run(_config(args.config))
+
+
+def cmd_processor(args: argparse.Namespace) -> int:
+    from extproc.server import run_processor
+
+    config = _config(args.config)
+    run_processor(config, port=args.port or config.processor_listen.port, status_port=args.status_port)
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from extproc import envoy_config
+    from extproc.catalog_files import read_catalog
+
+    config = _config(args.config)
+    out = os.path.abspath(args.out)
+    cds_dir = os.path.join(out, "cds")
+    ports = envoy_config.processor_ports(config)
+    result = read_catalog(config.catalog_dir)
+    envoy_config.write_atomic(os.path.join(out, "bootstrap.yaml"),
+                              envoy_config.dump(envoy_config.bootstrap(config, ports, cds_dir)))
+    envoy_config.write_atomic(os.path.join(cds_dir, envoy_config.CDS_FILE),
+                              envoy_config.dump(envoy_config.cds(result.servers)))
+    envoy_config.write_atomic(os.path.join(out, "mesh.yaml"),
+                              envoy_config.dump(envoy_config.mesh_pieces(config, ports, cds_dir)))
+    for err in result.errors:
+        print(f"refused: {err}", file=sys.stderr)
+    print(f"wrote {out}/bootstrap.yaml, {cds_dir}/{envoy_config.CDS_FILE}, {out}/mesh.yaml")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from extproc.catalog_files import read_catalog
+
+    config = _config(args.config)
+    result = read_catalog(config.catalog_dir)
+    for server in result.servers:
+        print(f"admitted: {server.name} ({server.type} {server.url}) from {server.source}")
+    for err in result.errors:
+        print(f"refused: {err}")
+    return 1 if result.errors else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _config(args.config)
+    report = []
+    for i in range(config.workers):
+        url = f"http://{config.status_listen.host}:{config.status_listen.port + i}/status"
+        try:
+            with urllib.request.urlopen(url, timeout=3) as resp:
+                report.append(json.loads(resp.read()))
+        except OSError as exc:
+            report.append({"worker": i, "error": f"unreachable: {exc}"})
+    print(json.dumps(report if len(report) > 1 else report[0], indent=2))
+    return 0
+
+
+def start_demo_fleet() -> list[subprocess.Popen[bytes]]:
+    """Start the demo upstreams listed in deploy/demo/fleet.yaml and wait until each is ready."""
+    fleet = yaml.safe_load((DEMO_DIR / "fleet.yaml").read_text())
+    procs = []
+    for entry in fleet:
+        cmd = [sys.executable, str(DEMO_DIR / "servers.py"), entry["kind"], "--port", str(entry["port"]),
+               "--name", entry["name"], "--era", entry.get("era", "dual")]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
+        procs.append(proc)
+    for proc, entry in zip(procs, fleet, strict=True):
+        deadline = time.monotonic() + 30
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline().decode()
+            if line.startswith("READY") or not line:
+                break
+        if proc.poll() is not None:
+            raise SystemExit(f"muster-edge: demo server {entry['name']} failed to start")
+        print(f"demo upstream {entry['name']:<28} {entry['kind']:<10} era={entry.get('era', 'dual'):<7} "
+              f"http://127.0.0.1:{entry['port']}/mcp", flush=True)
+    return procs
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from extproc.supervisor import run
+
+    config = _config(args.config or str(DEMO_DIR / "gateway.yaml"))
+    procs = start_demo_fleet()
+    try:
+        return run(config)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="muster-edge", description=__doc__)
+    parser.add_argument("--log-level", default=os.environ.get("MUSTER_EDGE_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run Envoy and the processor for a gateway config")
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("demo", help="run the gateway in front of the embedded demo fleet")
+    p.add_argument("-c", "--config", default="")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("processor", help="run one ext_proc processor worker")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--status-port", type=int, default=None)
+    p.set_defaults(func=cmd_processor)
+    p = sub.add_parser("envoy", help="Envoy configuration")
+    envoy_sub = p.add_subparsers(dest="envoy_command", required=True)
+    r = envoy_sub.add_parser("render", help="write the standalone bootstrap, the CDS file and the mesh pieces")
+    r.add_argument("-c", "--config", required=True)
+    r.add_argument("--out", required=True)
+    r.set_defaults(func=cmd_render)
+    p = sub.add_parser("validate", help="check the catalog's manifests against the admission rules")
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("status", help="show each upstream's state as the processor sees it")
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=cmd_status)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""The fleet as the processor knows it: admitted servers, each upstream's cached lists, and its health.
+
+Lists are fetched concurrently, cached per upstream, and refreshed on the upstream's list_changed, on its
+ttlMs, and on catalog changes; a warm list never touches an upstream. A failed upstream is left out of the
+view and shown in the status until a later refresh succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cachetools import LRUCache
+
+from catalog.manifests import AdmissionError, MCPServer
+from catalog.view import UpstreamSnapshot, View, build_view, x_mcp_header_problem
+from extproc.jsonrpc import LEGACY
+from extproc.upstream import Handshake, UpstreamClient, UpstreamError
+
+log = logging.getLogger(__name__)
+
+_LISTS = (("tools/list", "tools", "tools"), ("prompts/list", "prompts", "prompts"),
+          ("resources/list", "resources", "resources"), ("resources/templates/list", "resourceTemplates", "resources"))
+RETRY_FAILED_AFTER_S = 2.0
+
+
+@dataclass
+class UpstreamState:
+    server: MCPServer
+    handshake: Handshake | None = None
+    snapshot: UpstreamSnapshot | None = None
+    expires_at: float = 0.0
+    last_attempt: float = 0.0
+    refreshing: asyncio.Task[None] | None = None
+    listener: asyncio.Task[None] | None = None
+    pooled: dict[str, Handshake] = field(default_factory=dict)
+
+    @property
+    def fresh(self) -> bool:
+        return self.snapshot is not None and time.monotonic() < self.expires_at
+
+
+class Fleet:
+    def __init__(self, client: UpstreamClient, *, prefix: str, mode: str, default_ttl_ms: int,
+                 list_wait_s: float = 10.0) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.mode = mode
+        self.default_ttl_ms = default_ttl_ms
+        self.list_wait_s = list_wait_s
+        self.servers: dict[str, MCPServer] = {}
+        self.errors: tuple[AdmissionError, ...] = ()
+        self.states: dict[str, UpstreamState] = {}
+        self.catalog_generation = 0
+        self._generation = 0
+        self._views: LRUCache[tuple[Any, ...], View] = LRUCache(maxsize=64)
+
+    # ---- catalog ---------------------------------------------------------------------------------------
+    def set_catalog(self, servers: Sequence[MCPServer], errors: Sequence[AdmissionError]) -> None:
+        """Swap in a new catalog; changed or new servers are fetched again, removed ones are forgotten."""
+        new = {s.name: s for s in servers}
+        for name in list(self.states):
+            if name not in new or new[name] != self.states[name].server:
+                self._drop(name)
+        for name, server in new.items():
+            if name not in self.states:
+                self.states[name] = UpstreamState(server)
+        for err in errors:
+            if err not in self.errors:
+                log.error("catalog: refused %s", err)
+        self.servers = new
+        self.errors = tuple(errors)
+        self.catalog_generation += 1
+        for name in new:
+            self._schedule(name)
+
+    def _drop(self, name: str) -> None:
+        state = self.states.pop(name)
+        for task in (state.refreshing, state.listener):
+            if task is not None:
+                task.cancel()
+        for hs in state.pooled.values():
+            if hs.session_id:
+                asyncio.get_running_loop().create_task(
+                    self.client.delete_session(state.server, hs.session_id, hs.version))
+
+    # ---- refresh ---------------------------------------------------------------------------------------
+    def _schedule(self, name: str) -> asyncio.Task[None]:
+        state = self.states[name]
+        if state.refreshing is None or state.refreshing.done():
+            state.refreshing = asyncio.get_running_loop().create_task(self._refresh(state))
+        return state.refreshing
+
+    async def _refresh(self, state: UpstreamState) -> None:
+        server = state.server
+        state.last_attempt = time.monotonic()
+        try:
+            hs = state.handshake or await self.client.probe(server)
+            state.handshake = hs
+            results = await asyncio.gather(*(self._list(server, hs, m, k, cap) for m, k, cap in _LISTS))
+        except UpstreamError as exc:
+            self._fail(state, str(exc))
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("upstream %s: refresh crashed", server.name)
+            self._fail(state, f"internal error: {type(exc).__name__}")
+            return
+        (tools, t1), (prompts, t2), (resources, t3), (templates, t4) = results
+        ttls = [t for t in (t1, t2, t3, t4, hs.ttl_ms) if isinstance(t, int)]
+        ttl = min(ttls) if ttls else None
+        tools = self._valid_tools(server.name, tools)
+        self._generation += 1
+        previously_failed = state.snapshot is not None and not state.snapshot.ok
+        state.snapshot = UpstreamSnapshot(
+            server=server.name, ok=True, era=hs.era, protocol_version=hs.version, capabilities=hs.capabilities,
+            instructions=hs.instructions, tools=tuple(tools), prompts=tuple(prompts), resources=tuple(resources),
+            templates=tuple(templates), ttl_ms=ttl, generation=self._generation)
+        life_ms = ttl if ttl is not None else self.default_ttl_ms
+        state.expires_at = time.monotonic() + max(life_ms, 1000) / 1000.0 * random.uniform(0.9, 1.0)
+        if previously_failed:
+            log.warning("upstream %s: recovered", server.name)
+        log.info("upstream %s: %s %s, %d tools, %d prompts, %d resources, %d templates", server.name, hs.era,
+                 hs.version, len(tools), len(prompts), len(resources), len(templates))
+        if state.listener is None or state.listener.done():
+            state.listener = asyncio.get_running_loop().create_task(self._listen(state, hs))
+
+    async def _list(self, server: MCPServer, hs: Handshake, method: str, key: str,
+                    capability: str) -> tuple[list[dict[str, Any]], int | None]:
+        if capability not in hs.capabilities:
+            return [], None
+        return await self.client.list_all(server, hs, method, key)
+
+    @staticmethod
+    def _valid_tools(server: str, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for tool in tools:
+            if not isinstance(tool.get("name"), str):
+                continue
+            why = x_mcp_header_problem(tool.get("inputSchema"))
+            if why is not None:
+                log.warning("upstream %s: tool %r dropped: %s", server, tool.get("name"), why)
+                continue
+            out.append(tool)
+        return out
+
+    def _fail(self, state: UpstreamState, reason: str) -> None:
+        name = state.server.name
+        if state.snapshot is None or state.snapshot.ok or state.snapshot.error != reason:
+            log.error("upstream %s: failed: %s", name, reason)
+        self._generation += 1
+        state.snapshot = UpstreamSnapshot(server=name, ok=False, error=reason, generation=self._generation)
+        state.handshake = None
+        state.pooled.clear()
+        state.expires_at = 0.0
+
+    async def _listen(self, state: UpstreamState, hs: Handshake) -> None:
+        """Follow the upstream's list_changed notifications; any of them refreshes that upstream."""
+        delay = 1.0
+        while True:
+            try:
+                async for msg in self.client.events(state.server, hs):
+                    if str(msg.get("method", "")).endswith("/list_changed"):
+                        log.info("upstream %s: %s", state.server.name, msg["method"])
+                        state.expires_at = 0.0
+                        self._schedule(state.server.name)
+                    delay = 1.0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("upstream %s: event stream ended: %s", state.server.name, exc)
+            if state.handshake is not hs:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    async def ready(self) -> None:
+        """Make the view current: wait (bounded) for upstreams never fetched, refresh stale ones behind."""
+        waits = []
+        now = time.monotonic()
+        for name, state in self.states.items():
+            if state.snapshot is None or (not state.snapshot.ok and now - state.last_attempt > RETRY_FAILED_AFTER_S):
+                waits.append(self._schedule(name))
+            elif state.snapshot.ok and not state.fresh:
+                self._schedule(name)
+        if waits:
+            await asyncio.wait([asyncio.shield(w) for w in waits], timeout=self.list_wait_s)
+
+    def view(self) -> View:
+        snapshots = {n: s.snapshot for n, s in self.states.items() if s.snapshot is not None and s.snapshot.ok}
+        key = (self.catalog_generation, tuple(sorted((n, s.generation) for n, s in snapshots.items())))
+        view = self._views.get(key)
+        if view is None:
+            view = build_view(list(self.servers.values()), snapshots, prefix=self.prefix, mode=self.mode,
+                              default_ttl_ms=self.default_ttl_ms)
+            for problem in view.problems:
+                log.warning("view: %s", problem)
+            self._views[key] = view
+        return view
+
+    # ---- upstream sessions for routed calls --------------------------------------------------------------
+    async def session_for(self, name: str, owner: str) -> Handshake:
+        """The upstream handshake a routed call uses; legacy upstreams get one session per owner."""
+        state = self.states[name]
+        hs = state.handshake
+        if hs is None:
+            hs = state.handshake = await self.client.probe(state.server)
+        if hs.era != LEGACY:
+            return hs
+        pooled = state.pooled.get(owner)
+        if pooled is None:
+            pooled = state.pooled[owner] = await self.client.initialize(state.server)
+        return pooled
+
+    def forget_session(self, name: str, owner: str) -> Handshake | None:
+        state = self.states.get(name)
+        return state.pooled.pop(owner, None) if state else None
+
+    async def end_sessions(self, owner: str) -> None:
+        for state in list(self.states.values()):
+            hs = state.pooled.pop(owner, None)
+            if hs is not None and hs.session_id:
+                await self.client.delete_session(state.server, hs.session_id, hs.version)
+
+    def status(self) -> dict[str, Any]:
+        servers = []
+        for name in sorted(self.states):
+            state = self.states[name]
+            snap = state.snapshot
+            entry: dict[str, Any] = {"name": name, "url": state.server.url}
+            if snap is None:
+                entry["state"] = "Connecting"
+            elif snap.ok:
+                entry.update(state="Connected", era=snap.era, protocolVersion=snap.protocol_version,
+                             tools=len(snap.tools), prompts=len(snap.prompts), resources=len(snap.resources),
+                             resourceTemplates=len(snap.templates))
+            else:
+                entry.update(state="Failed", error=snap.error)
+            servers.append(entry)
+        view = self.view()
+        return {"servers": servers, "refused": [str(e) for e in self.errors], "viewProblems": list(view.problems)}
+
+    async def aclose(self) -> None:
+        for name in list(self.states):
+            with contextlib.suppress(Exception):
+                self._drop(name)

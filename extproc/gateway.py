@@ -1,0 +1,229 @@
+"""The gateway's decisions for one HTTP request, independent of how Envoy delivers it.
+
+`on_headers` answers what can be answered from the headers alone (GET, DELETE, Accept, Origin);
+`on_body` parses the JSON-RPC message once and hands it to the handler for its method.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from cachetools import LRUCache
+
+from catalog.config import GatewayConfig
+from catalog.view import View
+from extproc import jsonrpc
+from extproc.fleet import Fleet
+from extproc.handlers import calls, lifecycle, lists
+from extproc.jsonrpc import INVALID_REQUEST, LEGACY, MODERN, Message, RpcError
+from extproc.replies import JSON, Forward, Local, ResponsePlan
+from extproc.request import Request
+from extproc.sessions import Cursors, Sessions
+from extproc.upstream import CLIENT_INFO, ROUTE_HEADER, cluster_name
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[["Gateway", Request, Message], Awaitable[Local | Forward]]
+
+HANDLERS: dict[str, Handler] = {
+    "initialize": lifecycle.initialize,
+    "server/discover": lifecycle.discover,
+    "ping": lifecycle.ping,
+    "logging/setLevel": lifecycle.set_level,
+    "tools/list": lists.list_items,
+    "prompts/list": lists.list_items,
+    "resources/list": lists.list_items,
+    "resources/templates/list": lists.list_items,
+    "tools/call": calls.call_tool,
+    "prompts/get": calls.get_prompt,
+    "resources/read": calls.read_resource,
+    "completion/complete": calls.complete,
+}
+
+_DROP_UPSTREAM = ("last-event-id", "cookie", "origin", "x-envoy-original-path")
+
+
+def _accepts(accept: str) -> tuple[bool, bool]:
+    types = {part.split(";")[0].strip().lower() for part in accept.split(",")}
+    wildcard = "*/*" in types
+    return (wildcard or "application/json" in types or "application/*" in types,
+            wildcard or "text/event-stream" in types or "text/*" in types)
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, fleet: Fleet, sessions: Sessions, cursors: Cursors) -> None:
+        self.config = config
+        self.fleet = fleet
+        self.sessions = sessions
+        self.cursors = cursors
+        self.server_info = {"name": config.server_name, "version": CLIENT_INFO["version"]}
+        self.pages: LRUCache[tuple[Any, ...], bytes] = LRUCache(maxsize=512)
+        self._ids = itertools.count(1)
+
+    def cache_scope(self, req: Request) -> str:
+        return "private" if req.caller.subject else "public"
+
+    async def current_view(self, req: Request) -> View:
+        await self.fleet.ready()
+        return self.fleet.view()
+
+    # ---- headers ------------------------------------------------------------------------------------------
+    def _origin_ok(self, req: Request) -> bool:
+        origin = req.headers.get("origin")
+        if origin is None or origin in self.config.allowed_origins:
+            return True
+        host = origin.split("://", 1)[-1].rstrip("/")
+        return host == req.headers.get(":authority", "")
+
+    async def on_headers(self, req: Request, end_of_stream: bool) -> Local | None:
+        if req.path.split("?", 1)[0] != self.config.path:
+            return Local(404, b"not found\n", {"content-type": "text/plain"}, details="muster_edge_no_such_path")
+        if not self._origin_ok(req):
+            return Local.error(RpcError(INVALID_REQUEST, "Forbidden: Origin not allowed", status=403), MODERN)
+        method = req.http_method
+        if method == "POST":
+            has_json, has_sse = _accepts(req.headers.get("accept", ""))
+            if not (has_json and has_sse):
+                return Local.error(RpcError(INVALID_REQUEST, "Not Acceptable: Client must accept both "
+                                            "application/json and text/event-stream", status=406), MODERN)
+            ctype = req.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return Local.error(RpcError(INVALID_REQUEST, "Unsupported Media Type: Content-Type must be "
+                                            "application/json", status=415), MODERN)
+            if end_of_stream:
+                return Local.error(RpcError(jsonrpc.PARSE_ERROR, "Parse error: empty body"), MODERN)
+            return None
+        if method == "DELETE":
+            return await self._end_session(req)
+        return Local(405, b"", {"allow": "POST, DELETE"}, details="muster_edge_method_not_allowed")
+
+    async def _end_session(self, req: Request) -> Local:
+        sid = req.headers.get("mcp-session-id")
+        if not sid:
+            return Local.error(RpcError(INVALID_REQUEST, "Bad Request: Missing session ID", status=400), LEGACY)
+        token = self.sessions.open(sid, req.caller.subject)
+        if token is None:
+            return Local.error(RpcError(INVALID_REQUEST, "Session not found", status=404), LEGACY)
+        self.sessions.end(token.nonce)
+        asyncio.get_running_loop().create_task(self.fleet.end_sessions(token.nonce.hex()))
+        return Local(200, b"", {}, details="muster_edge_session_ended")
+
+    # ---- body ---------------------------------------------------------------------------------------------
+    async def on_body(self, req: Request, body: bytes) -> Local | Forward:
+        era = MODERN if req.headers.get("mcp-protocol-version", "") not in ("", *jsonrpc.HANDSHAKE_VERSIONS) \
+            else LEGACY
+        msg_id: Any = None
+        try:
+            if req.duplicated:
+                raise RpcError(jsonrpc.HEADER_MISMATCH, f"Duplicated routing header: {req.duplicated[0]}")
+            obj = jsonrpc.parse(body)
+            if isinstance(obj, dict):
+                msg_id = obj.get("id") if isinstance(obj.get("id"), (str, int)) else None
+            msg = jsonrpc.classify(obj, req.headers)
+            req.message = msg
+            era = msg.era
+            if msg.era == LEGACY and msg.method != "initialize":
+                self._check_session(req)
+            if msg.is_notification:
+                return await lifecycle.notification(self, req, msg)
+            handler = HANDLERS.get(msg.method)
+            if handler is None:
+                raise RpcError(jsonrpc.METHOD_NOT_FOUND, f"Method not found: {msg.method}")
+            return await handler(self, req, msg)
+        except RpcError as err:
+            return Local.error(err, era, msg_id)
+
+    def _check_session(self, req: Request) -> None:
+        sid = req.headers.get("mcp-session-id")
+        if not sid:
+            raise RpcError(INVALID_REQUEST, "Bad Request: Missing session ID", status=400)
+        token = self.sessions.open(sid, req.caller.subject)
+        if token is None:
+            raise RpcError(INVALID_REQUEST, "Session not found", status=404)
+        req.session_nonce = token.nonce
+
+    # ---- forwarding ---------------------------------------------------------------------------------------
+    async def forward(self, req: Request, msg: Message, server_name: str, params: dict[str, Any], *,
+                      name: str | None = None, header_map: Mapping[tuple[str, ...], str] | None = None,
+                      arguments: Mapping[str, Any] | None = None) -> Forward:
+        """Re-originate the request for one upstream: body, routing headers and credentials recomputed."""
+        server = self.fleet.servers[server_name]
+        owner = req.session_nonce.hex() if req.session_nonce else req.caller.key
+        try:
+            hs = await self.fleet.session_for(server_name, owner)
+        except Exception as exc:
+            raise RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{server_name}' is unavailable: {exc}",
+                           {"server": server_name}) from None
+        meta = {k: v for k, v in msg.meta.items() if not k.startswith("io.modelcontextprotocol/")}
+        if hs.era == MODERN:
+            meta[jsonrpc.META_VERSION] = hs.version
+            meta[jsonrpc.META_CAPABILITIES] = msg.meta.get(jsonrpc.META_CAPABILITIES, {}) if msg.era == MODERN else {}
+            meta[jsonrpc.META_CLIENT_INFO] = CLIENT_INFO
+            if jsonrpc.META_LOG_LEVEL in msg.meta:
+                meta[jsonrpc.META_LOG_LEVEL] = msg.meta[jsonrpc.META_LOG_LEVEL]
+        params = dict(params)
+        if meta:
+            params["_meta"] = meta
+        else:
+            params.pop("_meta", None)
+        shared_session = hs.era == LEGACY and not req.session_nonce
+        upstream_id = next(self._ids) if shared_session else msg.id
+        body = jsonrpc.dumps({"jsonrpc": "2.0", "id": upstream_id, "method": msg.method, "params": params})
+        set_headers = {
+            ":path": server.path,
+            ":authority": server.authority,
+            ROUTE_HEADER: cluster_name(server_name),
+            "content-length": str(len(body)),
+            "mcp-protocol-version": hs.version,
+            "x-envoy-upstream-rq-timeout-ms": str(server.timeout * 1000),
+            **server.headers,
+        }
+        remove = [h for h in req.headers if h.startswith("mcp-param-") or h in _DROP_UPSTREAM]
+        if hs.era == MODERN:
+            set_headers["mcp-method"] = msg.method
+            if name is not None:
+                set_headers["mcp-name"] = jsonrpc.encode_header_value(name)
+            elif "mcp-name" in req.headers:
+                remove.append("mcp-name")
+            if header_map and arguments is not None:
+                derived = jsonrpc.param_headers(header_map, arguments)
+                set_headers.update(derived)
+                remove = [h for h in remove if h not in derived]
+            if "mcp-session-id" in req.headers:
+                remove.append("mcp-session-id")
+        else:
+            if hs.session_id:
+                set_headers["mcp-session-id"] = hs.session_id
+            elif "mcp-session-id" in req.headers:
+                remove.append("mcp-session-id")
+            remove.extend(h for h in ("mcp-method", "mcp-name") if h in req.headers)
+        if not server.auth.forward_token and "authorization" in req.headers and "authorization" not in set_headers:
+            remove.append("authorization")
+        view = self.fleet.view()
+        snap = self.fleet.states[server_name].snapshot
+        has_uris = snap is not None and bool(snap.resources or snap.templates)
+        map_uris = server_name in view.uri_slug_of and (msg.method == "resources/read" or has_uris)
+        plan = ResponsePlan(
+            server=server_name, client_id=msg.id, restore_id=shared_session, modern_client=msg.era == MODERN,
+            map_uris=map_uris, upstream_session_owner=owner if hs.era == LEGACY else "",
+        )
+        plan.rewrite_body = shared_session or map_uris or (msg.era == MODERN and hs.era == LEGACY)
+        return Forward(cluster_name(server_name), body, set_headers, remove, plan)
+
+    def upstream_session_lost(self, plan: ResponsePlan) -> None:
+        if plan.upstream_session_owner:
+            self.fleet.forget_session(plan.server, plan.upstream_session_owner)
+
+    def error_for_upstream_status(self, plan: ResponsePlan, status: int, details: str) -> Local:
+        why = {503: "is unavailable", 504: "timed out", 502: "answered with an invalid response",
+               404: "lost its session; retry the call"}.get(status, f"failed with HTTP {status}")
+        err = RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}' {why}",
+                       {"server": plan.server, "status": status, "details": details}, status=502)
+        if status == 404:
+            err.status = 200
+        return Local(err.http_status(MODERN), jsonrpc.error_body(plan.client_id, err.code, err.message, err.data),
+                     {"content-type": JSON}, details="muster_edge_upstream_error")

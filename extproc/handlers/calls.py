@@ -1,0 +1,125 @@
+"""tools/call, prompts/get, resources/read, completion/complete: resolved in the caller's view, then routed.
+
+The route comes from the same view the caller's lists were built from; a name the view does not hold is
+refused here and never reaches an upstream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from catalog.view import Route, Target
+from extproc import jsonrpc
+from extproc.jsonrpc import INVALID_PARAMS, LEGACY_RESOURCE_NOT_FOUND, MODERN, Message, RpcError
+from extproc.replies import Forward
+from extproc.request import Request
+
+if TYPE_CHECKING:
+    from extproc.gateway import Gateway
+
+
+def select_target(route: Route, arguments: Mapping[str, Any], kind: str = "tool") -> tuple[Target, dict[str, Any]]:
+    """The member a call goes to, and the arguments without the instance argument (family names)."""
+    single = route.single
+    if single is not None:
+        return single, dict(arguments)
+    arg = route.instance_arg or ""
+    members = sorted(route.targets)
+    value = arguments.get(arg)
+    rest = {k: v for k, v in arguments.items() if k != arg}
+    if not isinstance(value, str) or not value:
+        raise RpcError(INVALID_PARAMS, f"{kind} {route.exposed} is provided by a family on servers {', '.join(members)}; "
+                                       f'the "{arg}" parameter is required', {"available": members})
+    if value in route.targets:
+        return route.targets[value], rest
+    aliases = [m for m in members if m.startswith(value + "-")]
+    if len(aliases) == 1:
+        return route.targets[aliases[0]], rest
+    if len(aliases) > 1:
+        raise RpcError(INVALID_PARAMS, f'{kind} {route.exposed}: "{value}" matches more than one server '
+                                       f"({', '.join(aliases)}); use the full name", {"available": members})
+    raise RpcError(INVALID_PARAMS, f'{kind} {route.exposed} is not available on server "{value}" '
+                                   f"(available: {', '.join(members)})", {"available": members})
+
+
+def _object(params: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = params.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RpcError(INVALID_PARAMS, f"Invalid params: {key} must be an object")
+    return value
+
+
+def _name(params: Mapping[str, Any], key: str = "name") -> str:
+    value = params.get(key)
+    if not isinstance(value, str) or not value:
+        raise RpcError(INVALID_PARAMS, f"Invalid params: {key} must be a non-empty string")
+    return value
+
+
+async def call_tool(gw: Gateway, req: Request, msg: Message) -> Forward:
+    name = _name(msg.params)
+    arguments = _object(msg.params, "arguments")
+    view = await gw.current_view(req)
+    route = view.tool_routes.get(name)
+    if route is None:
+        raise RpcError(INVALID_PARAMS, f"Unknown tool: {name}")
+    if msg.era == MODERN:
+        jsonrpc.check_param_headers(route.header_map, arguments, req.param_headers)
+    target, upstream_args = select_target(route, arguments)
+    params = {**msg.params, "name": target.original, "arguments": upstream_args}
+    return await gw.forward(req, msg, target.server, params, name=target.original, header_map=target.header_map,
+                            arguments=upstream_args)
+
+
+async def get_prompt(gw: Gateway, req: Request, msg: Message) -> Forward:
+    name = _name(msg.params)
+    arguments = _object(msg.params, "arguments")
+    view = await gw.current_view(req)
+    route = view.prompt_routes.get(name)
+    if route is None:
+        raise RpcError(INVALID_PARAMS, f"Unknown prompt: {name}")
+    target, upstream_args = select_target(route, arguments, "prompt")
+    params = {**msg.params, "name": target.original, "arguments": upstream_args}
+    return await gw.forward(req, msg, target.server, params, name=target.original)
+
+
+def _not_found(msg: Message, uri: str) -> RpcError:
+    code = INVALID_PARAMS if msg.era == MODERN else LEGACY_RESOURCE_NOT_FOUND
+    return RpcError(code, f"Resource not found: {uri}", {"uri": uri})
+
+
+async def read_resource(gw: Gateway, req: Request, msg: Message) -> Forward:
+    uri = _name(msg.params, "uri")
+    view = await gw.current_view(req)
+    resolved = view.resolve_uri(uri)
+    if resolved is None:
+        raise _not_found(msg, uri)
+    server, original = resolved
+    return await gw.forward(req, msg, server, {**msg.params, "uri": original}, name=original)
+
+
+async def complete(gw: Gateway, req: Request, msg: Message) -> Forward:
+    ref = _object(msg.params, "ref")
+    view = await gw.current_view(req)
+    if ref.get("type") == "ref/prompt":
+        name = _name(ref)
+        route = view.prompt_routes.get(name)
+        if route is None:
+            raise RpcError(INVALID_PARAMS, f"Unknown prompt: {name}")
+        context = _object(msg.params, "context")
+        target, rest = select_target(route, _object(context, "arguments"), "prompt")
+        params = {**msg.params, "ref": {**ref, "name": target.original}}
+        if context:
+            params["context"] = {**context, "arguments": rest}
+        return await gw.forward(req, msg, target.server, params)
+    if ref.get("type") == "ref/resource":
+        uri = _name(ref, "uri")
+        resolved = view.resolve_uri(uri)
+        if resolved is None:
+            raise _not_found(msg, uri)
+        server, original = resolved
+        return await gw.forward(req, msg, server, {**msg.params, "ref": {**ref, "uri": original}})
+    raise RpcError(INVALID_PARAMS, "Invalid params: ref.type must be ref/prompt or ref/resource")

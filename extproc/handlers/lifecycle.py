@@ -1,0 +1,62 @@
+"""initialize, server/discover, ping, logging/setLevel and notifications: all answered at the edge."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from extproc import jsonrpc
+from extproc.jsonrpc import HANDSHAKE_VERSIONS, LATEST_HANDSHAKE, MODERN, MODERN_VERSIONS, Message, RpcError
+from extproc.replies import Local
+from extproc.request import Request
+
+if TYPE_CHECKING:
+    from extproc.gateway import Gateway
+
+
+async def initialize(gw: Gateway, req: Request, msg: Message) -> Local:
+    if msg.era == MODERN:
+        raise RpcError(jsonrpc.UNSUPPORTED_VERSION, "initialize is not part of 2026-07-28; use server/discover",
+                       {"supported": list(MODERN_VERSIONS), "requested": req.headers.get("mcp-protocol-version")})
+    requested = msg.params.get("protocolVersion")
+    version = requested if requested in HANDSHAKE_VERSIONS else LATEST_HANDSHAKE
+    await gw.fleet.ready()
+    view = gw.fleet.view()
+    session_id, _ = gw.sessions.mint(req.caller.subject, version)
+    result: dict[str, Any] = {"protocolVersion": version, "capabilities": view.capabilities,
+                              "serverInfo": gw.server_info}
+    if gw.config.instructions:
+        result["instructions"] = gw.config.instructions
+    return Local.result(msg.id, result, {"mcp-session-id": session_id})
+
+
+async def discover(gw: Gateway, req: Request, msg: Message) -> Local:
+    await gw.fleet.ready()
+    view = gw.fleet.view()
+    result: dict[str, Any] = {
+        "supportedVersions": [*MODERN_VERSIONS, *reversed(HANDSHAKE_VERSIONS)],
+        "capabilities": view.capabilities,
+        "ttlMs": view.ttl_ms,
+        "cacheScope": gw.cache_scope(req),
+        "resultType": "complete",
+        "_meta": {jsonrpc.META_SERVER_INFO: gw.server_info},
+    }
+    if gw.config.instructions:
+        result["instructions"] = gw.config.instructions
+    return Local.result(msg.id, result)
+
+
+async def ping(gw: Gateway, req: Request, msg: Message) -> Local:
+    if msg.era == MODERN:
+        raise RpcError(jsonrpc.METHOD_NOT_FOUND, "Method not found: ping (removed in 2026-07-28)")
+    return Local.result(msg.id, {})
+
+
+async def set_level(gw: Gateway, req: Request, msg: Message) -> Local:
+    if msg.era == MODERN:
+        raise RpcError(jsonrpc.METHOD_NOT_FOUND, "Method not found: logging/setLevel (removed in 2026-07-28)")
+    return Local.result(msg.id, {})
+
+
+async def notification(gw: Gateway, req: Request, msg: Message) -> Local:
+    """Client notifications (initialized, cancelled, progress, roots) are accepted and not relayed."""
+    return Local(202, b"", {}, details="muster_edge_notification")

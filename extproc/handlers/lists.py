@@ -1,0 +1,53 @@
+"""tools/list, prompts/list, resources/list, resources/templates/list: merged pages from the cached view.
+
+A page is serialised once per (view, method, page, era) and reused: a warm list is a cache lookup and an id
+splice, with no upstream traffic.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from extproc import jsonrpc
+from extproc.jsonrpc import INVALID_PARAMS, MODERN, Message, RpcError
+from extproc.replies import Local
+from extproc.request import Request
+
+if TYPE_CHECKING:
+    from extproc.gateway import Gateway
+
+LISTS = {
+    "tools/list": ("tools", "tools"),
+    "prompts/list": ("prompts", "prompts"),
+    "resources/list": ("resources", "resources"),
+    "resources/templates/list": ("templates", "resourceTemplates"),
+}
+
+
+async def list_items(gw: Gateway, req: Request, msg: Message) -> Local:
+    attr, key = LISTS[msg.method]
+    await gw.fleet.ready()
+    view = gw.fleet.view()
+    cursor = msg.params.get("cursor")
+    offset = 0
+    if cursor is not None and cursor != "":
+        if not isinstance(cursor, str):
+            raise RpcError(INVALID_PARAMS, "Invalid params: cursor must be a string")
+        parsed = gw.cursors.read(msg.method, cursor)
+        if parsed is None or parsed.view != view.fingerprint:
+            raise RpcError(INVALID_PARAMS, "Invalid cursor: the list changed or the cursor is not ours; list again")
+        offset = parsed.offset
+    scope = gw.cache_scope(req)
+    cache_key = (view.fingerprint, msg.method, offset, msg.era, scope)
+    page = gw.pages.get(cache_key)
+    if page is None:
+        items = getattr(view, attr)
+        size = gw.config.list_page_size or max(len(items), 1)
+        result: dict[str, Any] = {key: list(items[offset:offset + size])}
+        if offset + size < len(items):
+            result["nextCursor"] = gw.cursors.make(msg.method, view.fingerprint, offset + size)
+        if msg.era == MODERN:
+            result.update(ttlMs=view.ttl_ms, cacheScope=scope, resultType="complete",
+                          _meta={jsonrpc.META_SERVER_INFO: gw.server_info})
+        page = gw.pages[cache_key] = jsonrpc.dumps(result)
+    return Local.raw_result(msg.id, page)

@@ -1,0 +1,50 @@
+"""The per-HTTP-request facts every handler reads: headers as Envoy saw them, the caller, the parsed message."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from extproc.jsonrpc import Message
+
+ROUTING_HEADERS = ("mcp-protocol-version", "mcp-method", "mcp-name", "mcp-session-id")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling, as verified by Envoy (jwt_authn); empty subject when the gateway runs without auth."""
+
+    subject: str = ""
+    claims: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.subject or "anonymous"
+
+
+@dataclass
+class Request:
+    http_method: str = ""
+    path: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    duplicated: tuple[str, ...] = ()
+    caller: Caller = Caller()
+    message: Message | None = None
+    session_nonce: bytes = b""
+
+    @classmethod
+    def from_headers(cls, pairs: Iterable[tuple[str, str]], caller: Caller) -> Request:
+        headers: dict[str, str] = {}
+        dup: list[str] = []
+        for key, value in pairs:
+            if key in headers:
+                if key in ROUTING_HEADERS or key.startswith("mcp-param-"):
+                    dup.append(key)
+                continue
+            headers[key] = value
+        return cls(headers.get(":method", ""), headers.get(":path", ""), headers, tuple(dup), caller)
+
+    @property
+    def param_headers(self) -> dict[str, str]:
+        return {k: v for k, v in self.headers.items() if k.startswith("mcp-param-")}

@@ -1,0 +1,124 @@
+"""Changes to an upstream's answer on its way back: ids, URIs, result type, error codes.
+
+Works on one JSON-RPC message at a time; `SseRewriter` reassembles events that Envoy delivers split across
+chunks and rewrites each whole event, passing everything else through byte for byte.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from catalog.view import View
+from extproc import jsonrpc
+from extproc.replies import ResponsePlan
+
+_MAX_DEPTH = 8
+
+
+def _map_uris(node: Any, view: View, server: str, depth: int = 0) -> None:
+    if depth > _MAX_DEPTH:
+        return
+    if isinstance(node, list):
+        for item in node:
+            _map_uris(item, view, server, depth + 1)
+        return
+    if not isinstance(node, dict):
+        return
+    kind = node.get("type")
+    if kind == "resource_link" and isinstance(node.get("uri"), str):
+        node["uri"] = view.client_uri(server, node["uri"])
+    resource = node.get("resource")
+    if kind == "resource" and isinstance(resource, dict) and isinstance(resource.get("uri"), str):
+        resource["uri"] = view.client_uri(server, resource["uri"])
+    for key in ("content", "contents", "messages", "structuredContent"):
+        child = node.get(key)
+        if isinstance(child, (list, dict)):
+            if key == "contents" and isinstance(child, list):
+                for item in child:
+                    if isinstance(item, dict) and isinstance(item.get("uri"), str):
+                        item["uri"] = view.client_uri(server, item["uri"])
+            _map_uris(child, view, server, depth + 1)
+
+
+def rewrite_message(msg: dict[str, Any], plan: ResponsePlan, view: View, server_info: dict[str, Any]) -> dict[str, Any]:
+    if "result" in msg or "error" in msg:
+        if plan.restore_id:
+            msg["id"] = plan.client_id
+        result = msg.get("result")
+        if isinstance(result, dict):
+            if plan.map_uris:
+                _map_uris(result, view, plan.server)
+            if plan.modern_client:
+                result.setdefault("resultType", "complete")
+                meta = result.get("_meta")
+                meta = meta if isinstance(meta, dict) else {}
+                meta[jsonrpc.META_SERVER_INFO] = server_info
+                result["_meta"] = meta
+        error = msg.get("error")
+        if isinstance(error, dict) and plan.modern_client and error.get("code") == jsonrpc.LEGACY_RESOURCE_NOT_FOUND:
+            error["code"] = jsonrpc.INVALID_PARAMS
+    elif plan.map_uris and msg.get("method") == "notifications/resources/updated":
+        params = msg.get("params")
+        if isinstance(params, dict) and isinstance(params.get("uri"), str):
+            params["uri"] = view.client_uri(plan.server, params["uri"])
+    return msg
+
+
+def rewrite_json(body: bytes, plan: ResponsePlan, view: View, server_info: dict[str, Any]) -> bytes | None:
+    try:
+        msg = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(msg, dict):
+        return None
+    return orjson.dumps(rewrite_message(msg, plan, view, server_info))
+
+
+class SseRewriter:
+    """Feed response chunks; get back the bytes of the whole events seen so far, rewritten."""
+
+    def __init__(self, plan: ResponsePlan, view: View, server_info: dict[str, Any]) -> None:
+        self._plan = plan
+        self._view = view
+        self._info = server_info
+        self._buf = b""
+
+    def feed(self, chunk: bytes, end: bool) -> bytes:
+        self._buf += chunk
+        out: list[bytes] = []
+        while True:
+            cut = self._boundary()
+            if cut is None:
+                break
+            event, sep_len = cut
+            out.append(self._event(self._buf[:event]) + self._buf[event:event + sep_len])
+            self._buf = self._buf[event + sep_len:]
+        if end and self._buf:
+            out.append(self._event(self._buf))
+            self._buf = b""
+        return b"".join(out)
+
+    def _boundary(self) -> tuple[int, int] | None:
+        best: tuple[int, int] | None = None
+        for sep in (b"\r\n\r\n", b"\n\n", b"\r\r"):
+            pos = self._buf.find(sep)
+            if pos != -1 and (best is None or pos < best[0]):
+                best = (pos, len(sep))
+        return best
+
+    def _event(self, raw: bytes) -> bytes:
+        lines = raw.replace(b"\r\n", b"\n").split(b"\n")
+        data = [ln[5:].lstrip(b" ") if ln.startswith(b"data: ") else ln[5:] for ln in lines if ln.startswith(b"data:")]
+        if not data:
+            return raw
+        try:
+            msg = orjson.loads(b"\n".join(data))
+        except orjson.JSONDecodeError:
+            return raw
+        if not isinstance(msg, dict):
+            return raw
+        new = orjson.dumps(rewrite_message(msg, self._plan, self._view, self._info))
+        kept = [ln for ln in lines if not ln.startswith(b"data:")]
+        return b"\n".join([*kept, b"data: " + new]) if kept and kept != [b""] else b"data: " + new

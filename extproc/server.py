@@ -1,0 +1,100 @@
+"""The processor: one grpc.aio ext_proc server per process, with its fleet, sessions and status endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from typing import Any
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
+
+from catalog.config import GatewayConfig
+from extproc.catalog_files import watch
+from extproc.fleet import Fleet
+from extproc.gateway import Gateway
+from extproc.sessions import Cursors, Sealer, Sessions, load_key
+from extproc.status import serve_status
+from extproc.stream import Stream
+from extproc.upstream import UpstreamClient
+
+log = logging.getLogger(__name__)
+
+SESSION_KEY_ENV = "MUSTER_EDGE_SESSION_KEY"
+
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 80 << 20),
+    ("grpc.max_send_message_length", 80 << 20),
+    # Envoy pings its gRPC clusters; a default gRPC-Python server answers GOAWAY too_many_pings.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.so_reuseport", 0),
+]
+
+
+class Processor(epg.ExternalProcessorServicer):
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        stream = Stream(self.gateway, context.write)
+        try:
+            async for msg in request_iterator:
+                reply = await stream.handle(msg)
+                if reply is not None:
+                    await context.write(reply)
+        except asyncio.CancelledError:
+            pass  # Envoy resets every stream when its HTTP request ends
+
+
+def build_gateway(config: GatewayConfig) -> Gateway:
+    if config.session_key_file:
+        key = load_key(file=config.session_key_file)
+    elif config.session_key_env:
+        key = load_key(env=config.session_key_env)
+    else:
+        key = load_key(env=SESSION_KEY_ENV) if os.environ.get(SESSION_KEY_ENV) else load_key()
+    sealer = Sealer(key)
+    client = UpstreamClient(str(config.internal_listen))
+    fleet = Fleet(client, prefix=config.prefix, mode=config.prefix_mode, default_ttl_ms=config.list_ttl_ms)
+    return Gateway(config, fleet, Sessions(sealer), Cursors(sealer))
+
+
+async def serve(config: GatewayConfig, *, port: int, status_port: int | None) -> None:
+    gateway = build_gateway(config)
+    server = grpc.aio.server(options=GRPC_OPTIONS, maximum_concurrent_rpcs=20_000)
+    epg.add_ExternalProcessorServicer_to_server(Processor(gateway), server)
+    server.add_insecure_port(f"{config.processor_listen.host}:{port}")
+    await server.start()
+    fleet = gateway.fleet
+    watcher = asyncio.get_running_loop().create_task(
+        watch(config.catalog_dir, lambda result: fleet.set_catalog(result.servers, result.errors)))
+    status_server = None
+    if status_port is not None:
+        status_server = await serve_status(config.status_listen.host, status_port, fleet.status)
+    log.info("processor listening on %s:%d", config.processor_listen.host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    watcher.cancel()
+    if status_server is not None:
+        status_server.close()
+    await server.stop(1.0)
+    await fleet.aclose()
+    await fleet.client.aclose()
+
+
+def run_processor(config: GatewayConfig, *, port: int, status_port: int | None) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(serve(config, port=port, status_port=status_port))
+    except ImportError:
+        asyncio.run(serve(config, port=port, status_port=status_port))

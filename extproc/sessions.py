@@ -1,0 +1,136 @@
+"""Sealed gateway session ids and list cursors, and the store of upstream sessions behind a gateway session.
+
+One AES-256-GCM key, loaded once: sealing is one AEAD call per id, with no per-request key derivation.
+What a client carries back is opaque; an upstream's session id is never inside it, in clear or sealed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from cachetools import TTLCache
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from extproc.gen.muster_edge.v1 import sealed_pb2
+
+log = logging.getLogger(__name__)
+
+_SESSION_AAD = b"muster-edge/session/v1"
+_CURSOR_AAD = b"muster-edge/cursor/v1"
+
+
+def load_key(file: str = "", env: str = "") -> bytes:
+    """The 32-byte sealing key from a file or an environment variable (base64), else a fresh random one."""
+    raw = ""
+    if file:
+        with open(file, encoding="ascii") as fh:
+            raw = fh.read().strip()
+    elif env:
+        raw = os.environ.get(env, "").strip()
+        if not raw:
+            raise ValueError(f"sessionKey: environment variable {env} is empty or unset")
+    if not raw:
+        log.warning("no sessionKey configured: using a random key; sessions will not survive a restart "
+                    "and replicas will not accept each other's sessions")
+        return secrets.token_bytes(32)
+    try:
+        key = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError("sessionKey: not valid base64") from exc
+    if len(key) != 32:
+        raise ValueError(f"sessionKey: must decode to 32 bytes, got {len(key)}")
+    return key
+
+
+class Sealer:
+    def __init__(self, key: bytes) -> None:
+        self._aead = AESGCM(key)
+
+    def seal(self, payload: bytes, aad: bytes) -> str:
+        nonce = secrets.token_bytes(12)
+        sealed = nonce + self._aead.encrypt(nonce, payload, aad)
+        return base64.urlsafe_b64encode(sealed).rstrip(b"=").decode()
+
+    def open(self, token: str, aad: bytes) -> bytes | None:
+        if not token or len(token) > 4096:
+            return None
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except (binascii.Error, ValueError):
+            return None
+        if len(raw) < 28:
+            return None
+        try:
+            return self._aead.decrypt(raw[:12], raw[12:], aad)
+        except InvalidTag:
+            return None
+
+
+@dataclass
+class SessionRecord:
+    """The upstream sessions opened on behalf of one gateway session: server -> (session id, version)."""
+
+    upstream: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+class Sessions:
+    """Mints and checks gateway session ids; keeps the upstream sessions behind each one (bounded)."""
+
+    def __init__(self, sealer: Sealer, *, max_age_s: int = 86_400, max_sessions: int = 100_000) -> None:
+        self._sealer = sealer
+        self._max_age = max_age_s
+        self._records: TTLCache[bytes, SessionRecord] = TTLCache(maxsize=max_sessions, ttl=max_age_s)
+        self._ended: TTLCache[bytes, bool] = TTLCache(maxsize=max_sessions, ttl=max_age_s)
+
+    def mint(self, subject: str, version: str) -> tuple[str, bytes]:
+        token = sealed_pb2.SessionToken(nonce=secrets.token_bytes(16), subject=subject,
+                                        issued_at=int(time.time()), protocol_version=version)
+        self._records[token.nonce] = SessionRecord()
+        return self._sealer.seal(token.SerializeToString(), _SESSION_AAD), token.nonce
+
+    def open(self, session_id: str, subject: str) -> sealed_pb2.SessionToken | None:
+        """The session, if the id is ours, unexpired, not ended, and bound to this caller."""
+        payload = self._sealer.open(session_id, _SESSION_AAD)
+        if payload is None:
+            return None
+        token = sealed_pb2.SessionToken.FromString(payload)
+        if token.nonce in self._ended or token.subject != subject:
+            return None
+        if time.time() - token.issued_at > self._max_age:
+            return None
+        return token
+
+    def record(self, nonce: bytes) -> SessionRecord:
+        rec = self._records.get(nonce)
+        if rec is None:
+            rec = self._records[nonce] = SessionRecord()
+        return rec
+
+    def end(self, nonce: bytes) -> SessionRecord:
+        self._ended[nonce] = True
+        return self._records.pop(nonce, None) or SessionRecord()
+
+
+class Cursors:
+    """Opaque, integrity-protected cursors over a merged list."""
+
+    def __init__(self, sealer: Sealer) -> None:
+        self._sealer = sealer
+
+    def make(self, method: str, view: int, offset: int) -> str:
+        payload = sealed_pb2.ListCursor(method=method, view=view, offset=offset).SerializeToString()
+        return self._sealer.seal(payload, _CURSOR_AAD)
+
+    def read(self, method: str, cursor: str) -> sealed_pb2.ListCursor | None:
+        payload = self._sealer.open(cursor, _CURSOR_AAD)
+        if payload is None:
+            return None
+        parsed = sealed_pb2.ListCursor.FromString(payload)
+        return parsed if parsed.method == method else None

@@ -1,0 +1,179 @@
+"""The ext_proc state machine for one HTTP request: Envoy's messages in, the gateway's decisions out.
+
+Envoy sends request headers, then the whole request body (BUFFERED), then response headers; the response body
+only when the answer must be rewritten (mode_override: BUFFERED for JSON, STREAMED for SSE). This module only
+translates between protobuf and the gateway's `Local` / `Forward` decisions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from google.protobuf import json_format
+
+from extproc.gateway import Gateway
+from extproc.replies import Forward, Local, ResponsePlan
+from extproc.request import Caller, Request
+from extproc.rewrite import SseRewriter, rewrite_json
+from extproc.upstream import ROUTE_HEADER
+
+log = logging.getLogger(__name__)
+
+JWT_NAMESPACE = "envoy.filters.http.jwt_authn"
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_SLOW_AFTER_S = 0.3
+_EXTENDED = ep.ProcessingResponse()
+_EXTENDED.override_message_timeout.FromSeconds(60)
+
+
+def _pairs(headers: Any) -> list[tuple[str, str]]:
+    return [(h.key, h.raw_value.decode("latin-1") if h.raw_value else h.value) for h in headers.headers]
+
+
+def caller_of(request: ep.ProcessingRequest) -> Caller:
+    """The verified claims Envoy's jwt_authn put in dynamic metadata (never the raw token)."""
+    fm = request.metadata_context.filter_metadata
+    if JWT_NAMESPACE not in fm:
+        return Caller()
+    data = json_format.MessageToDict(fm[JWT_NAMESPACE])
+    payload = data.get("jwt_payload") or {}
+    return Caller(subject=str(payload.get("sub", "")), claims=payload)
+
+
+def _set(mutation: Any, headers: dict[str, str]) -> None:
+    for key, value in headers.items():
+        opt = mutation.set_headers.add()
+        opt.header.key = key
+        opt.header.raw_value = value.encode("latin-1", "replace")
+        opt.append_action = _OVERWRITE
+
+
+def immediate(local: Local) -> ep.ProcessingResponse:
+    resp = ep.ProcessingResponse()
+    ir = resp.immediate_response
+    ir.status.code = local.status  # type: ignore[assignment]
+    _set(ir.headers, local.headers)
+    ir.body = local.body
+    ir.details = local.details
+    return resp
+
+
+class Stream:
+    def __init__(self, gateway: Gateway, write: Any) -> None:
+        self.gw = gateway
+        self._write = write
+        self.req = Request()
+        self.plan: ResponsePlan | None = None
+        self.sse: SseRewriter | None = None
+
+    async def handle(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse | None:
+        kind = msg.WhichOneof("request")
+        if kind == "request_headers":
+            return await self._request_headers(msg)
+        if kind == "request_body":
+            return await self._request_body(msg)
+        if kind == "response_headers":
+            return self._response_headers(msg)
+        if kind == "response_body":
+            return self._response_body(msg)
+        resp = ep.ProcessingResponse()
+        if kind == "request_trailers":
+            resp.request_trailers.SetInParent()
+        elif kind == "response_trailers":
+            resp.response_trailers.SetInParent()
+        else:
+            return None
+        return resp
+
+    async def _patient(self, coro: Any) -> Any:
+        """Await a decision; if it needs upstream I/O, first tell Envoy to wait longer than message_timeout."""
+        task = asyncio.ensure_future(coro)
+        done, _ = await asyncio.wait({task}, timeout=_SLOW_AFTER_S)
+        if not done:
+            await self._write(_EXTENDED)
+        return await task
+
+    async def _request_headers(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
+        self.req = Request.from_headers(_pairs(msg.request_headers.headers), caller_of(msg))
+        local = await self._patient(self.gw.on_headers(self.req, msg.request_headers.end_of_stream))
+        if local is not None:
+            return immediate(local)
+        resp = ep.ProcessingResponse()
+        common = resp.request_headers.response
+        if ROUTE_HEADER in self.req.headers:
+            common.header_mutation.remove_headers.append(ROUTE_HEADER)
+            common.clear_route_cache = True
+        else:
+            resp.request_headers.SetInParent()
+        return resp
+
+    async def _request_body(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
+        decision = await self._patient(self.gw.on_body(self.req, msg.request_body.body))
+        if isinstance(decision, Local):
+            return immediate(decision)
+        assert isinstance(decision, Forward)
+        self.plan = decision.plan
+        resp = ep.ProcessingResponse()
+        common = resp.request_body.response
+        common.body_mutation.body = decision.body
+        _set(common.header_mutation, decision.set_headers)
+        common.header_mutation.remove_headers.extend(decision.remove_headers)
+        common.clear_route_cache = True
+        return resp
+
+    def _response_headers(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
+        resp = ep.ProcessingResponse()
+        plan = self.plan
+        if plan is None:
+            resp.response_headers.SetInParent()
+            return resp
+        headers = dict(_pairs(msg.response_headers.headers))
+        status = int(headers.get(":status", "200"))
+        ctype = headers.get("content-type", "")
+        if status == 404 and plan.upstream_session_owner:
+            self.gw.upstream_session_lost(plan)
+            return immediate(self.gw.error_for_upstream_status(plan, status, "upstream session not found"))
+        if status >= 500 and "json" not in ctype and "event-stream" not in ctype:
+            details = headers.get("x-envoy-upstream-service-time", "") and "upstream answered"
+            return immediate(self.gw.error_for_upstream_status(plan, status, details or "no upstream answer"))
+        common = resp.response_headers.response
+        if plan.rewrite_body and 200 <= status < 300:
+            if "text/event-stream" in ctype:
+                self.sse = SseRewriter(plan, self.gw.fleet.view(), self.gw.server_info)
+                resp.mode_override.response_body_mode = pm.ProcessingMode.STREAMED
+            elif "json" in ctype:
+                resp.mode_override.response_body_mode = pm.ProcessingMode.BUFFERED
+            else:
+                resp.response_headers.SetInParent()
+                return resp
+            common.header_mutation.remove_headers.append("content-length")
+        else:
+            resp.response_headers.SetInParent()
+        return resp
+
+    def _response_body(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
+        resp = ep.ProcessingResponse()
+        common = resp.response_body.response
+        body = msg.response_body
+        plan = self.plan
+        if plan is None:
+            resp.response_body.SetInParent()
+            return resp
+        if self.sse is not None:
+            out = self.sse.feed(body.body, body.end_of_stream)
+            if out:
+                common.body_mutation.body = out
+            else:
+                common.body_mutation.clear_body = True
+            return resp
+        new = rewrite_json(body.body, plan, self.gw.fleet.view(), self.gw.server_info)
+        if new is None:
+            resp.response_body.SetInParent()
+        else:
+            common.body_mutation.body = new
+        return resp
