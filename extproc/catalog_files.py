@@ -50,8 +50,8 @@ def read_catalog(folder: str) -> LoadResult:
 
 
 async def watch(folder: str, on_change: Callable[[LoadResult], None], interval: float = 0.5) -> None:
-    """Call `on_change` with the admitted catalog now and after every change to the folder."""
-    last: tuple[tuple[str, int, int], ...] | None = None
+    """Call `on_change` with the admitted catalog after every change to the folder."""
+    last: tuple[tuple[str, int, int], ...] | None = signature(folder)
     while True:
         sig = signature(folder)
         if sig != last:

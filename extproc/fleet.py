@@ -48,11 +48,12 @@ class UpstreamState:
 
 class Fleet:
     def __init__(self, client: UpstreamClient, *, prefix: str, mode: str, default_ttl_ms: int,
-                 list_wait_s: float = 10.0) -> None:
+                 ttl_floor_ms: int = 5_000, list_wait_s: float = 10.0) -> None:
         self.client = client
         self.prefix = prefix
         self.mode = mode
         self.default_ttl_ms = default_ttl_ms
+        self.ttl_floor_ms = ttl_floor_ms
         self.list_wait_s = list_wait_s
         self.servers: dict[str, MCPServer] = {}
         self.errors: tuple[AdmissionError, ...] = ()
@@ -123,8 +124,8 @@ class Fleet:
             server=server.name, ok=True, era=hs.era, protocol_version=hs.version, capabilities=hs.capabilities,
             instructions=hs.instructions, tools=tuple(tools), prompts=tuple(prompts), resources=tuple(resources),
             templates=tuple(templates), ttl_ms=ttl, generation=self._generation)
-        life_ms = ttl if ttl is not None else self.default_ttl_ms
-        state.expires_at = time.monotonic() + max(life_ms, 1000) / 1000.0 * random.uniform(0.9, 1.0)
+        life_ms = max(ttl if ttl is not None else self.default_ttl_ms, self.ttl_floor_ms)
+        state.expires_at = time.monotonic() + life_ms / 1000.0 * random.uniform(0.9, 1.0)
         if previously_failed:
             log.warning("upstream %s: recovered", server.name)
         log.info("upstream %s: %s %s, %d tools, %d prompts, %d resources, %d templates", server.name, hs.era,
@@ -178,8 +179,16 @@ class Fleet:
                 log.debug("upstream %s: event stream ended: %s", state.server.name, exc)
             if state.handshake is not hs:
                 return
+            self.suspect(state.server.name)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
+
+    def suspect(self, name: str) -> None:
+        """Something went wrong talking to this upstream: check it again now (a failure marks it Failed)."""
+        state = self.states.get(name)
+        if state is not None:
+            state.expires_at = 0.0
+            self._schedule(name)
 
     async def ready(self) -> None:
         """Make the view current: wait (bounded) for upstreams never fetched, refresh stale ones behind."""
@@ -192,6 +201,15 @@ class Fleet:
                 self._schedule(name)
         if waits:
             await asyncio.wait([asyncio.shield(w) for w in waits], timeout=self.list_wait_s)
+
+    async def maintain(self, every_s: float = 2.0) -> None:
+        """Retry failed upstreams in the background, so the status recovers without client traffic."""
+        while True:
+            await asyncio.sleep(every_s)
+            now = time.monotonic()
+            for name, state in list(self.states.items()):
+                if state.snapshot is not None and not state.snapshot.ok and now - state.last_attempt > every_s:
+                    self._schedule(name)
 
     def view(self) -> View:
         snapshots = {n: s.snapshot for n, s in self.states.items() if s.snapshot is not None and s.snapshot.ok}

@@ -219,6 +219,8 @@ class Gateway:
             self.fleet.forget_session(plan.server, plan.upstream_session_owner)
 
     def error_for_upstream_status(self, plan: ResponsePlan, status: int, details: str) -> Local:
+        if status >= 500:
+            self.fleet.suspect(plan.server)
         why = {503: "is unavailable", 504: "timed out", 502: "answered with an invalid response",
                404: "lost its session; retry the call"}.get(status, f"failed with HTTP {status}")
         err = RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}' {why}",

@@ -13,7 +13,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 
 from catalog.config import GatewayConfig
-from extproc.catalog_files import watch
+from extproc.catalog_files import read_catalog, watch
 from extproc.fleet import Fleet
 from extproc.gateway import Gateway
 from extproc.sessions import Cursors, Sealer, Sessions, load_key
@@ -60,7 +60,8 @@ def build_gateway(config: GatewayConfig) -> Gateway:
         key = load_key(env=SESSION_KEY_ENV) if os.environ.get(SESSION_KEY_ENV) else load_key()
     sealer = Sealer(key)
     client = UpstreamClient(str(config.internal_listen))
-    fleet = Fleet(client, prefix=config.prefix, mode=config.prefix_mode, default_ttl_ms=config.list_ttl_ms)
+    fleet = Fleet(client, prefix=config.prefix, mode=config.prefix_mode, default_ttl_ms=config.list_ttl_ms,
+                  ttl_floor_ms=config.list_ttl_floor_ms, list_wait_s=config.list_wait_ms / 1000)
     return Gateway(config, fleet, Sessions(sealer), Cursors(sealer))
 
 
@@ -71,6 +72,9 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
     server.add_insecure_port(f"{config.processor_listen.host}:{port}")
     await server.start()
     fleet = gateway.fleet
+    first = read_catalog(config.catalog_dir)
+    fleet.set_catalog(first.servers, first.errors)
+    maintainer = asyncio.get_running_loop().create_task(fleet.maintain())
     watcher = asyncio.get_running_loop().create_task(
         watch(config.catalog_dir, lambda result: fleet.set_catalog(result.servers, result.errors)))
     status_server = None
@@ -84,6 +88,7 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     watcher.cancel()
+    maintainer.cancel()
     if status_server is not None:
         status_server.close()
     await server.stop(1.0)

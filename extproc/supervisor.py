@@ -85,20 +85,24 @@ class Children:
 
 
 def wait_ready(config: GatewayConfig, children: Children, timeout: float = 30.0) -> None:
-    url = f"http://{config.envoy_admin}/ready"
+    """Ready means Envoy answers /ready and every processor worker answers /healthz."""
+    pending = [f"http://{config.envoy_admin}/ready"] + [
+        f"http://{config.status_listen.host}:{config.status_listen.port + i}/healthz" for i in range(config.workers)]
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while pending and time.monotonic() < deadline:
         dead = children.failed()
         if dead is not None:
-            raise SystemExit(f"muster-edge: {dead.args[0]} exited with code {dead.returncode}")
+            raise SystemExit(f"muster-edge: {dead.args!r} exited with code {dead.returncode}")
         try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
+            with urllib.request.urlopen(pending[0], timeout=1) as resp:
                 if resp.status == 200:
-                    return
+                    pending.pop(0)
+                    continue
         except OSError:
             pass
         time.sleep(0.1)
-    raise SystemExit("muster-edge: Envoy did not become ready in time")
+    if pending:
+        raise SystemExit(f"muster-edge: not ready in time ({pending[0]} did not answer)")
 
 
 def client_snippet(config: GatewayConfig) -> str:
@@ -139,7 +143,7 @@ def run(config: GatewayConfig, *, extra_env: dict[str, str] | None = None, annou
             time.sleep(0.3)
             dead = children.failed()
             if dead is not None:
-                log.error("%s exited with code %s; stopping", dead.args[0], dead.returncode)
+                log.error("%r exited with code %s; stopping", dead.args, dead.returncode)
                 return 1
             sig = signature(config.catalog_dir)
             if sig != last:

@@ -397,6 +397,24 @@ def add_notification_fixtures(server: MCPServer) -> None:
         return "Progress tool finished"
 
     @server.tool(structured_output=False)
+    async def test_logging_tool(ctx: Context) -> str:
+        """Logs at info level; on 2026-07-28 nothing may reach a request that did not opt in to a log level."""
+        await ctx.info("test_logging_tool ran")
+        return "Logged once"
+
+    @server.tool(structured_output=False)
+    async def test_trigger_tool_change(ctx: Context) -> str:
+        """Announces a tools list change to subscriptions/listen streams (the list itself stays stable)."""
+        await ctx.notify_tools_changed()
+        return "tools/list_changed published"
+
+    @server.tool(structured_output=False)
+    async def test_trigger_prompt_change(ctx: Context) -> str:
+        """Announces a prompts list change to subscriptions/listen streams (the list itself stays stable)."""
+        await ctx.notify_prompts_changed()
+        return "prompts/list_changed published"
+
+    @server.tool(structured_output=False)
     async def test_reconnection(ctx: Context) -> str:
         """Closes its SSE stream mid-call so the client resumes with Last-Event-ID."""
         await ctx.info("Before disconnect")
@@ -555,6 +573,14 @@ def add_input_required_fixtures(server: MCPServer) -> None:
         if got is None or ctx.request_state != "tamper-test":
             return ask({"confirm": form("Please confirm", {"ok": {"type": "boolean"}}, ["ok"])}, "tamper-test")
         return "state-ok"
+
+    @server.tool(structured_output=False)
+    def test_streaming_elicitation(ctx: Context) -> str | types.InputRequiredResult:
+        """Needs the user's name; on 2026-07-28 it asks through an InputRequiredResult, never a request."""
+        got = answered(ctx, "user_name")
+        if got is None:
+            return ask({"user_name": form("What is your name?", NAME_FORM, ["name"])})
+        return f"Hello, {elicited(got['user_name'], 'name')}!"
 
     @server.tool(structured_output=False)
     def test_input_required_result_capabilities(ctx: Context) -> str | types.InputRequiredResult:
