@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,9 +33,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @dataclass
 class Spawned:
-    """A running process and the line it printed when it became ready."""
+    """A running process, the line it printed when it became ready, and its stdout lines so far."""
 
-    proc: subprocess.Popen[str]
+    proc: subprocess.Popen[bytes]
     ready_line: str
     output: list[str] = field(default_factory=list)
 
@@ -47,28 +48,59 @@ class SpawnError(RuntimeError):
     pass
 
 
-def _read_until(proc: subprocess.Popen[str], prefix: str, timeout: float, seen: list[str]) -> str:
-    """Read stdout lines until one starts with `prefix`; fail on exit or timeout."""
+def _read_until(proc: subprocess.Popen[bytes], prefix: str, timeout: float, seen: list[str]) -> tuple[str, bytes]:
+    """Read stdout until a line starts with `prefix`; fail on exit or timeout. Returns the line and what follows it.
+
+    Reads the raw descriptor (no Python-side buffering) so that select() never waits on data already read.
+    """
     assert proc.stdout is not None
+    fd = proc.stdout.fileno()
     deadline = time.monotonic() + timeout
+    pending = b""
     with selectors.DefaultSelector() as selector:
-        selector.register(proc.stdout, selectors.EVENT_READ)
+        selector.register(fd, selectors.EVENT_READ)
         while True:
+            *lines, pending = pending.split(b"\n")
+            for index, raw in enumerate(lines):
+                line = raw.decode(errors="replace").rstrip("\r")
+                seen.append(line)
+                if line.startswith(prefix):
+                    rest = b"\n".join([*lines[index + 1 :], pending])
+                    return line.strip(), rest
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise SpawnError(f"no line starting with {prefix!r} within {timeout}s; output so far: {seen}")
             if not selector.select(remaining):
                 continue
-            line = proc.stdout.readline()
-            if not line:
+            chunk = os.read(fd, 65536)
+            if not chunk:
                 raise SpawnError(f"process exited ({proc.wait()}) before {prefix!r}; output: {seen}")
-            seen.append(line.rstrip("\n"))
-            if line.startswith(prefix):
-                return line.strip()
+            pending += chunk
 
 
-def stop(proc: subprocess.Popen[str], timeout: float = 5) -> int:
-    """SIGTERM, wait, then SIGKILL the process group if it is still there. Returns the exit code."""
+def _drain(proc: subprocess.Popen[bytes], rest: bytes, seen: list[str], keep: int = 1000) -> None:
+    """Keep reading stdout after the ready line so the child never blocks on a full pipe."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    pending = rest
+    while True:
+        *lines, pending = pending.split(b"\n")
+        seen.extend(raw.decode(errors="replace").rstrip("\r") for raw in lines)
+        del seen[:-keep]
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # closed by stop()
+            return
+        if not chunk:
+            return
+        pending += chunk
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 5) -> int:
+    """SIGTERM the process, wait, SIGKILL it if it lingers, then sweep its process group. Returns its exit code.
+
+    `spawn` starts each child in its own session, so the group holds exactly the child and what it started.
+    """
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
@@ -76,11 +108,10 @@ def stop(proc: subprocess.Popen[str], timeout: float = 5) -> int:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+                proc.kill()
             proc.wait(timeout)
-    for stream in (proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # anything the child left behind
     return int(proc.returncode)
 
 
@@ -96,26 +127,33 @@ def spawn(
 ) -> Iterator[Spawned]:
     """Run `cmd`, wait until it prints a stdout line starting with `ready_line_prefix`, stop it on exit.
 
-    The child gets its own process group so that a forced kill also takes its children. stderr is
-    discarded by default (pass `stderr=None` to inherit it, e.g. while debugging).
+    The child gets its own session (process group), so stopping it also stops whatever it started. Its
+    stdout keeps being read in the background (last lines in `.output`). stderr is discarded by default; pass
+    `stderr=None` to inherit it, or a file descriptor.
     """
     proc = subprocess.Popen(
-        [str(part) for part in cmd],
+        [os.fspath(part) for part in cmd],
         stdout=subprocess.PIPE,
         stderr=stderr,
         stdin=subprocess.DEVNULL,
-        text=True,
-        bufsize=1,
+        bufsize=0,
         env=env,
         cwd=cwd,
         start_new_session=True,
     )
+    drainer: threading.Thread | None = None
     try:
         seen: list[str] = []
-        line = _read_until(proc, ready_line_prefix, timeout, seen)
+        line, rest = _read_until(proc, ready_line_prefix, timeout, seen)
+        drainer = threading.Thread(target=_drain, args=(proc, rest, seen), daemon=True)
+        drainer.start()
         yield Spawned(proc, line, seen)
     finally:
         stop(proc)
+        if drainer is not None:
+            drainer.join(2)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 @dataclass
