@@ -8,9 +8,11 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import IO
 
 import yaml
 
@@ -87,6 +89,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _drain(stream: IO[bytes]) -> None:
+    """Keep reading a child's stdout so it never blocks on a full pipe."""
+    for _ in iter(stream.readline, b""):
+        pass
+
+
 def start_demo_fleet() -> list[subprocess.Popen[bytes]]:
     """Start the demo upstreams listed in deploy/demo/fleet.yaml and wait until each is ready."""
     fleet = yaml.safe_load((DEMO_DIR / "fleet.yaml").read_text())
@@ -105,6 +113,7 @@ def start_demo_fleet() -> list[subprocess.Popen[bytes]]:
                 break
         if proc.poll() is not None:
             raise SystemExit(f"muster-edge: demo server {entry['name']} failed to start")
+        threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
         print(f"demo upstream {entry['name']:<28} {entry['kind']:<10} era={entry.get('era', 'dual'):<7} "
               f"http://127.0.0.1:{entry['port']}/mcp", flush=True)
     return procs

@@ -214,6 +214,11 @@ def bootstrap(config: GatewayConfig, ports: Sequence[int], cds_dir: str) -> dict
     return {
         "node": {"id": "muster-edge", "cluster": "muster-edge"},
         "admin": {"address": _socket(config.envoy_admin.host, config.envoy_admin.port)},
+        "overload_manager": {"resource_monitors": [{
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.resource_monitors."
+                                      "downstream_connections.v3.DownstreamConnectionsConfig",
+                             "max_active_downstream_connections": 50000}}]},
         "dynamic_resources": {"cds_config": {
             "resource_api_version": "V3",
             "path_config_source": {"path": os.path.join(cds_dir, CDS_FILE), "watched_directory": {"path": cds_dir}},

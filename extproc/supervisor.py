@@ -141,6 +141,8 @@ def run(config: GatewayConfig, *, extra_env: dict[str, str] | None = None, annou
         last = signature(config.catalog_dir)
         while not stopping:
             time.sleep(0.3)
+            if stopping:
+                break
             dead = children.failed()
             if dead is not None:
                 log.error("%r exited with code %s; stopping", dead.args, dead.returncode)

@@ -16,8 +16,10 @@ Once the socket accepts connections the process prints `READY http://HOST:PORT/m
 
 `--era legacy` answers like a pre-2026 server: any request whose MCP-Protocol-Version header names a version
 outside the handshake era gets HTTP 400 `Bad Request: Unsupported protocol version`, so `server/discover` is
-never answered. `--record-headers FILE` appends one JSON line per HTTP request (method, path, lower-cased
-headers) so tests can see exactly what reached the upstream.
+never answered (sent without that header, it gets the SDK's own `400 Missing session ID`, as in either era).
+`--require-bearer TOKEN` answers 401 to any request without `Authorization: Bearer TOKEN`.
+`--record-headers FILE` appends one JSON line per HTTP request (method, path, lower-cased headers), before any
+check, so tests can see exactly what reached the upstream.
 """
 
 import argparse
