@@ -10,11 +10,12 @@ from typing import Any
 import yaml
 
 PREFIX_MODES = ("always", "conditional", "never")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 _PREFIX = re.compile(r"^[a-zA-Z][a-zA-Z0-9_-]*$")
 _KNOWN = {
     "apiVersion", "kind", "listen", "path", "internalListen", "envoyAdmin", "processor", "catalog",
     "prefix", "prefixMode", "maxRequestBytes", "sessionKey", "stateDir", "listPageSize", "serverName",
-    "instructions", "listTtlMs", "listTtlFloorMs", "allowedOrigins", "listWaitMs",
+    "instructions", "listTtlMs", "listTtlFloorMs", "allowedOrigins", "listWaitMs", "allowedHosts",
 }
 
 
@@ -64,6 +65,7 @@ class GatewayConfig:
     server_name: str = "muster-edge"
     instructions: str = ""
     allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
 
     @property
     def public_url(self) -> str:
@@ -114,9 +116,15 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
     origins = raw.get("allowedOrigins") or []
     if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
         raise ConfigError(f"{source}: allowedOrigins: must be a list of origins")
+    hosts = raw.get("allowedHosts")
+    if hosts is not None and (not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts)):
+        raise ConfigError(f"{source}: allowedHosts: must be a list of host names")
+    listen = Address.parse(raw.get("listen", "127.0.0.1:8080"), f"{source}: listen")
+    if hosts is None:
+        hosts = list(LOOPBACK_HOSTS) if listen.host in LOOPBACK_HOSTS or listen.host == "::1" else []
     cfg = GatewayConfig(
         source=source,
-        listen=Address.parse(raw.get("listen", "127.0.0.1:8080"), f"{source}: listen"),
+        listen=listen,
         path=path.rstrip("/") or "/",
         internal_listen=Address.parse(raw.get("internalListen", "127.0.0.1:18080"), f"{source}: internalListen"),
         envoy_admin=Address.parse(raw.get("envoyAdmin", "127.0.0.1:9901"), f"{source}: envoyAdmin"),
@@ -137,6 +145,7 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
         server_name=str(raw.get("serverName", "muster-edge")),
         instructions=str(raw.get("instructions", "")),
         allowed_origins=tuple(origins),
+        allowed_hosts=tuple(h.lower() for h in hosts),
     )
     return cfg
 

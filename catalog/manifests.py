@@ -285,7 +285,8 @@ def parse_server(doc: Any, source: str) -> MCPServer:
     if not isinstance(name, str) or not name:
         raise _Refused("metadata.name", "name is required")
     if len(name) > 253 or not _NAME.match(name):
-        raise _Refused("metadata.name", f"{name!r} is not a valid Kubernetes name (lower-case letters, digits, '-', '.')")
+        raise _Refused("metadata.name",
+                       f"{name!r} is not a valid Kubernetes name (lower-case letters, digits, '-', '.')")
     namespace = meta.get("namespace") or "default"
     if not isinstance(namespace, str):
         raise _Refused("metadata.namespace", "must be a string")
@@ -330,9 +331,11 @@ def _parse_spec(root: Mapping[str, Any], name: str, namespace: str, source: str)
         raise _Refused("spec.headers", "headers field is only allowed when type is streamable-http or sse")
     auth = _parse_auth(spec.get("auth"), namespace)
     if kind == "stdio" and auth.type != "none":
-        raise _Refused("spec.auth", "auth configuration is only supported for remote server types (streamable-http or sse)")
+        raise _Refused("spec.auth",
+                       "auth configuration is only supported for remote server types (streamable-http or sse)")
     if kind not in SUPPORTED_TRANSPORTS:
-        raise _Refused("spec.type", f"transport {kind!r} is not supported yet by muster-edge (supported: streamable-http)")
+        raise _Refused("spec.type",
+                       f"transport {kind!r} is not supported yet by muster-edge (supported: streamable-http)")
     return MCPServer(
         name=name,
         namespace=namespace,
@@ -379,8 +382,8 @@ def load_documents(files: Iterable[tuple[str, str]]) -> LoadResult:
                 continue
             if server.name in servers:
                 first = servers[server.name].source
-                errors.append(AdmissionError(where, "metadata.name", f"duplicate MCPServer name (first defined in {first})",
-                                             server.name))
+                errors.append(AdmissionError(where, "metadata.name",
+                                             f"duplicate MCPServer name (first defined in {first})", server.name))
                 continue
             servers[server.name] = server
     return LoadResult(tuple(servers[n] for n in sorted(servers)), tuple(errors))

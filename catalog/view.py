@@ -262,7 +262,8 @@ def _candidates(kind: str, units: list[_Unit], by_name: Mapping[str, MCPServer],
             if len(descriptions) > 1 or clash:
                 why = "descriptions differ between members" if len(descriptions) > 1 else \
                     f"it already has a property named {unit.instance_arg!r}"
-                problems.append(f"family {unit.name_prefix!r}: {kind} {original!r} falls back to per-server names: {why}")
+                problems.append(f"family {unit.name_prefix!r}: {kind} {original!r} falls back to per-server names: "
+                                f"{why}")
                 for server, index, definition in members:
                     own = _Unit(server, by_name[server].server_prefix, [server])
                     out.append(solo(own, server, index, definition))
@@ -338,8 +339,8 @@ def _uris(servers: Sequence[MCPServer], snapshots: Mapping[str, UpstreamSnapshot
             slug_of[server.name] = slug
             server_of[slug] = server.name
         elif shared:
-            problems.append(f"resources of {server.name!r} collide with another server's ({', '.join(sorted(shared))}); "
-                            f"they are left out (prefixMode: {mode})")
+            problems.append(f"resources of {server.name!r} collide with another server's "
+                            f"({', '.join(sorted(shared))}); they are left out (prefixMode: {mode})")
             continue
         for res in snap.resources:
             item = dict(res)
@@ -374,11 +375,7 @@ def build_view(servers: Sequence[MCPServer], snapshots: Mapping[str, UpstreamSna
     ttls = [snapshots[s.name].ttl_ms for s in live if snapshots[s.name].ttl_ms is not None]
     ttl = min([default_ttl_ms, *[t for t in ttls if t is not None]])
     completions = any("completions" in (snapshots[s.name].capabilities or {}) for s in live)
-    capabilities: Json = {
-        "tools": {"listChanged": True},
-        "prompts": {"listChanged": True},
-        "resources": {"listChanged": True},
-    }
+    capabilities: Json = {"tools": {}, "prompts": {}, "resources": {}}
     if completions:
         capabilities["completions"] = {}
     fingerprint = _fingerprint((prefix, mode, *[(s.name, snapshots[s.name].generation) for s in live]))

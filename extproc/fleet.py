@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 _LISTS = (("tools/list", "tools", "tools"), ("prompts/list", "prompts", "prompts"),
           ("resources/list", "resources", "resources"), ("resources/templates/list", "resourceTemplates", "resources"))
 RETRY_FAILED_AFTER_S = 2.0
+MAX_POOLED = 20_000
 
 
 @dataclass
@@ -39,7 +40,8 @@ class UpstreamState:
     last_attempt: float = 0.0
     refreshing: asyncio.Task[None] | None = None
     listener: asyncio.Task[None] | None = None
-    pooled: dict[str, Handshake] = field(default_factory=dict)
+    pooled: LRUCache[str, Handshake] = field(default_factory=lambda: LRUCache(maxsize=MAX_POOLED))
+    modern_only: bool = False
 
     @property
     def fresh(self) -> bool:
@@ -224,18 +226,40 @@ class Fleet:
         return view
 
     # ---- upstream sessions for routed calls --------------------------------------------------------------
-    async def session_for(self, name: str, owner: str) -> Handshake:
-        """The upstream handshake a routed call uses; legacy upstreams get one session per owner."""
+    async def session_for(self, name: str, owner: str, client_capabilities: dict[str, Any] | None = None,
+                          log_level: str = "") -> Handshake:
+        """The upstream handshake a routed call uses.
+
+        A legacy client (`client_capabilities` set, `owner` its gateway session) gets its own handshake-era
+        session on every upstream that speaks that era, declaring its capabilities, so server-to-client
+        requests, logging and resumption work as if it were connected directly. Modern clients call modern
+        upstreams statelessly, and legacy upstreams through one session per principal (`owner`).
+        """
         state = self.states[name]
         hs = state.handshake
         if hs is None:
             hs = state.handshake = await self.client.probe(state.server)
-        if hs.era != LEGACY:
+        legacy_client = client_capabilities is not None
+        if hs.era != LEGACY and (not legacy_client or state.modern_only):
             return hs
         pooled = state.pooled.get(owner)
         if pooled is None:
-            pooled = state.pooled[owner] = await self.client.initialize(state.server)
+            try:
+                pooled = await self.client.initialize(state.server, client_capabilities, log_level)
+            except UpstreamError:
+                if hs.era == LEGACY:
+                    raise
+                state.modern_only = True
+                return hs
+            state.pooled[owner] = pooled
         return pooled
+
+    def pooled_session(self, name: str, owner: str) -> Handshake | None:
+        state = self.states.get(name)
+        return state.pooled.get(owner) if state else None
+
+    def sessions_of(self, owner: str) -> list[tuple[MCPServer, Handshake]]:
+        return [(s.server, s.pooled[owner]) for s in self.states.values() if owner in s.pooled]
 
     def forget_session(self, name: str, owner: str) -> Handshake | None:
         state = self.states.get(name)

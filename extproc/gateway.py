@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import orjson
 from cachetools import LRUCache
 
 from catalog.config import GatewayConfig
@@ -22,6 +23,7 @@ from extproc.handlers import calls, lifecycle, lists
 from extproc.jsonrpc import INVALID_REQUEST, LEGACY, MODERN, Message, RpcError
 from extproc.replies import JSON, Forward, Local, ResponsePlan
 from extproc.request import Request
+from extproc.rewrite import original_request_id, split_namespaced
 from extproc.sessions import Cursors, Sessions
 from extproc.upstream import CLIENT_INFO, ROUTE_HEADER, cluster_name
 
@@ -42,6 +44,8 @@ HANDLERS: dict[str, Handler] = {
     "prompts/get": calls.get_prompt,
     "resources/read": calls.read_resource,
     "completion/complete": calls.complete,
+    "resources/subscribe": calls.subscribe,
+    "resources/unsubscribe": calls.subscribe,
 }
 
 _DROP_UPSTREAM = ("last-event-id", "cookie", "origin", "x-envoy-original-path")
@@ -72,18 +76,30 @@ class Gateway:
         return self.fleet.view()
 
     # ---- headers ------------------------------------------------------------------------------------------
+    def _host_allowed(self, authority: str) -> bool:
+        """DNS-rebinding protection: with allowedHosts set (the default on loopback), Host must be one of them."""
+        allowed = self.config.allowed_hosts
+        if not allowed:
+            return True
+        authority = authority.lower()
+        host = authority.rsplit(":", 1)[0] if not authority.endswith("]") else authority
+        return authority in allowed or host in allowed
+
     def _origin_ok(self, req: Request) -> bool:
+        if not self._host_allowed(req.headers.get(":authority", "")):
+            return False
         origin = req.headers.get("origin")
         if origin is None or origin in self.config.allowed_origins:
             return True
         host = origin.split("://", 1)[-1].rstrip("/")
-        return host == req.headers.get(":authority", "")
+        return host == req.headers.get(":authority", "") or (bool(self.config.allowed_hosts) and
+                                                           self._host_allowed(host))
 
-    async def on_headers(self, req: Request, end_of_stream: bool) -> Local | None:
+    async def on_headers(self, req: Request, end_of_stream: bool) -> Local | Forward | None:
         if req.path.split("?", 1)[0] != self.config.path:
             return Local(404, b"not found\n", {"content-type": "text/plain"}, details="muster_edge_no_such_path")
         if not self._origin_ok(req):
-            return Local.error(RpcError(INVALID_REQUEST, "Forbidden: Origin not allowed", status=403), MODERN)
+            return Local.error(RpcError(INVALID_REQUEST, "Forbidden: Host or Origin not allowed", status=403), MODERN)
         method = req.http_method
         if method == "POST":
             has_json, has_sse = _accepts(req.headers.get("accept", ""))
@@ -99,7 +115,26 @@ class Gateway:
             return None
         if method == "DELETE":
             return await self._end_session(req)
+        if method == "GET" and "last-event-id" in req.headers and "mcp-session-id" in req.headers:
+            return self._resume(req)
         return Local(405, b"", {"allow": "POST, DELETE"}, details="muster_edge_method_not_allowed")
+
+    def _resume(self, req: Request) -> Local | Forward:
+        """A legacy client resuming an SSE stream: the event id names the upstream session to resume on."""
+        token = self.sessions.open(req.headers["mcp-session-id"], req.caller.subject)
+        if token is None:
+            return Local.error(RpcError(INVALID_REQUEST, "Session not found", status=404), LEGACY)
+        split = split_namespaced(req.headers["last-event-id"])
+        hs = self.fleet.pooled_session(split[0], token.nonce.hex()) if split else None
+        if split is None or hs is None:
+            return Local.error(RpcError(INVALID_REQUEST, "Unknown Last-Event-ID for this session", status=404),
+                               LEGACY)
+        server = self.fleet.servers[split[0]]
+        headers = self._upstream_headers(server.name, hs.version, b"")
+        headers.update({"mcp-session-id": hs.session_id, "last-event-id": split[1], "accept": "text/event-stream"})
+        del headers["content-length"]
+        plan = ResponsePlan(server=server.name, namespace=server.name, upstream_session_owner=token.nonce.hex())
+        return Forward(cluster_name(server.name), b"", headers, self._dropped(req, server.name), plan)
 
     async def _end_session(self, req: Request) -> Local:
         sid = req.headers.get("mcp-session-id")
@@ -123,6 +158,9 @@ class Gateway:
             obj = jsonrpc.parse(body)
             if isinstance(obj, dict):
                 msg_id = obj.get("id") if isinstance(obj.get("id"), (str, int)) else None
+                if era == LEGACY and "method" not in obj and ("result" in obj or "error" in obj):
+                    self._check_session(req)
+                    return self._relay_response(req, obj)
             msg = jsonrpc.classify(obj, req.headers)
             req.message = msg
             era = msg.era
@@ -145,16 +183,60 @@ class Gateway:
         if token is None:
             raise RpcError(INVALID_REQUEST, "Session not found", status=404)
         req.session_nonce = token.nonce
+        caps = orjson.loads(token.capabilities or b"{}")
+        req.client_capabilities = caps if isinstance(caps, dict) else {}
+        req.log_level = self.sessions.record(token.nonce).log_level
+
+    def _relay_response(self, req: Request, obj: dict[str, Any]) -> Forward:
+        """A legacy client's answer to a server-to-client request goes back to the upstream session that asked."""
+        split = split_namespaced(obj.get("id"))
+        hs = self.fleet.pooled_session(split[0], req.session_nonce.hex()) if split else None
+        if split is None or hs is None:
+            raise RpcError(INVALID_REQUEST, "Invalid Request: this response answers no request of this session",
+                           status=400)
+        body = jsonrpc.dumps({**obj, "id": original_request_id(split[1])})
+        headers = self._upstream_headers(split[0], hs.version, body)
+        headers["mcp-session-id"] = hs.session_id
+        plan = ResponsePlan(server=split[0], upstream_session_owner=req.session_nonce.hex())
+        return Forward(cluster_name(split[0]), body, headers, self._dropped(req, split[0]), plan)
+
+    def _upstream_headers(self, server_name: str, version: str, body: bytes) -> dict[str, str]:
+        server = self.fleet.servers[server_name]
+        return {
+            ":path": server.path,
+            ":authority": server.authority,
+            ROUTE_HEADER: cluster_name(server_name),
+            "content-length": str(len(body)),
+            "mcp-protocol-version": version,
+            "x-envoy-upstream-rq-timeout-ms": str(server.timeout * 1000),
+            **server.headers,
+        }
+
+    def _dropped(self, req: Request, server_name: str, keep: Mapping[str, str] | None = None) -> list[str]:
+        """Inbound headers that never reach an upstream as they came (re-derived ones are set instead)."""
+        keep = keep or {}
+        out = [h for h in req.headers if (h.startswith("mcp-") or h in _DROP_UPSTREAM) and h not in keep
+               and h != "mcp-protocol-version"]
+        if not self.fleet.servers[server_name].auth.forward_token and "authorization" in req.headers:
+            out.append("authorization")
+        return out
+
+    async def tell_log_level(self, owner: str, level: str) -> None:
+        for server, hs in self.fleet.sessions_of(owner):
+            if "logging" in hs.capabilities:
+                try:
+                    await self.fleet.client.request(server, hs, "logging/setLevel", {"level": level})
+                except Exception as exc:
+                    log.info("telling %s the log level failed: %s", server.name, exc)
 
     # ---- forwarding ---------------------------------------------------------------------------------------
     async def forward(self, req: Request, msg: Message, server_name: str, params: dict[str, Any], *,
                       name: str | None = None, header_map: Mapping[tuple[str, ...], str] | None = None,
                       arguments: Mapping[str, Any] | None = None) -> Forward:
         """Re-originate the request for one upstream: body, routing headers and credentials recomputed."""
-        server = self.fleet.servers[server_name]
         owner = req.session_nonce.hex() if req.session_nonce else req.caller.key
         try:
-            hs = await self.fleet.session_for(server_name, owner)
+            hs = await self.fleet.session_for(server_name, owner, req.client_capabilities, req.log_level)
         except Exception as exc:
             raise RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{server_name}' is unavailable: {exc}",
                            {"server": server_name}) from None
@@ -173,36 +255,16 @@ class Gateway:
         shared_session = hs.era == LEGACY and not req.session_nonce
         upstream_id = next(self._ids) if shared_session else msg.id
         body = jsonrpc.dumps({"jsonrpc": "2.0", "id": upstream_id, "method": msg.method, "params": params})
-        set_headers = {
-            ":path": server.path,
-            ":authority": server.authority,
-            ROUTE_HEADER: cluster_name(server_name),
-            "content-length": str(len(body)),
-            "mcp-protocol-version": hs.version,
-            "x-envoy-upstream-rq-timeout-ms": str(server.timeout * 1000),
-            **server.headers,
-        }
-        remove = [h for h in req.headers if h.startswith("mcp-param-") or h in _DROP_UPSTREAM]
+        set_headers = self._upstream_headers(server_name, hs.version, body)
         if hs.era == MODERN:
             set_headers["mcp-method"] = msg.method
             if name is not None:
                 set_headers["mcp-name"] = jsonrpc.encode_header_value(name)
-            elif "mcp-name" in req.headers:
-                remove.append("mcp-name")
             if header_map and arguments is not None:
-                derived = jsonrpc.param_headers(header_map, arguments)
-                set_headers.update(derived)
-                remove = [h for h in remove if h not in derived]
-            if "mcp-session-id" in req.headers:
-                remove.append("mcp-session-id")
-        else:
-            if hs.session_id:
-                set_headers["mcp-session-id"] = hs.session_id
-            elif "mcp-session-id" in req.headers:
-                remove.append("mcp-session-id")
-            remove.extend(h for h in ("mcp-method", "mcp-name") if h in req.headers)
-        if not server.auth.forward_token and "authorization" in req.headers and "authorization" not in set_headers:
-            remove.append("authorization")
+                set_headers.update(jsonrpc.param_headers(header_map, arguments))
+        elif hs.session_id:
+            set_headers["mcp-session-id"] = hs.session_id
+        remove = self._dropped(req, server_name, set_headers)
         view = self.fleet.view()
         snap = self.fleet.states[server_name].snapshot
         has_uris = snap is not None and bool(snap.resources or snap.templates)
@@ -210,6 +272,7 @@ class Gateway:
         plan = ResponsePlan(
             server=server_name, client_id=msg.id, restore_id=shared_session, modern_client=msg.era == MODERN,
             map_uris=map_uris, upstream_session_owner=owner if hs.era == LEGACY else "",
+            namespace=server_name if msg.era == LEGACY and hs.era == LEGACY else "",
         )
         plan.rewrite_body = shared_session or map_uris or (msg.era == MODERN and hs.era == LEGACY)
         return Forward(cluster_name(server_name), body, set_headers, remove, plan)

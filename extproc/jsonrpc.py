@@ -179,7 +179,8 @@ def check_param_headers(hmap: Mapping[tuple[str, ...], str], arguments: Mapping[
 def classify(obj: Any, headers: Mapping[str, str]) -> Message:
     """The validation ladder for one POSTed body: shape, era, envelope, routing headers."""
     if isinstance(obj, list):
-        raise RpcError(INVALID_REQUEST, "Body must be a single JSON-RPC request or notification object (batches are not supported)")
+        raise RpcError(INVALID_REQUEST, "Body must be a single JSON-RPC request or notification object "
+                                        "(batches are not supported)")
     if not isinstance(obj, dict) or obj.get("jsonrpc") != "2.0":
         raise RpcError(INVALID_REQUEST, "Invalid Request: expected a JSON-RPC 2.0 object")
     if "method" not in obj:
@@ -218,9 +219,8 @@ def _modern(obj: dict[str, Any], method: str, params: dict[str, Any], header_ver
     if key is not None:
         body_name = params.get(key)
         sent = headers.get("mcp-name")
-        if body_name is not None:
-            if sent is None or decode_header_value(sent) != body_name:
-                raise RpcError(HEADER_MISMATCH, f"Mcp-Name header does not match params.{key}")
+        if body_name is not None and (sent is None or decode_header_value(sent) != body_name):
+            raise RpcError(HEADER_MISMATCH, f"Mcp-Name header does not match params.{key}")
     if not isinstance(meta[META_VERSION], str):
         raise RpcError(INVALID_PARAMS, "Invalid params: protocolVersion must be a string")
     if header_version not in MODERN_VERSIONS:

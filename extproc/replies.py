@@ -47,6 +47,12 @@ class ResponsePlan:
     map_uris: bool = False
     rewrite_body: bool = False
     upstream_session_owner: str = ""
+    namespace: str = ""
+
+    @property
+    def rewrite_sse(self) -> bool:
+        """SSE is rewritten also to namespace event ids and server-to-client request ids (legacy clients)."""
+        return self.rewrite_body or bool(self.namespace)
 
 
 @dataclass

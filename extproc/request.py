@@ -32,6 +32,8 @@ class Request:
     caller: Caller = Caller()
     message: Message | None = None
     session_nonce: bytes = b""
+    client_capabilities: dict[str, Any] | None = None
+    log_level: str = ""
 
     @classmethod
     def from_headers(cls, pairs: Iterable[tuple[str, str]], caller: Caller) -> Request:

@@ -15,6 +15,28 @@ from extproc import jsonrpc
 from extproc.replies import ResponsePlan
 
 _MAX_DEPTH = 8
+_NS = ":"
+
+
+def namespaced(server: str, text: str) -> str:
+    """A server-to-client request id (its JSON text) or SSE event id made unique across upstreams."""
+    return f"{server}{_NS}{text}"
+
+
+def split_namespaced(value: Any) -> tuple[str, str] | None:
+    if not isinstance(value, str) or _NS not in value:
+        return None
+    server, _, rest = value.partition(_NS)
+    return (server, rest) if server and rest else None
+
+
+def original_request_id(raw: str) -> Any:
+    """Undo `namespaced` for a JSON-RPC id: ints and strings come back as they were sent."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw
+    return value if isinstance(value, (int, str)) and not isinstance(value, bool) else raw
 
 
 def _map_uris(node: Any, view: View, server: str, depth: int = 0) -> None:
@@ -43,6 +65,10 @@ def _map_uris(node: Any, view: View, server: str, depth: int = 0) -> None:
 
 
 def rewrite_message(msg: dict[str, Any], plan: ResponsePlan, view: View, server_info: dict[str, Any]) -> dict[str, Any]:
+    if "method" in msg and "id" in msg:
+        if plan.namespace:  # a server-to-client request: the client's answer must find its way back
+            msg["id"] = namespaced(plan.namespace, orjson.dumps(msg["id"]).decode())
+        return msg
     if "result" in msg or "error" in msg:
         if plan.restore_id:
             msg["id"] = plan.client_id
@@ -110,8 +136,12 @@ class SseRewriter:
 
     def _event(self, raw: bytes) -> bytes:
         lines = raw.replace(b"\r\n", b"\n").split(b"\n")
+        if self._plan.namespace:
+            prefix = self._plan.namespace.encode() + _NS.encode()
+            lines = [b"id: " + prefix + ln[3:].lstrip(b" ") if ln.startswith(b"id:") else ln for ln in lines]
+            raw = b"\n".join(lines)
         data = [ln[5:].lstrip(b" ") if ln.startswith(b"data: ") else ln[5:] for ln in lines if ln.startswith(b"data:")]
-        if not data:
+        if not data or not any(data):
             return raw
         try:
             msg = orjson.loads(b"\n".join(data))

@@ -12,7 +12,7 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cachetools import TTLCache
 from cryptography.exceptions import InvalidTag
@@ -75,9 +75,9 @@ class Sealer:
 
 @dataclass
 class SessionRecord:
-    """The upstream sessions opened on behalf of one gateway session: server -> (session id, version)."""
+    """What one legacy gateway session set that upstream sessions opened later must also be told."""
 
-    upstream: dict[str, tuple[str, str]] = field(default_factory=dict)
+    log_level: str = ""
 
 
 class Sessions:
@@ -89,9 +89,10 @@ class Sessions:
         self._records: TTLCache[bytes, SessionRecord] = TTLCache(maxsize=max_sessions, ttl=max_age_s)
         self._ended: TTLCache[bytes, bool] = TTLCache(maxsize=max_sessions, ttl=max_age_s)
 
-    def mint(self, subject: str, version: str) -> tuple[str, bytes]:
+    def mint(self, subject: str, version: str, capabilities: bytes = b"{}") -> tuple[str, bytes]:
         token = sealed_pb2.SessionToken(nonce=secrets.token_bytes(16), subject=subject,
-                                        issued_at=int(time.time()), protocol_version=version)
+                                        issued_at=int(time.time()), protocol_version=version,
+                                        capabilities=capabilities)
         self._records[token.nonce] = SessionRecord()
         return self._sealer.seal(token.SerializeToString(), _SESSION_AAD), token.nonce
 

@@ -100,11 +100,17 @@ class Stream:
 
     async def _request_headers(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
         self.req = Request.from_headers(_pairs(msg.request_headers.headers), caller_of(msg))
-        local = await self._patient(self.gw.on_headers(self.req, msg.request_headers.end_of_stream))
-        if local is not None:
-            return immediate(local)
+        decision = await self._patient(self.gw.on_headers(self.req, msg.request_headers.end_of_stream))
+        if isinstance(decision, Local):
+            return immediate(decision)
         resp = ep.ProcessingResponse()
         common = resp.request_headers.response
+        if isinstance(decision, Forward):
+            self.plan = decision.plan
+            _set(common.header_mutation, decision.set_headers)
+            common.header_mutation.remove_headers.extend(decision.remove_headers)
+            common.clear_route_cache = True
+            return resp
         if ROUTE_HEADER in self.req.headers:
             common.header_mutation.remove_headers.append(ROUTE_HEADER)
             common.clear_route_cache = True
@@ -142,8 +148,9 @@ class Stream:
             details = headers.get("x-envoy-upstream-service-time", "") and "upstream answered"
             return immediate(self.gw.error_for_upstream_status(plan, status, details or "no upstream answer"))
         common = resp.response_headers.response
-        if plan.rewrite_body and 200 <= status < 300:
-            if "text/event-stream" in ctype:
+        sse = "text/event-stream" in ctype
+        if (plan.rewrite_sse if sse else plan.rewrite_body) and 200 <= status < 300:
+            if sse:
                 self.sse = SseRewriter(plan, self.gw.fleet.view(), self.gw.server_info)
                 resp.mode_override.response_body_mode = pm.ProcessingMode.STREAMED
             elif "json" in ctype:

@@ -185,9 +185,10 @@ class UpstreamClient:
                              server_info=meta.get(jsonrpc.META_SERVER_INFO) or {}, ttl_ms=result.get("ttlMs"))
         return await self.initialize(server)
 
-    async def initialize(self, server: MCPServer) -> Handshake:
-        hs = Handshake(era=LEGACY, version=LATEST_HANDSHAKE)
-        params = {"protocolVersion": LATEST_HANDSHAKE, "capabilities": {}, "clientInfo": CLIENT_INFO}
+    async def initialize(self, server: MCPServer, capabilities: dict[str, Any] | None = None,
+                         log_level: str = "") -> Handshake:
+        """Open a handshake-era session, declaring the capabilities of the client it serves (if any)."""
+        params = {"protocolVersion": LATEST_HANDSHAKE, "capabilities": capabilities or {}, "clientInfo": CLIENT_INFO}
         headers = self.headers(server, era=LEGACY, version=LATEST_HANDSHAKE)
         del headers["mcp-protocol-version"]
         msg_id = next(self._ids)
@@ -201,6 +202,8 @@ class UpstreamClient:
                        capabilities=result.get("capabilities") or {}, instructions=result.get("instructions") or "",
                        server_info=result.get("serverInfo") or {})
         await self.notify(server, hs, "notifications/initialized")
+        if log_level and "logging" in hs.capabilities:
+            await self.request(server, hs, "logging/setLevel", {"level": log_level})
         return hs
 
     async def list_all(self, server: MCPServer, hs: Handshake, method: str, key: str) -> tuple[list[dict[str, Any]],

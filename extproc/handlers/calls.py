@@ -29,8 +29,9 @@ def select_target(route: Route, arguments: Mapping[str, Any], kind: str = "tool"
     value = arguments.get(arg)
     rest = {k: v for k, v in arguments.items() if k != arg}
     if not isinstance(value, str) or not value:
-        raise RpcError(INVALID_PARAMS, f"{kind} {route.exposed} is provided by a family on servers {', '.join(members)}; "
-                                       f'the "{arg}" parameter is required', {"available": members})
+        raise RpcError(INVALID_PARAMS, f"{kind} {route.exposed} is provided by a family on servers "
+                                       f'{", ".join(members)}; the "{arg}" parameter is required',
+                       {"available": members})
     if value in route.targets:
         return route.targets[value], rest
     aliases = [m for m in members if m.startswith(value + "-")]
@@ -92,6 +93,19 @@ def _not_found(msg: Message, uri: str) -> RpcError:
 
 
 async def read_resource(gw: Gateway, req: Request, msg: Message) -> Forward:
+    uri = _name(msg.params, "uri")
+    view = await gw.current_view(req)
+    resolved = view.resolve_uri(uri)
+    if resolved is None:
+        raise _not_found(msg, uri)
+    server, original = resolved
+    return await gw.forward(req, msg, server, {**msg.params, "uri": original}, name=original)
+
+
+async def subscribe(gw: Gateway, req: Request, msg: Message) -> Forward:
+    """resources/subscribe and unsubscribe (handshake era only) go to the session of the URI's upstream."""
+    if msg.era == MODERN:
+        raise RpcError(jsonrpc.METHOD_NOT_FOUND, f"Method not found: {msg.method} (removed in 2026-07-28)")
     uri = _name(msg.params, "uri")
     view = await gw.current_view(req)
     resolved = view.resolve_uri(uri)

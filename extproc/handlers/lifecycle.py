@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from extproc import jsonrpc
 from extproc.jsonrpc import HANDSHAKE_VERSIONS, LATEST_HANDSHAKE, MODERN, MODERN_VERSIONS, Message, RpcError
@@ -12,18 +15,21 @@ from extproc.request import Request
 if TYPE_CHECKING:
     from extproc.gateway import Gateway
 
+LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+
 
 async def initialize(gw: Gateway, req: Request, msg: Message) -> Local:
     if msg.era == MODERN:
-        raise RpcError(jsonrpc.UNSUPPORTED_VERSION, "initialize is not part of 2026-07-28; use server/discover",
-                       {"supported": list(MODERN_VERSIONS), "requested": req.headers.get("mcp-protocol-version")})
+        raise RpcError(jsonrpc.METHOD_NOT_FOUND, "Method not found: initialize (removed in 2026-07-28; "
+                                                 "use server/discover)")
     requested = msg.params.get("protocolVersion")
     version = requested if requested in HANDSHAKE_VERSIONS else LATEST_HANDSHAKE
+    caps = msg.params.get("capabilities")
     await gw.fleet.ready()
     view = gw.fleet.view()
-    session_id, _ = gw.sessions.mint(req.caller.subject, version)
-    result: dict[str, Any] = {"protocolVersion": version, "capabilities": view.capabilities,
-                              "serverInfo": gw.server_info}
+    session_id, _ = gw.sessions.mint(req.caller.subject, version, orjson.dumps(caps if isinstance(caps, dict) else {}))
+    capabilities = {**view.capabilities, "resources": {"subscribe": True}, "logging": {}}
+    result: dict[str, Any] = {"protocolVersion": version, "capabilities": capabilities, "serverInfo": gw.server_info}
     if gw.config.instructions:
         result["instructions"] = gw.config.instructions
     return Local.result(msg.id, result, {"mcp-session-id": session_id})
@@ -52,8 +58,14 @@ async def ping(gw: Gateway, req: Request, msg: Message) -> Local:
 
 
 async def set_level(gw: Gateway, req: Request, msg: Message) -> Local:
+    """Remembered for the session, told to its open upstream sessions now and to later ones when they open."""
     if msg.era == MODERN:
         raise RpcError(jsonrpc.METHOD_NOT_FOUND, "Method not found: logging/setLevel (removed in 2026-07-28)")
+    level = msg.params.get("level")
+    if not isinstance(level, str) or level not in LOG_LEVELS:
+        raise RpcError(jsonrpc.INVALID_PARAMS, f"Invalid params: level must be one of {', '.join(LOG_LEVELS)}")
+    gw.sessions.record(req.session_nonce).log_level = level
+    asyncio.get_running_loop().create_task(gw.tell_log_level(req.session_nonce.hex(), level))
     return Local.result(msg.id, {})
 
 

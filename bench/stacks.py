@@ -1,0 +1,210 @@
+"""Start and stop what a benchmark measures: upstreams, plain Envoy, the contender, the gateway.
+
+Every start is a context manager built on tests/procs.py (`spawn`: own process group, stopped on exit even
+on error or Ctrl-C) and tests/gateway_harness.py (`start_gateway`: `muster-edge run` on free loopback ports),
+so nothing the benchmark starts outlives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import envoy_configs, procstat
+from bench.envoy_configs import Backend
+from tests.gateway_harness import start_gateway
+from tests.procs import PYTHON, ROOT, free_port, spawn, start_demo_server
+
+ENVOY = ROOT / ".venv" / "bin" / "envoy"
+ENVOY_CONCURRENCY = 2  # what `muster-edge run` picks on this machine: min(cpu_count, 4)
+
+
+def get_json(url: str, timeout: float = 5) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def counters(admin_url: str, pattern: str) -> dict[str, int]:
+    """Envoy counters and gauges whose name matches `pattern` (admin /stats?filter=, a regex)."""
+    with urllib.request.urlopen(f"{admin_url}/stats?filter={pattern}", timeout=5) as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition(": ")
+        if sep and value.strip().lstrip("-").isdigit():
+            out[name] = int(value)
+    return out
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except Exception as exc:  # not up yet
+            last = exc
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out waiting for {what} ({last})")
+
+
+# ---- upstreams ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Upstream:
+    name: str
+    kind: str  # "fast" or "sdk"
+    url: str
+    port: int
+    pid: int
+    tool: str  # the tool the benchmark calls, as the upstream names it
+    arguments: dict[str, Any]
+
+    @property
+    def backend(self) -> Backend:
+        return Backend(self.name, "127.0.0.1", self.port)
+
+    def method_counts(self) -> dict[str, int]:
+        """Requests per JSON-RPC method so far (fast upstream only; empty for the SDK server)."""
+        if self.kind != "fast":
+            return {}
+        return dict(get_json(self.url.replace("/mcp", "/_stats")))
+
+
+@contextlib.contextmanager
+def fast_upstream(name: str, tools: int = 1) -> Iterator[Upstream]:
+    cmd = [PYTHON, "-m", "bench.fast_upstream", "--port", "0", "--name", name, "--tools", str(tools)]
+    with spawn(cmd, "READY ", 20, cwd=ROOT) as proc:
+        url = proc.ready_line.split(" ", 1)[1]
+        port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
+        yield Upstream(name, "fast", url, port, proc.pid, "echo", {"text": "hello"})
+
+
+@contextlib.contextmanager
+def sdk_upstream(name: str, *, as_shipped: bool = False) -> Iterator[Upstream]:
+    """The mcp SDK demo server (prometheus kind, both eras, JSON answers so every target can read them).
+
+    By default it runs through bench/sdk_upstream.py (TCP_NODELAY, see there); `as_shipped` runs
+    deploy/demo/servers.py exactly as tests/procs.py does.
+    """
+    if as_shipped:
+        with start_demo_server("prometheus", name=name, json_response=True) as server:
+            yield Upstream(name, "sdk", server.url, server.port, server.process.pid, "whoami", {})
+        return
+    cmd = [PYTHON, "-m", "bench.sdk_upstream", "prometheus", "--port", "0", "--name", name, "--json-response"]
+    with spawn(cmd, "READY ", 30, cwd=ROOT) as proc:
+        url = proc.ready_line.split(" ", 1)[1]
+        port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
+        yield Upstream(name, "sdk", url, port, proc.pid, "whoami", {})
+
+
+# ---- Envoy-only targets ------------------------------------------------------------------------------------
+
+
+@dataclass
+class EnvoyStack:
+    urls: dict[str, str]  # upstream name -> URL clients use for it
+    admin_url: str
+    pid: int
+
+
+@contextlib.contextmanager
+def _run_envoy(workdir: Path, name: str, bootstrap: dict[str, Any], admin_port: int) -> Iterator[int]:
+    path = envoy_configs.write_validated(str(ENVOY), workdir / f"{name}.yaml", bootstrap)
+    cmd = [ENVOY, "-c", path, "--disable-hot-restart", "--concurrency", str(ENVOY_CONCURRENCY),
+           "--log-path", "/dev/stdout", "--log-format", "%v", "--log-level", "info"]
+    with spawn(cmd, "starting main dispatch loop", 60) as proc:
+        wait_until(lambda: urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1).status == 200,
+                   30, f"{name} Envoy /ready")
+        yield proc.pid
+
+
+@contextlib.contextmanager
+def plain_envoy(workdir: Path, upstreams: Sequence[Upstream]) -> Iterator[EnvoyStack]:
+    admin = free_port()
+    listeners = [(free_port(), u.backend) for u in upstreams]
+    with _run_envoy(workdir, "plain-envoy", envoy_configs.plain(admin, listeners), admin) as pid:
+        urls = {b.name: f"http://127.0.0.1:{port}/mcp" for port, b in listeners}
+        yield EnvoyStack(urls, f"http://127.0.0.1:{admin}", pid)
+
+
+@contextlib.contextmanager
+def contender(workdir: Path, upstreams: Sequence[Upstream], tag: str = "") -> Iterator[EnvoyStack]:
+    admin, port = free_port(), free_port()
+    boot = envoy_configs.contender(admin, port, [u.backend for u in upstreams])
+    with _run_envoy(workdir, f"contender{tag}", boot, admin) as pid:
+        url = f"http://127.0.0.1:{port}/mcp"
+        yield EnvoyStack({u.name: url for u in upstreams}, f"http://127.0.0.1:{admin}", pid)
+
+
+# ---- the gateway -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GatewayStack:
+    url: str
+    admin_url: str
+    status_urls: list[str]
+    processor_listen: list[str]
+    run_pid: int
+    processor_pids: list[int]
+    envoy_pids: list[int]
+    config_path: Path
+
+
+def _consecutive_free_ports(count: int) -> int:
+    """A port P with P .. P+count-1 all free a moment ago (the processor's workers use consecutive ports)."""
+    for _ in range(200):
+        base = free_port()
+        if base + count > 65535:
+            continue
+        ok = True
+        for offset in range(1, count):
+            with contextlib.closing(socket.socket()) as sock:
+                try:
+                    sock.bind(("127.0.0.1", base + offset))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no run of free consecutive ports")
+
+
+@contextlib.contextmanager
+def gateway(workdir: Path, upstreams: Sequence[Upstream], workers: int = 1,
+            extra: Mapping[str, Any] | None = None) -> Iterator[GatewayStack]:
+    """`muster-edge run` in front of `upstreams`; returns once every worker has listed every upstream."""
+    listen, status = _consecutive_free_ports(workers), _consecutive_free_ports(workers)
+    config: dict[str, Any] = {
+        "processor": {"listen": f"127.0.0.1:{listen}", "status": f"127.0.0.1:{status}", "workers": workers},
+        "listTtlMs": 3_600_000,  # no list refresh may land inside a measurement
+        "listTtlFloorMs": 3_600_000,
+        **(extra or {}),
+    }
+    servers = {u.name: u.url for u in upstreams}
+    with start_gateway(workdir, servers, **config) as gw:
+        status_urls = [f"http://127.0.0.1:{status + i}/status" for i in range(workers)]
+
+        def connected() -> bool:
+            for url in status_urls:
+                states = [s.get("state") for s in get_json(url)["servers"]]
+                if len(states) != len(upstreams) or any(s != "Connected" for s in states):
+                    return False
+            return True
+
+        wait_until(connected, 60, "every processor worker to connect every upstream")
+        run_pid = gw.process.pid
+        yield GatewayStack(url=gw.url, admin_url=gw.admin_url, status_urls=status_urls,
+                           processor_listen=[f"127.0.0.1:{listen + i}" for i in range(workers)], run_pid=run_pid,
+                           processor_pids=procstat.processor_pids(run_pid), envoy_pids=procstat.envoy_pids(run_pid),
+                           config_path=gw.config_path)
