@@ -88,6 +88,7 @@ def start_gateway(workdir: Path, servers: Mapping[str, str | dict[str, Any]] | N
         "stateDir": "./state",
         "listTtlFloorMs": 1000,
     }
+    cfg["processor"].update(config.pop("processor", {}))
     cfg.update(config)
     config_path = workdir / "gateway.yaml"
     config_path.write_text(yaml.safe_dump(cfg))

@@ -243,6 +243,22 @@ def build_vendor(name: str) -> MCPServer:
         """The vendor's own pods (same tool name as the kubernetes server's)."""
         return {"vendor": name, "pods": [f"{name}-agent-0"]}
 
+    def beta_feature() -> str:
+        """A tool that comes and goes (see toggle_beta)."""
+        return "beta"
+
+    @server.tool(structured_output=False)
+    async def toggle_beta(ctx: Context) -> str:
+        """Add or remove the tool `beta_feature`, then announce that the tool list changed."""
+        if any(tool.name == "beta_feature" for tool in server._tool_manager.list_tools()):
+            server.remove_tool("beta_feature")
+            state = "removed"
+        else:
+            server.add_tool(beta_feature, annotations=READ_ONLY, structured_output=False)
+            state = "added"
+        await ctx.notify_tools_changed()
+        return f"beta_feature {state}"
+
     @server.resource(VENDOR_README, mime_type="text/markdown")
     def vendor_readme() -> str:
         """How to use the vendor server."""
