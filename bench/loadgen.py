@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
+
+import httpx2
 
 from bench.http1 import FramingError, Message, Parser
 from bench.wire import Endpoint, Requests, succeeded
@@ -95,6 +98,8 @@ class Outcome:
 
 async def _worker(conn: ClientConnection, requests: Requests, first_id: int, deadline: float, limit: int,
                   out: Outcome, record: bool) -> int:
+    """Closed loop on one connection until the deadline or `limit` requests; warm-up (`record` False) stops at
+    the first failure, so a target that cannot answer fails fast instead of spinning."""
     msg_id = first_id
     clock = time.perf_counter_ns
     stop_ns = int(deadline * 1e9)
@@ -116,14 +121,19 @@ async def _worker(conn: ClientConnection, requests: Requests, first_id: int, dea
             out.errors += 1
             if not out.first_error:
                 out.first_error = f"HTTP {answer.status}: {answer.body[:240]!r}"
+            if not record:
+                break
         elif record:
             out.latencies_ns.append(end - start)
     return msg_id
 
 
-async def run(requests: Requests, concurrency: int, *, warmup_s: float, measure_s: float,
-              max_requests: int) -> Outcome:
-    """Open `concurrency` connections (and sessions), warm up, then measure one closed-loop window."""
+async def run(requests: Requests, concurrency: int, *, warmup_s: float, measure_s: float, max_requests: int,
+              before_measure: Callable[[], None] | None = None) -> Outcome:
+    """Open `concurrency` connections (and sessions), warm up, then measure one closed-loop window.
+
+    `before_measure` runs between warm-up and the window (snapshots of counters the caller diffs later).
+    """
     conns = [await connect(requests.endpoint) for _ in range(concurrency)]
     try:
         bound = [await requests.open(conn.exchange) for conn in conns]
@@ -135,6 +145,8 @@ async def run(requests: Requests, concurrency: int, *, warmup_s: float, measure_
                                      for c, b, i in zip(conns, bound, ids, strict=True)))
         if warm.errors:
             raise RuntimeError(f"warm-up failed ({warm.errors} errors): {warm.first_error}")
+        if before_measure is not None:
+            before_measure()
         out = Outcome(concurrency)
         per_worker = max(1, max_requests // concurrency)
         cpu0 = time.process_time()
@@ -147,3 +159,37 @@ async def run(requests: Requests, concurrency: int, *, warmup_s: float, measure_
     finally:
         for conn in conns:
             conn.close()
+
+
+async def run_httpx2(requests: Requests, concurrency: int, *, warmup_s: float, measure_s: float) -> Outcome:
+    """The same closed loop through httpx2 (one client and connection per worker): the driver ceiling check."""
+    url = f"http://{requests.endpoint.authority}{requests.endpoint.path}"
+    headers = requests.headers
+
+    async def worker(client: httpx2.AsyncClient, first_id: int, stop_at: float, out: Outcome | None) -> int:
+        msg_id = first_id
+        while time.perf_counter() < stop_at:
+            start = time.perf_counter_ns()
+            resp = await client.post(url, content=requests.body(msg_id), headers=headers)
+            msg_id += 1
+            if resp.status_code != 200 or b'"result":' not in resp.content:
+                raise RuntimeError(f"HTTP {resp.status_code}: {resp.content[:200]!r}")
+            if out is not None:
+                out.latencies_ns.append(time.perf_counter_ns() - start)
+        return msg_id
+
+    limits = httpx2.Limits(max_connections=1, max_keepalive_connections=1)
+    clients = [httpx2.AsyncClient(limits=limits, timeout=30.0) for _ in range(concurrency)]
+    try:
+        ids = [1_000_000 * (i + 1) for i in range(concurrency)]
+        warm_until = time.perf_counter() + warmup_s
+        ids = await asyncio.gather(*(worker(c, i, warm_until, None) for c, i in zip(clients, ids, strict=True)))
+        out = Outcome(concurrency)
+        cpu0, start = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(worker(c, i, start + measure_s, out) for c, i in zip(clients, ids, strict=True)))
+        out.elapsed_s = time.perf_counter() - start
+        out.driver_cpu_s = time.process_time() - cpu0
+        return out
+    finally:
+        for client in clients:
+            await client.aclose()

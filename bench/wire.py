@@ -8,6 +8,7 @@ session with `initialize` + `notifications/initialized` first and carries `Mcp-S
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -87,8 +88,16 @@ class Requests:
     def _render_head(self) -> None:
         self._head = render_request("POST", self.endpoint.path, self._headers)[: -len(b"content-length: 0\r\n\r\n")]
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return dict(self._headers)
+
+    def body(self, msg_id: int) -> bytes:
+        return b'{"jsonrpc":"2.0","id":%d%s' % (msg_id, self._body_tail)
+
     def build(self, msg_id: int) -> bytes:
-        body = b'{"jsonrpc":"2.0","id":%d%s' % (msg_id, self._body_tail)
+        """The whole request (head and body) for this JSON-RPC id."""
+        body = self.body(msg_id)
         return self._head + b"content-length: %d\r\n\r\n" % len(body) + body
 
     async def open(self, exchange: Exchange) -> Requests:
@@ -103,10 +112,8 @@ class Requests:
         if answer.status != 200 or not session:
             raise SetupError(f"initialize: HTTP {answer.status} {answer.body[:300]!r}")
         version = LEGACY_VERSION
-        try:
+        with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError):
             version = str(orjson.loads(answer.body)["result"]["protocolVersion"])
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            pass
         bound = Requests(self.endpoint, self.wire, self.call)
         bound._headers.update({"mcp-protocol-version": version, "mcp-session-id": session})
         bound._render_head()

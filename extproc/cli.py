@@ -47,7 +47,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     from extproc.catalog_files import read_catalog
 
     config = _config(args.config)
-    out = os.path.abspath(args.out)
+    out = os.path.normpath(args.out)
     cds_dir = os.path.join(out, "cds")
     ports = envoy_config.processor_ports(config)
     result = read_catalog(config.catalog_dir)

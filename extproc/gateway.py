@@ -238,8 +238,9 @@ class Gateway:
         try:
             hs = await self.fleet.session_for(server_name, owner, req.client_capabilities, req.log_level)
         except Exception as exc:
+            self.fleet.suspect(server_name)
             raise RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{server_name}' is unavailable: {exc}",
-                           {"server": server_name}) from None
+                           {"server": server_name}, status=502) from None
         meta = {k: v for k, v in msg.meta.items() if not k.startswith("io.modelcontextprotocol/")}
         if hs.era == MODERN:
             meta[jsonrpc.META_VERSION] = hs.version

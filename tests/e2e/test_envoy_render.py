@@ -93,3 +93,15 @@ def test_mesh_pieces_fit_an_existing_envoy(tmp_path: Path) -> None:
     probe.write_text(yaml.safe_dump(existing))
     result = validate(probe)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_committed_demo_config_is_current_and_valid(tmp_path: Path) -> None:
+    """envoy/demo/ is what the renderer writes for the demo fleet today, and Envoy accepts it."""
+    subprocess.run([str(MUSTER_EDGE), "envoy", "render", "-c", str(ROOT / "deploy/demo/gateway.yaml"), "--out",
+                    "envoy/demo"], check=True, capture_output=True, cwd=tmp_path, timeout=60)
+    for name in ("bootstrap.yaml", "mesh.yaml", "cds/cds.yaml"):
+        fresh = (tmp_path / "envoy/demo" / name).read_text()
+        assert fresh == (ROOT / "envoy/demo" / name).read_text(), f"envoy/demo/{name} is stale: render it again"
+    result = subprocess.run([str(ENVOY), "--mode", "validate", "-c", "envoy/demo/bootstrap.yaml",
+                             "--disable-hot-restart"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr

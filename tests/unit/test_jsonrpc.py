@@ -131,7 +131,7 @@ def test_legacy_does_not_require_the_envelope_or_routing_headers() -> None:
 
 
 def test_modern_request_is_classified_with_its_envelope() -> None:
-    meta = envelope(**{"io.modelcontextprotocol/clientInfo": {"name": "c"}})
+    meta = {**envelope(), "io.modelcontextprotocol/clientInfo": {"name": "c"}}
     msg = classify(request("tools/list", {"_meta": meta}), modern_headers())
     assert (msg.era, msg.version, msg.method) == (MODERN, LATEST_MODERN, "tools/list")
     assert msg.meta == meta
@@ -381,7 +381,9 @@ def test_check_compares_booleans_exactly(value: bool, header: str, ok: bool) -> 
             HEADER_MISMATCH
 
 
-@pytest.mark.parametrize(("value", "header"), [("eu", "EU"), ("eu", "eu "), ("zürich", "zurich"), ("a", "=?base64?YQ?=")])
+@pytest.mark.parametrize(("value", "header"), [
+    ("eu", "EU"), ("eu", "eu "), ("zürich", "zurich"), ("a", "=?base64?YQ?="),
+])
 def test_check_refuses_a_different_string(value: str, header: str) -> None:
     assert rpc_error(check_param_headers, {("r",): "R"}, {"r": value}, {"mcp-param-r": header}).code == HEADER_MISMATCH
 

@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 
+from catalog.manifests import MCPServer
 from catalog.view import UpstreamSnapshot, View, build_view
 from tests.unit.factories import names, prompt, server, snap, tool, view_of
 
@@ -112,7 +113,7 @@ def test_tools_are_ordered_by_server_name_then_upstream_order() -> None:
     assert view.servers == ("a", "b")
 
 
-def _fleet() -> list[tuple[object, UpstreamSnapshot]]:
+def _fleet() -> list[tuple[MCPServer, UpstreamSnapshot]]:
     fam_a = server("k8s-a", family="kubernetes")
     fam_b = server("k8s-b", family="kubernetes")
     return [
@@ -133,8 +134,8 @@ def test_view_is_the_same_whatever_the_input_order(mode: str) -> None:
     for perm in itertools.islice(itertools.permutations(fleet), 0, None, 37):
         servers = [s for s, _ in perm]
         for snap_order in (perm, tuple(reversed(perm))):
-            snapshots = {s.name: sn for s, sn in snap_order}  # type: ignore[attr-defined]
-            view = build_view(servers, snapshots, mode=mode)  # type: ignore[arg-type]
+            snapshots = {s.name: sn for s, sn in snap_order}
+            view = build_view(servers, snapshots, mode=mode)
             if reference is None:
                 reference = view
                 continue
@@ -180,7 +181,7 @@ def test_build_view_does_not_mutate_the_snapshots() -> None:
     fleet = _fleet()
     before = copy.deepcopy([sn for _, sn in fleet])
     for mode in ("always", "conditional", "never"):
-        build_view([s for s, _ in fleet], {s.name: sn for s, sn in fleet}, mode=mode)  # type: ignore[attr-defined]
+        build_view([s for s, _ in fleet], {s.name: sn for s, sn in fleet}, mode=mode)
     assert [sn for _, sn in fleet] == before
 
 
