@@ -70,6 +70,7 @@ class Route:
 @dataclass(frozen=True)
 class View:
     tools: tuple[Json, ...]
+    legacy_tools: tuple[Json, ...]
     prompts: tuple[Json, ...]
     resources: tuple[Json, ...]
     templates: tuple[Json, ...]
@@ -183,6 +184,34 @@ def _fingerprint(parts: Iterable[Any]) -> int:
     return int.from_bytes(digest, "big")
 
 
+def short_alias(member: str, members: Sequence[str]) -> str | None:
+    """The shortest leading part of `member`, cut at a '-', that names no other member ("cluster-a")."""
+    parts = member.split("-")
+    for end in range(1, len(parts)):
+        alias = "-".join(parts[:end])
+        if sum(m.startswith(alias + "-") for m in members) == 1:
+            return alias
+    return None
+
+
+def instance_description(members: Sequence[str]) -> str:
+    """Muster's text, then the forms beyond Muster that the gateway also accepts."""
+    text = f"Target instance to execute this tool on. Available: {', '.join(members)}"
+    alias = next((a for m in members if (a := short_alias(m, members)) is not None), None)
+    if alias is not None:
+        example = next(m for m in members if m.startswith(alias + "-"))
+        text += (f". The leading part of a name also works when it names exactly one server "
+                 f"({alias} for {example})")
+    return text
+
+
+def instance_header(instance_arg: str, schema: Json) -> str | None:
+    """The Mcp-Param-* token for the injected property, unless the schema already uses it."""
+    token = instance_arg.replace("_", "-")
+    taken = {t.lower() for t in header_map(schema).values()}
+    return None if token.lower() in taken else token
+
+
 def _family_definition(first: Json, instance_arg: str, members: list[str], kind: str) -> Json:
     out = dict(first)
     description = _TRAILER.sub("", str(first.get("description") or ""))
@@ -190,21 +219,17 @@ def _family_definition(first: Json, instance_arg: str, members: list[str], kind:
     if kind == "tool":
         schema = copy.deepcopy(first.get("inputSchema") or {"type": "object"})
         props = schema.setdefault("properties", {})
-        props[instance_arg] = {
-            "type": "string",
-            "description": f"Target instance to execute this tool on. Available: {', '.join(members)}",
-            "enum": list(members),
-        }
+        token = instance_header(instance_arg, schema)
+        injected: Json = {"type": "string", "description": instance_description(members), "enum": list(members)}
+        if token is not None:
+            injected["x-mcp-header"] = token
+        props[instance_arg] = injected
         required = [r for r in schema.get("required", []) if r != instance_arg]
         schema["required"] = [*required, instance_arg]
         out["inputSchema"] = schema
     else:
         arguments = [a for a in first.get("arguments") or [] if a.get("name") != instance_arg]
-        arguments.append({
-            "name": instance_arg,
-            "description": f"Target instance. Available: {', '.join(members)}",
-            "required": True,
-        })
+        arguments.append({"name": instance_arg, "description": instance_description(members), "required": True})
         out["arguments"] = arguments
     return out
 
@@ -360,6 +385,17 @@ def _uris(servers: Sequence[MCPServer], snapshots: Mapping[str, UpstreamSnapshot
     return slug_of, server_of, exact, matchers, resources, templates
 
 
+def _without_injected_headers(tool: Json, routes: Mapping[str, Route]) -> Json:
+    """Handshake-era clients see the injected instance property exactly as Muster shows it."""
+    arg = routes[tool["name"]].instance_arg
+    props = (tool.get("inputSchema") or {}).get("properties") or {}
+    if arg is None or "x-mcp-header" not in props.get(arg, {}):
+        return tool
+    schema = dict(tool["inputSchema"])
+    schema["properties"] = {**props, arg: {k: v for k, v in props[arg].items() if k != "x-mcp-header"}}
+    return {**tool, "inputSchema": schema}
+
+
 def build_view(servers: Sequence[MCPServer], snapshots: Mapping[str, UpstreamSnapshot], *, prefix: str = "x",
                mode: str = "always", default_ttl_ms: int = 60_000) -> View:
     """Merge the lists of every reachable upstream in `snapshots` under conflict-free names."""
@@ -380,7 +416,7 @@ def build_view(servers: Sequence[MCPServer], snapshots: Mapping[str, UpstreamSna
         capabilities["completions"] = {}
     fingerprint = _fingerprint((prefix, mode, *[(s.name, snapshots[s.name].generation) for s in live]))
     return View(
-        tools=tools, prompts=prompts, resources=tuple(resources), templates=tuple(templates),
+        tools=tools, legacy_tools=tuple(_without_injected_headers(t, tool_routes) for t in tools), prompts=prompts, resources=tuple(resources), templates=tuple(templates),
         tool_routes=tool_routes, prompt_routes=prompt_routes, prefix=prefix,
         uri_slug_of=slug_of, server_of_slug=server_of, exact_uris=exact, template_matchers=tuple(matchers),
         servers=tuple(by_name), capabilities=capabilities, problems=tuple(problems), fingerprint=fingerprint,

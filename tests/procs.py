@@ -177,6 +177,7 @@ def start_demo_server(
     json_response: bool = False,
     require_bearer: str | None = None,
     record_headers: str | os.PathLike[str] | None = None,
+    variant: str = "",
     timeout: float = 20,
 ) -> Iterator[DemoServer]:
     """Start one demo MCP server (see deploy/demo/servers.py) and stop it on exit.
@@ -193,6 +194,8 @@ def start_demo_server(
         cmd += ["--require-bearer", require_bearer]
     if record_headers:
         cmd += ["--record-headers", os.fspath(record_headers)]
+    if variant:
+        cmd += ["--variant", variant]
     with spawn(cmd, "READY ", timeout) as spawned:
         url = spawned.ready_line.split(" ", 1)[1]
         actual_port = int(url.rsplit(":", 1)[1].split("/", 1)[0])

@@ -18,8 +18,8 @@ Once the socket accepts connections the process prints `READY http://HOST:PORT/m
 outside the handshake era gets HTTP 400 `Bad Request: Unsupported protocol version`, so `server/discover` is
 never answered (sent without that header, it gets the SDK's own `400 Missing session ID`, as in either era).
 `--require-bearer TOKEN` answers 401 to any request without `Authorization: Bearer TOKEN`.
-`--record-headers FILE` appends one JSON line per HTTP request (method, path, lower-cased headers), before any
-check, so tests can see exactly what reached the upstream.
+`--record-headers FILE` appends one JSON line per HTTP request (method, path, lower-cased headers, JSON
+body), before any check, so tests can see exactly what reached the upstream.
 """
 
 import argparse
@@ -51,7 +51,7 @@ from mcp.server.streamable_http import EventCallback, EventId, EventMessage, Eve
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from pydantic import BaseModel, Field
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 KINDS = ("kubernetes", "prometheus", "vendor", "fixture")
 LEGACY_VERSIONS = frozenset(HANDSHAKE_PROTOCOL_VERSIONS)
@@ -112,7 +112,9 @@ def fake_pods(name: str, namespace: str) -> list[dict[str, Any]]:
 # kubernetes
 
 
-def build_kubernetes(cluster: str) -> MCPServer:
+def build_kubernetes(cluster: str, variant: str = "") -> MCPServer:
+    """`variant="skewed"`: one tool's description differs and one tool has a `management_cluster` argument,
+    the two cases in which Muster's family collapse falls back to per-server names for that tool alone."""
     server = MCPServer(cluster, instructions=f"A fake Kubernetes cluster called {cluster}.", version="0.1.0")
 
     @server.tool(annotations=READ_ONLY)
@@ -129,9 +131,10 @@ def build_kubernetes(cluster: str) -> MCPServer:
             items = [f"{cluster}-{kind.lower()}-{index}" for index in range(2)]
         return {"cluster": cluster, "kind": kind, "namespace": namespace, "items": items}
 
-    @server.tool(annotations=READ_ONLY)
+    @server.tool(annotations=READ_ONLY, description=(
+        "Read the last lines of a pod's log (this cluster runs a patched logger)." if variant == "skewed"
+        else "Read the last lines of a pod's log."))
     def logs(pod: str, namespace: str = "default", tail: int = 10) -> str:
-        """Read the last lines of a pod's log."""
         lines = [f"{cluster}/{namespace}/{pod} line {index}" for index in range(1, max(tail, 0) + 1)]
         return "\n".join(lines)
 
@@ -141,6 +144,13 @@ def build_kubernetes(cluster: str) -> MCPServer:
         return f"{kind}/{name} deleted from {cluster}"
 
     add_whoami(server, cluster)
+
+    if variant == "skewed":
+
+        @server.tool(annotations=READ_ONLY)
+        def switch_context(management_cluster: str) -> dict[str, Any]:
+            """A tool that already has a `management_cluster` argument of its own."""
+            return {"cluster": cluster, "context": management_cluster}
 
     @server.prompt()
     def debug_pod(pod: str) -> list[dict[str, Any]]:
@@ -801,11 +811,33 @@ def record_headers(app: ASGIApp, path: Path) -> ASGIApp:
             for key, value in scope.get("headers", []):
                 name, text_value = key.decode("latin-1").lower(), value.decode("latin-1")
                 headers[name] = f"{headers[name]}, {text_value}" if name in headers else text_value
-            line = json.dumps(
-                {"time": time.time(), "method": scope["method"], "path": scope["path"], "headers": headers}
-            )
+            chunks: list[bytes] = []
+            more = scope["method"] == "POST"
+            while more:
+                message = await receive()
+                chunks.append(message.get("body", b""))
+                more = message.get("more_body", False)
+            raw = b"".join(chunks)
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:
+                body = None
+            line = json.dumps({"time": time.time(), "method": scope["method"], "path": scope["path"],
+                               "headers": headers, "body": body})
             with lock, path.open("a", encoding="utf-8") as out:
                 out.write(line + "\n")
+            if scope["method"] == "POST":
+                replayed = False
+
+                async def replay() -> Message:
+                    nonlocal replayed
+                    if replayed:
+                        return await receive()
+                    replayed = True
+                    return {"type": "http.request", "body": raw, "more_body": False}
+
+                await app(scope, replay, send)
+                return
         await app(scope, receive, send)
 
     return wrapped
@@ -855,7 +887,8 @@ class QuietServer(uvicorn.Server):
 
 
 def build_app(args: argparse.Namespace) -> ASGIApp:
-    server = BUILDERS[args.kind](args.name or args.kind)
+    name = args.name or args.kind
+    server = build_kubernetes(name, args.variant) if args.kind == "kubernetes" else BUILDERS[args.kind](name)
     resumable = args.kind in ("vendor", "fixture") and not args.json_response
     app: ASGIApp = server.streamable_http_app(
         json_response=args.json_response,
@@ -895,6 +928,9 @@ async def serve(app: ASGIApp, sock: socket.socket, on_ready: Callable[[], None])
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=KINDS)
+    parser.add_argument("--variant", default="", choices=("", "skewed"),
+                        help="kubernetes only: 'skewed' changes one description and adds a tool with an "
+                             "argument named management_cluster (family fallbacks)")
     parser.add_argument("--port", type=int, required=True, help="0 picks a free port (reported on the READY line)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--name", help="server name, used in whoami and fake data (default: the kind)")

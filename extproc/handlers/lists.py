@@ -41,7 +41,7 @@ async def list_items(gw: Gateway, req: Request, msg: Message) -> Local:
     cache_key = (view.fingerprint, msg.method, offset, msg.era, scope)
     page = gw.pages.get(cache_key)
     if page is None:
-        items = getattr(view, attr)
+        items = view.legacy_tools if attr == "tools" and msg.era != MODERN else getattr(view, attr)
         size = gw.config.list_page_size or max(len(items), 1)
         result: dict[str, Any] = {key: list(items[offset:offset + size])}
         if offset + size < len(items):

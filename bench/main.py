@@ -1,0 +1,284 @@
+"""The benchmark run: start every target in front of the same upstreams, measure, print tables and ratios.
+
+Sections, in order (each prints its table as soon as it is done):
+  0. calibration: the load driver's own ceiling (raw asyncio vs httpx2) and the SDK demo server as shipped;
+  1. tools/call latency and throughput at c=1 and c=16: direct, plain Envoy, Envoy's MCP filters (the
+     contender), the gateway with 1 (and 2) processor workers, on the modern and the legacy wire, against the
+     fast upstream and the mcp SDK upstream;
+  2. warm tools/list through the gateway with 10 upstreams x 50 tools (and the contender beside it);
+  3. the processor alone: ext_proc cycles straight to one worker over gRPC.
+Everything runs on 127.0.0.1 with free ports and is stopped on exit, error, Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, NoReturn
+
+import httpx2
+
+from bench import loadgen, stacks
+from bench.cells import Probe, Settings, measure_http, measure_processor, python_version
+from bench.report import LEGEND, Row, find, ratios, table
+from bench.stacks import GatewayStack, Upstream
+from bench.wire import LEGACY, MODERN, Call, Endpoint, Requests
+
+CONCURRENCY = (1, 16)
+LIST_UPSTREAMS, LIST_TOOLS = 10, 50
+GATEWAY_1 = "gateway 1w"
+GATEWAY_2 = "gateway 2w"
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+class Bench:
+    def __init__(self, settings: Settings, work: Path, *, quick: bool, two_workers: bool) -> None:
+        self.settings = settings
+        self.work = work
+        self.quick = quick
+        self.two_workers = two_workers
+        self.rows: list[Row] = []
+        self.notes: list[str] = []
+
+    def add(self, row: Row) -> Row:
+        self.rows.append(row)
+        status = f"FAILED {row.failure[:80]}" if row.failure else (
+            f"p50 {row.p50_ms:.2f} ms  {row.rps:.0f} req/s" if row.p50_ms is not None and row.rps else "done")
+        say(f"  . {row.section:10} {row.upstream:8} {row.target:11} {row.wire:10} c={row.concurrency:<3} {status}")
+        return row
+
+    # ---- section 0 -----------------------------------------------------------------------------------------
+    def calibration(self, fast: Upstream) -> None:
+        s = self.settings
+        requests = Requests(Endpoint.parse(fast.url), MODERN, Call("tools/call", fast.tool, fast.arguments))
+        probe = Probe(upstreams=[fast])
+        raw = measure_http(Row("calibration", "fast", "direct raw", MODERN, 16), requests, 16, s, probe)
+        self.add(raw)
+        row = Row("calibration", "fast", "direct hx2", MODERN, 16)
+        try:
+            outcome = asyncio.run(loadgen.run_httpx2(requests, 16, warmup_s=s.warmup_s, measure_s=s.measure_s))
+            row.p50_ms, row.p99_ms, row.rps = outcome.percentile_ms(0.5), outcome.percentile_ms(0.99), outcome.rps
+            row.driver_us = outcome.driver_cpu_s * 1e6 / max(outcome.count, 1)
+            row.note = "httpx2 driver: same loop through httpx2.AsyncClient"
+        except (RuntimeError, OSError, httpx2.HTTPError) as exc:
+            row.failure = str(exc)
+        self.add(row)
+        with stacks.sdk_upstream("sdkshipped", as_shipped=True) as shipped:
+            req = Requests(Endpoint.parse(shipped.url), MODERN, Call("tools/call", shipped.tool, shipped.arguments))
+            short = Settings(s.warmup_s, min(s.measure_s, 1.5), s.max_requests)
+            row = measure_http(Row("calibration", "sdk", "shipped", MODERN, 1), req, 1, short,
+                               Probe(upstreams=[shipped]))
+            row.note = "deploy/demo/servers.py as tests start it (no TCP_NODELAY)"
+            self.add(row)
+
+    # ---- section 1 -----------------------------------------------------------------------------------------
+    def tools_call(self, upstreams: Sequence[Upstream]) -> None:
+        s = self.settings
+        with contextlib.ExitStack() as stack:
+            plain = stack.enter_context(stacks.plain_envoy(self.work, upstreams))
+            rival = stack.enter_context(stacks.contender(self.work, upstreams))
+            for up in upstreams:
+                call = Call("tools/call", up.tool, up.arguments)
+                prefixed = Call("tools/call", f"{up.name}__{up.tool}", up.arguments)
+                for c in CONCURRENCY:
+                    wires = (MODERN,) if self.quick else (MODERN, LEGACY)
+                    for wire in wires:
+                        self.add(measure_http(Row("tools/call", up.name, "direct", wire, c),
+                                              Requests(Endpoint.parse(up.url), wire, call), c, s,
+                                              Probe(upstreams=[up])))
+                    for wire in (MODERN, LEGACY):
+                        self.add(measure_http(Row("tools/call", up.name, "envoy", wire, c),
+                                              Requests(Endpoint.parse(plain.urls[up.name]), wire, call), c, s,
+                                              Probe(envoy_pids=[plain.pid], upstreams=[up], admin_url=plain.admin_url,
+                                                    clusters=[up.name])))
+                    for wire in (LEGACY, MODERN):
+                        self.add(measure_http(Row("tools/call", up.name, "contender", wire, c),
+                                              Requests(Endpoint.parse(rival.urls[up.name]), wire, prefixed), c, s,
+                                              Probe(envoy_pids=[rival.pid], upstreams=[up], admin_url=rival.admin_url,
+                                                    clusters=[up.name])))
+            self.contender_stats(rival.admin_url)
+        shapes = [(GATEWAY_1, 1)] + ([(GATEWAY_2, 2)] if self.two_workers else [])
+        for label, workers in shapes:
+            with stacks.gateway(self.work / f"gw{workers}", upstreams, workers) as gw:
+                for up in upstreams:
+                    call = Call("tools/call", f"x_{up.name}_{up.tool}", up.arguments)
+                    for c in CONCURRENCY:
+                        for wire in (MODERN, LEGACY):
+                            self.add(measure_http(Row("tools/call", up.name, label, wire, c),
+                                                  Requests(Endpoint.parse(gw.url), wire, call), c, s,
+                                                  self.gateway_probe(gw, [up])))
+                self.gateway_stats(gw, label)
+
+    @staticmethod
+    def gateway_probe(gw: GatewayStack, upstreams: Sequence[Upstream]) -> Probe:
+        return Probe(processor_pids=gw.processor_pids, envoy_pids=gw.envoy_pids, upstreams=upstreams,
+                     admin_url=gw.admin_url, clusters=[f"mcp.{u.name}" for u in upstreams], ext_proc=True)
+
+    def gateway_stats(self, gw: GatewayStack, label: str) -> None:
+        stats = stacks.counters(gw.admin_url, r"ext_proc\.(streams_started|stream_msgs_sent|stream_msgs_received|"
+                                              r"immediate_responses_sent|streams_failed|message_timeouts)$")
+        short = {k.rsplit(".", 1)[-1]: v for k, v in stats.items() if k.startswith("http.muster_edge.")}
+        self.notes.append(f"{label} ext_proc totals over its run: {json.dumps(short)}")
+
+    def contender_stats(self, admin_url: str) -> None:
+        stats = stacks.counters(admin_url, r"http\.contender\.mcp")
+        short = {k.split("http.contender.", 1)[1]: v for k, v in stats.items() if v}
+        self.notes.append(f"contender filter counters over its run: {json.dumps(short)}")
+
+    # ---- sections 2 and 3 ----------------------------------------------------------------------------------
+    def lists_and_processor(self, upstreams: Sequence[Upstream], tools_each: int) -> None:
+        s = self.settings
+        label = f"{len(upstreams)}x{tools_each}"
+        listing = Call("tools/list")
+        with stacks.gateway(self.work / "gw-list", upstreams, 1) as gw:
+            self.notes.append(f"gateway tools/list: {describe_list(gw.url)}")
+            for wire in (MODERN, LEGACY):
+                for c in CONCURRENCY:
+                    self.add(measure_http(Row("tools/list", label, GATEWAY_1, wire, c),
+                                          Requests(Endpoint.parse(gw.url), wire, listing), c, s,
+                                          self.gateway_probe(gw, upstreams)))
+            authority = gw.url.split("/")[2]
+            tool = f"x_{upstreams[0].name}_{upstreams[0].tool}"
+            for scenario in ("tools_list", "ping", "tools_call"):
+                for c in CONCURRENCY:
+                    base = Row("processor", label, "ext_proc", scenario, c)
+                    self.add(measure_processor(base, gw.processor_listen[0], scenario, tool, authority, c, s,
+                                               gw.processor_pids))
+        with stacks.contender(self.work, upstreams, tag="-list") as rival:
+            url = rival.urls[upstreams[0].name]
+            self.notes.append(f"contender tools/list: {describe_list(url, legacy=True)}")
+            for c in CONCURRENCY:
+                self.add(measure_http(Row("tools/list", label, "contender", LEGACY, c),
+                                      Requests(Endpoint.parse(url), LEGACY, listing), c, s,
+                                      Probe(envoy_pids=[rival.pid], upstreams=upstreams, admin_url=rival.admin_url,
+                                            clusters=[u.name for u in upstreams])))
+
+    # ---- output --------------------------------------------------------------------------------------------
+    def summary(self, upstreams: Sequence[str]) -> str:
+        gateways = [GATEWAY_1] + ([GATEWAY_2] if self.two_workers else [])
+        lines = ["", "RATIOS (same run, same upstream)"]
+        lines += ratios(self.rows, upstreams, gateways)
+        for wire in (MODERN, LEGACY):
+            row = find(self.rows, "10x50", GATEWAY_1, wire, 1, section="tools/list")
+            if row and row.p50_ms is not None:
+                lines.append(f"[10x50] {GATEWAY_1} {wire:10} warm tools/list p50 at c=1 = {row.p50_ms:6.2f} ms"
+                             f"   target < 3 ms: {'PASS' if row.p50_ms < 3 else 'MISS'}")
+        for row in self.rows:
+            if row.section == "processor" and not row.failure and row.proc_us:
+                lines.append(f"[proc ] {row.wire:10} c={row.concurrency:<2} {row.rps:7.0f} cycles/s wall,"
+                             f" {1e6 / row.proc_us:6.0f} cycles per processor CPU-second (one core),"
+                             f" {row.xp_msgs:.0f} messages/cycle, peak RSS {row.proc_mb:.1f} MB")
+        return "\n".join(lines)
+
+
+def describe_list(url: str, *, legacy: bool = False) -> str:
+    """How many tools one list answer holds and how big it is (checks the list is complete)."""
+    requests = Requests(Endpoint.parse(url), LEGACY if legacy else MODERN, Call("tools/list"))
+    headers = requests.headers
+    with httpx2.Client(timeout=30) as client:
+        if legacy:
+            hello = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
+                     "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                                "clientInfo": {"name": "bench", "version": "1"}}}
+            answer = client.post(url, json=hello, headers=headers)
+            headers["mcp-session-id"] = answer.headers.get("mcp-session-id", "")
+            headers["mcp-protocol-version"] = answer.json()["result"]["protocolVersion"]
+        resp = client.post(url, content=requests.body(1), headers=headers)
+    try:
+        tools = resp.json()["result"]["tools"]
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {resp.status_code} {resp.text[:200]!r}"
+    schema = json.dumps(tools[0].get("inputSchema")) if tools else "-"
+    return f"{len(tools)} tools, {len(resp.content) / 1024:.0f} KiB per answer, first schema {schema[:90]}"
+
+
+def header(settings: Settings, quick: bool) -> str:
+    envoy = subprocess.run([str(stacks.ENVOY), "--version"], capture_output=True, text=True, check=False)
+    version = envoy.stdout.strip().split("version:")[-1].strip().split("/")[1] if "/" in envoy.stdout else "?"
+    load = os.getloadavg()
+    return (f"muster-edge bench ({'quick' if quick else 'full'}): {os.cpu_count()} CPUs shared by driver, Envoy,"
+            f" processor and upstreams; load average {load[0]:.2f} at start\nEnvoy {version} --concurrency"
+            f" {stacks.ENVOY_CONCURRENCY} everywhere; Python {python_version()}; per cell: warm-up"
+            f" {settings.warmup_s}s, window {settings.measure_s}s (closed loop, 1 keep-alive HTTP/1.1 connection"
+            f" per client)\nAbsolute numbers are pessimistic (everything shares 2 cores); compare within a run.")
+
+
+def _stop_on_sigterm(signum: int, frame: Any) -> NoReturn:
+    raise KeyboardInterrupt  # unwinds every context manager, which stops every process
+
+
+@contextlib.contextmanager
+def workdir(keep: str | None) -> Iterator[Path]:
+    if keep:
+        path = Path(keep).resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="muster-edge-bench-") as tmp:
+        yield Path(tmp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short windows, fewer cells (under 2 minutes)")
+    parser.add_argument("--no-two-workers", action="store_true", help="skip the 2-worker gateway (full run)")
+    parser.add_argument("--json", metavar="PATH", help="also write every row as JSON")
+    parser.add_argument("--workdir", metavar="DIR", help="keep configs and logs here instead of a temp dir")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    settings = Settings(0.3, 1.0, 200_000) if args.quick else Settings(0.5, 3.0, 500_000)
+    bench = Bench(settings, Path(), quick=args.quick, two_workers=not args.quick and not args.no_two_workers)
+    started = time.monotonic()
+    say(header(settings, args.quick))
+    try:
+        with workdir(args.workdir) as work:
+            bench.work = work
+            with contextlib.ExitStack() as stack:
+                fast = stack.enter_context(stacks.fast_upstream("fast"))
+                sdk = stack.enter_context(stacks.sdk_upstream("sdk"))
+                say("\n[0] calibration")
+                bench.calibration(fast)
+                say("[1] tools/call")
+                bench.tools_call([fast, sdk])
+            with contextlib.ExitStack() as stack:
+                fleet = [stack.enter_context(stacks.fast_upstream(f"s{i:02d}", tools=LIST_TOOLS))
+                         for i in range(1, LIST_UPSTREAMS + 1)]
+                say(f"[2,3] tools/list with {LIST_UPSTREAMS} upstreams x {LIST_TOOLS} tools; the processor alone")
+                bench.lists_and_processor(fleet, LIST_TOOLS)
+    except KeyboardInterrupt:
+        say("\ninterrupted: every process the benchmark started has been stopped")
+        return 130
+    sections = (("calibration", "CALIBRATION: the load driver's ceiling, and the SDK upstream as shipped"),
+                ("tools/call", "TOOLS/CALL (same request body everywhere; only the tool name differs)"),
+                ("tools/list", "WARM TOOLS/LIST, 10 upstreams x 50 tools"),
+                ("processor", "PROCESSOR ALONE (gRPC straight to one worker; wire column = scenario; xp msg ="
+                              " messages per cycle)"))
+    for key, title in sections:
+        say("\n" + table([r for r in bench.rows if r.section == key], title))
+    say("\n" + LEGEND)
+    say(bench.summary(["fast", "sdk"]))
+    say("\nNOTES")
+    for note in bench.notes:
+        say(f"- {note}")
+    say(f"\nfinished in {time.monotonic() - started:.0f}s")
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in bench.rows], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
