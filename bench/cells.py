@@ -60,8 +60,15 @@ class _Recorder:
         self.before = _Snapshot()
         self.after = _Snapshot()
 
-    def reset_peaks(self) -> None:
+    def begin(self) -> None:
+        """At the start of the cell, before warm-up: reset peaks, and keep a snapshot for failed cells."""
         self.processor.start()
+        self.before = self._take()
+
+    def explain_failure(self) -> str:
+        """What the upstream saw and refused during a failed cell (fast upstream only)."""
+        seen = self._take().methods - self.before.methods
+        return ", ".join(f"{m} x{n}" for m, n in sorted(seen.items()))
 
     def _take(self) -> _Snapshot:
         snap = _Snapshot()
@@ -115,13 +122,16 @@ def measure_http(base: Row, requests: Requests, concurrency: int, settings: Sett
     """Run one load cell; a target that cannot answer becomes a FAILED row rather than an exception."""
     row = Row(**{**base.__dict__, "concurrency": concurrency})
     recorder = _Recorder(probe)
-    recorder.reset_peaks()
+    recorder.begin()
     try:
         outcome = asyncio.run(loadgen.run(requests, concurrency, warmup_s=settings.warmup_s,
                                           measure_s=settings.measure_s, max_requests=settings.max_requests,
                                           before_measure=recorder.start_window))
     except (RuntimeError, OSError, ConnectionError) as exc:
         row.failure = str(exc)
+        seen = recorder.explain_failure()
+        if seen:
+            row.failure += f" | upstream saw: {seen}"
         return row
     recorder.end_window()
     calls = outcome.count + outcome.errors

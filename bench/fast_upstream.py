@@ -111,6 +111,7 @@ class Upstream:
                 raise RpcFailure(-32600, "Bad Request: missing or unknown session", 400)
             return self._answer(method, msg_id, params, modern)
         except RpcFailure as err:
+            self.counts[f"rejected {err.code}"] += 1
             body_out = orjson.dumps({"jsonrpc": "2.0", "id": msg_id,
                                      "error": {"code": err.code, "message": err.message}})
             return err.status, JSON_HEADERS, body_out

@@ -87,40 +87,39 @@ class Bench:
 
     # ---- section 1 -----------------------------------------------------------------------------------------
     def tools_call(self, upstreams: Sequence[Upstream]) -> None:
+        """Every target runs at once, and the cells of one (upstream, c, wire) run back to back, so a slow
+        drift of the machine (other tenants, CPU clocks) moves all targets of a ratio together."""
         s = self.settings
         with contextlib.ExitStack() as stack:
             plain = stack.enter_context(stacks.plain_envoy(self.work, upstreams))
             rival = stack.enter_context(stacks.contender(self.work, upstreams))
+            shapes = [(GATEWAY_1, 1)] + ([(GATEWAY_2, 2)] if self.two_workers else [])
+            gateways = {label: stack.enter_context(stacks.gateway(self.work / f"gw{n}", upstreams, n))
+                        for label, n in shapes}
             for up in upstreams:
                 call = Call("tools/call", up.tool, up.arguments)
-                prefixed = Call("tools/call", f"{up.name}__{up.tool}", up.arguments)
+                targets: list[tuple[str, str, Call, Probe]] = [
+                    ("direct", up.url, call, Probe(upstreams=[up])),
+                    ("envoy", plain.urls[up.name], call,
+                     Probe(envoy_pids=[plain.pid], upstreams=[up], admin_url=plain.admin_url, clusters=[up.name])),
+                ]
+                targets += [(label, gw.url, Call("tools/call", f"x_{up.name}_{up.tool}", up.arguments),
+                             self.gateway_probe(gw, [up])) for label, gw in gateways.items()]
+                targets.append(("contender", rival.urls[up.name],
+                                Call("tools/call", f"{up.name}__{up.tool}", up.arguments),
+                                Probe(envoy_pids=[rival.pid], upstreams=[up], admin_url=rival.admin_url,
+                                      clusters=[up.name])))
+                for _, url, target_call, _ in targets:
+                    prime(Requests(Endpoint.parse(url), LEGACY, target_call))  # the wire every target answers
                 for c in CONCURRENCY:
-                    wires = (MODERN,) if self.quick else (MODERN, LEGACY)
-                    for wire in wires:
-                        self.add(measure_http(Row("tools/call", up.name, "direct", wire, c),
-                                              Requests(Endpoint.parse(up.url), wire, call), c, s,
-                                              Probe(upstreams=[up])))
                     for wire in (MODERN, LEGACY):
-                        self.add(measure_http(Row("tools/call", up.name, "envoy", wire, c),
-                                              Requests(Endpoint.parse(plain.urls[up.name]), wire, call), c, s,
-                                              Probe(envoy_pids=[plain.pid], upstreams=[up], admin_url=plain.admin_url,
-                                                    clusters=[up.name])))
-                    for wire in (LEGACY, MODERN):
-                        self.add(measure_http(Row("tools/call", up.name, "contender", wire, c),
-                                              Requests(Endpoint.parse(rival.urls[up.name]), wire, prefixed), c, s,
-                                              Probe(envoy_pids=[rival.pid], upstreams=[up], admin_url=rival.admin_url,
-                                                    clusters=[up.name])))
+                        for name, url, target_call, probe in targets:
+                            if self.quick and name == "direct" and wire == LEGACY:
+                                continue
+                            self.add(measure_http(Row("tools/call", up.name, name, wire, c),
+                                                  Requests(Endpoint.parse(url), wire, target_call), c, s, probe))
             self.contender_stats(rival.admin_url)
-        shapes = [(GATEWAY_1, 1)] + ([(GATEWAY_2, 2)] if self.two_workers else [])
-        for label, workers in shapes:
-            with stacks.gateway(self.work / f"gw{workers}", upstreams, workers) as gw:
-                for up in upstreams:
-                    call = Call("tools/call", f"x_{up.name}_{up.tool}", up.arguments)
-                    for c in CONCURRENCY:
-                        for wire in (MODERN, LEGACY):
-                            self.add(measure_http(Row("tools/call", up.name, label, wire, c),
-                                                  Requests(Endpoint.parse(gw.url), wire, call), c, s,
-                                                  self.gateway_probe(gw, [up])))
+            for label, gw in gateways.items():
                 self.gateway_stats(gw, label)
 
     @staticmethod
@@ -183,6 +182,13 @@ class Bench:
                              f" {1e6 / row.proc_us:6.0f} cycles per processor CPU-second (one core),"
                              f" {row.xp_msgs:.0f} messages/cycle, peak RSS {row.proc_mb:.1f} MB")
         return "\n".join(lines)
+
+
+def prime(requests: Requests, seconds: float = 1.0) -> None:
+    """Load a freshly started target for a moment before its first measured cell (connection pools, caches,
+    CPU clocks), so that cell does not pay for the start."""
+    with contextlib.suppress(RuntimeError, OSError, ConnectionError):
+        asyncio.run(loadgen.run(requests, 8, warmup_s=seconds, measure_s=0.0, max_requests=8))
 
 
 def describe_list(url: str, *, legacy: bool = False) -> str:

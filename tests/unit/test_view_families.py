@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from catalog.view import build_view
+import pytest
+
+from catalog.view import build_view, x_mcp_header_problem
 from tests.unit.factories import names, prompt, server, snap, tool, view_of
 
 ARG = "management_cluster"
@@ -14,9 +16,16 @@ K8S_B = server("k8s-b", family="kubernetes", instance_arg=ARG)
 
 
 def injected(*members: str) -> dict[str, Any]:
+    """Muster's injected property, to the byte."""
     return {"type": "string",
             "description": f"Target instance to execute this tool on. Available: {', '.join(members)}",
             "enum": list(members)}
+
+
+def prop(tools: tuple[dict[str, Any], ...], name: str, arg: str = ARG) -> dict[str, Any]:
+    found = {t["name"]: t for t in tools}[name]
+    result: dict[str, Any] = found["inputSchema"]["properties"][arg]
+    return result
 
 
 def list_pods(description: str = "List pods") -> dict[str, Any]:
@@ -33,13 +42,60 @@ def test_family_collapses_to_one_name_per_tool() -> None:
         "k8s-a": ("k8s-a", "list_pods"), "k8s-b": ("k8s-b", "list_pods")}
 
 
-def test_family_tool_gets_the_injected_instance_property_exactly() -> None:
+def test_handshake_era_tool_gets_musters_injected_property_exactly() -> None:
     view = view_of([(K8S_A, snap("k8s-a", tools=[list_pods()])), (K8S_B, snap("k8s-b", tools=[list_pods()]))])
-    schema = view.tools[0]["inputSchema"]
+    schema = view.legacy_tools[0]["inputSchema"]
     assert schema["properties"][ARG] == injected("k8s-a", "k8s-b")
     assert schema["properties"]["namespace"] == {"type": "string"}
     assert schema["required"] == ["namespace", ARG]
     assert schema["type"] == "object"
+
+
+def test_modern_tool_gets_the_injected_property_mirrored_into_a_header() -> None:
+    view = view_of([(K8S_A, snap("k8s-a", tools=[list_pods()])), (K8S_B, snap("k8s-b", tools=[list_pods()]))])
+    schema = view.tools[0]["inputSchema"]
+    assert schema["properties"][ARG] == {**injected("k8s-a", "k8s-b"), "x-mcp-header": "management-cluster"}
+    assert schema["required"] == ["namespace", ARG]
+    assert x_mcp_header_problem(schema) is None
+
+
+def test_legacy_and_modern_lists_differ_only_in_the_injected_header() -> None:
+    upstream = tool("q", "Q", properties={"region": {"type": "string", "x-mcp-header": "Region"}})
+    view = view_of([(K8S_A, snap("k8s-a", tools=[upstream])), (K8S_B, snap("k8s-b", tools=[upstream])),
+                    (server("solo"), snap("solo", tools=[upstream]))])
+    assert names(view.legacy_tools) == names(view.tools) == ["x_kubernetes_q", "x_solo_q"]
+    family_modern, solo_modern = view.tools
+    family_legacy, solo_legacy = view.legacy_tools
+    assert solo_legacy == solo_modern
+    modern_props = family_modern["inputSchema"]["properties"]
+    legacy_props = family_legacy["inputSchema"]["properties"]
+    assert legacy_props["region"] == modern_props["region"] == {"type": "string", "x-mcp-header": "Region"}
+    assert legacy_props[ARG] == {k: v for k, v in modern_props[ARG].items() if k != "x-mcp-header"}
+    assert "x-mcp-header" in modern_props[ARG]
+
+
+def test_injected_header_is_left_out_when_the_upstream_already_uses_the_token() -> None:
+    upstream = tool("q", "Q", properties={"mc": {"type": "string", "x-mcp-header": "Management-Cluster"}})
+    view = view_of([(K8S_A, snap("k8s-a", tools=[upstream])), (K8S_B, snap("k8s-b", tools=[upstream]))])
+    assert prop(view.tools, "x_kubernetes_q") == injected("k8s-a", "k8s-b")
+    assert x_mcp_header_problem(view.tools[0]["inputSchema"]) is None
+
+
+def test_instance_description_names_a_unique_leading_part_as_an_accepted_form() -> None:
+    members = [server(n, family="kubernetes", instance_arg=ARG) for n in ("prod-eu", "dev-us")]
+    view = view_of([(m, snap(m.name, tools=[tool("get", "Get")])) for m in members])
+    assert prop(view.tools, "x_kubernetes_get")["description"] == (
+        "Target instance to execute this tool on. Available: dev-us, prod-eu. The leading part of a name also "
+        "works when it names exactly one server (dev for dev-us)")
+    assert prop(view.tools, "x_kubernetes_get")["enum"] == ["dev-us", "prod-eu"]
+
+
+@pytest.mark.xfail(strict=True, reason="BUG (or spec conflict): legacy_tools promises Muster's injected property "
+                                       "exactly, but the accepted-forms hint is appended to its description "
+                                       "whenever a member has a unique leading part (e.g. a family of one 'k8s-a')")
+def test_handshake_era_family_of_one_gets_musters_injected_property_exactly() -> None:
+    view = view_of([(K8S_A, snap("k8s-a", tools=[tool("version", "Version")]))])
+    assert prop(view.legacy_tools, "x_kubernetes_version") == injected("k8s-a")
 
 
 def test_family_tool_description_gets_the_trailer() -> None:
@@ -57,18 +113,21 @@ def test_existing_trailer_is_replaced_not_repeated() -> None:
 def test_family_of_one_still_requires_the_instance_argument() -> None:
     view = view_of([(K8S_A, snap("k8s-a", tools=[tool("version", "Version")]))])
     assert names(view.tools) == ["x_kubernetes_version"]
-    schema = view.tools[0]["inputSchema"]
-    assert schema["properties"][ARG] == injected("k8s-a")
-    assert schema["required"] == [ARG]
+    for tools in (view.tools, view.legacy_tools):
+        schema = tools[0]["inputSchema"]
+        assert schema["properties"][ARG]["enum"] == ["k8s-a"]
+        assert schema["properties"][ARG]["type"] == "string"
+        assert schema["properties"][ARG]["description"].startswith(injected("k8s-a")["description"])
+        assert schema["required"] == [ARG]
     assert view.tools[0]["description"] == "Version (available on servers: k8s-a)"
     assert view.tool_routes["x_kubernetes_version"].single is None
 
 
 def test_family_tool_without_a_schema_gets_an_object_schema() -> None:
     bare = {"name": "ping", "description": "Ping"}
-    view = view_of([(K8S_A, snap("k8s-a", tools=[bare]))])
-    assert view.tools[0]["inputSchema"] == {"type": "object", "properties": {ARG: injected("k8s-a")},
-                                            "required": [ARG]}
+    view = view_of([(K8S_A, snap("k8s-a", tools=[bare])), (K8S_B, snap("k8s-b", tools=[bare]))])
+    assert view.legacy_tools[0]["inputSchema"] == {"type": "object", "properties": {ARG: injected("k8s-a", "k8s-b")},
+                                                   "required": [ARG]}
 
 
 def test_family_tool_with_no_description_gets_only_the_trailer() -> None:
@@ -193,7 +252,8 @@ def test_member_that_stops_offering_a_tool_shrinks_the_enum() -> None:
 
 def test_failed_member_leaves_the_family() -> None:
     view = view_of([(K8S_A, snap("k8s-a", tools=[list_pods()])), (K8S_B, snap("k8s-b", ok=False))])
-    assert view.tools[0]["inputSchema"]["properties"][ARG] == injected("k8s-a")
+    assert prop(view.tools, "x_kubernetes_list_pods")["enum"] == ["k8s-a"]
+    assert "k8s-b" not in prop(view.tools, "x_kubernetes_list_pods")["description"]
     assert view.tools[0]["description"] == "List pods (available on servers: k8s-a)"
     assert set(view.tool_routes["x_kubernetes_list_pods"].targets) == {"k8s-a"}
 
@@ -214,7 +274,8 @@ def test_family_prompt_gets_an_extra_required_argument() -> None:
     exposed = view.prompts[0]
     assert exposed["arguments"] == [
         {"name": "pod", "required": True},
-        {"name": ARG, "description": "Target instance. Available: k8s-a, k8s-b", "required": True},
+        {"name": ARG, "description": "Target instance to execute this tool on. Available: k8s-a, k8s-b",
+         "required": True},
     ]
     assert exposed["description"] == "Triage (available on servers: k8s-a, k8s-b)"
     assert view.prompt_routes["x_kubernetes_triage"].instance_arg == ARG

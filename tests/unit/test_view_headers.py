@@ -116,12 +116,12 @@ def test_routes_carry_the_header_map_of_upstream_and_exposed_schemas() -> None:
     assert route.single is not None and dict(route.single.header_map) == {("region",): "Region"}
 
 
-def test_family_route_keeps_upstream_annotations_and_adds_none_for_the_selector() -> None:
+def test_family_route_maps_the_selector_header_but_targets_do_not() -> None:
     upstream = tool("query", "Query", properties={"region": annotated("Region")})
-    members = [server(n, family="prom", instance_arg="instance") for n in ("p1", "p2")]
+    members = [server(n, family="prom", instance_arg="prom_instance") for n in ("p1", "p2")]
     view = view_of([(m, snap(m.name, tools=[upstream])) for m in members])
     route = view.tool_routes["x_prom_query"]
-    assert dict(route.header_map) == {("region",): "Region"}
+    assert dict(route.header_map) == {("region",): "Region", ("prom_instance",): "prom-instance"}
     assert {s: dict(t.header_map) for s, t in route.targets.items()} == {
         "p1": {("region",): "Region"}, "p2": {("region",): "Region"}}
     assert x_mcp_header_problem(view.tools[0]["inputSchema"]) is None
