@@ -66,9 +66,19 @@ class _Recorder:
         self.before = self._take()
 
     def explain_failure(self) -> str:
-        """What the upstream saw and refused during a failed cell (fast upstream only)."""
+        """What the upstream saw and refused during a failed cell, and which MCP headers reached it
+        (fast upstream only)."""
         seen = self._take().methods - self.before.methods
-        return ", ".join(f"{m} x{n}" for m, n in sorted(seen.items()))
+        if not seen:
+            return ""
+        text = ", ".join(f"{m} x{n}" for m, n in sorted(seen.items()))
+        for upstream in self.probe.upstreams:
+            with contextlib.suppress(OSError, ValueError):
+                got = upstream.last_headers()
+                if got:
+                    mcp = {k: v for k, v in got.items() if k.startswith("mcp-")}
+                    text += f"; its last request carried {json.dumps(mcp)} among {len(got)} headers"
+        return text
 
     def _take(self) -> _Snapshot:
         snap = _Snapshot()

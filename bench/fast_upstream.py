@@ -10,7 +10,8 @@ legacy wire, so a path that sends the wrong headers shows up as errors rather th
     .venv/bin/python -m bench.fast_upstream --port 0 --name s01 --tools 50     (from the repository root)
 
 prints `READY http://127.0.0.1:PORT/mcp` once listening. `GET /_stats` returns how many requests it saw per
-JSON-RPC method, so the benchmark can show how many upstream requests each client call cost.
+JSON-RPC method (and how many it refused, per reason), so the benchmark can show how many upstream requests
+each client call cost; `GET /_last` returns the headers of the last JSON-RPC request it received.
 """
 
 from __future__ import annotations
@@ -59,9 +60,12 @@ def tool_definitions(name: str, count: int) -> list[dict[str, Any]]:
 
 
 class RpcFailure(Exception):
-    def __init__(self, code: int, message: str, status: int = 200) -> None:
+    """A JSON-RPC error answer; `tag` names the reason in /_stats so a benchmark can say why it failed."""
+
+    def __init__(self, code: int, message: str, status: int = 200, tag: str = "") -> None:
         super().__init__(message)
         self.code, self.message, self.status = code, message, status
+        self.tag = tag or str(code)
 
 
 class Upstream:
@@ -75,6 +79,7 @@ class Upstream:
         self.capabilities = {"tools": {"listChanged": True}}
         self.sessions: set[str] = set()
         self.counts: Counter[str] = Counter()
+        self.last_headers: dict[str, str] = {}
         modern_extra = {"ttlMs": 3_600_000, "cacheScope": "public", "resultType": "complete",
                         "_meta": {META_SERVER_INFO: self.info}}
         self.list_results = {False: orjson.dumps({"tools": self.tools}),
@@ -87,9 +92,10 @@ class Upstream:
             return False
         if version == MODERN:
             return True
-        raise RpcFailure(-32022, f"Unsupported protocol version: {version}", 400)
+        raise RpcFailure(-32022, f"Unsupported protocol version: {version}", 400, "bad-version")
 
     def handle(self, headers: dict[str, str], body: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        self.last_headers = headers
         msg_id: Any = None
         try:
             try:
@@ -108,10 +114,10 @@ class Upstream:
             if modern:
                 self._check_modern(method, params, headers)
             elif method != "initialize" and headers.get("mcp-session-id") not in self.sessions:
-                raise RpcFailure(-32600, "Bad Request: missing or unknown session", 400)
+                raise RpcFailure(-32600, "Bad Request: missing or unknown session", 400, "legacy-without-session")
             return self._answer(method, msg_id, params, modern)
         except RpcFailure as err:
-            self.counts[f"rejected {err.code}"] += 1
+            self.counts[f"rejected:{err.tag}"] += 1
             body_out = orjson.dumps({"jsonrpc": "2.0", "id": msg_id,
                                      "error": {"code": err.code, "message": err.message}})
             return err.status, JSON_HEADERS, body_out
@@ -120,11 +126,11 @@ class Upstream:
     def _check_modern(method: str, params: dict[str, Any], headers: dict[str, str]) -> None:
         meta = params.get("_meta")
         if not isinstance(meta, dict) or meta.get(META_VERSION) != MODERN:
-            raise RpcFailure(-32602, "Invalid params: _meta must carry the protocol version", 400)
+            raise RpcFailure(-32602, "Invalid params: _meta must carry the protocol version", 400, "no-meta-envelope")
         if headers.get("mcp-method") != method:
-            raise RpcFailure(-32020, "Mcp-Method header does not match the body", 400)
+            raise RpcFailure(-32020, "Mcp-Method header does not match the body", 400, "mcp-method-mismatch")
         if method == "tools/call" and headers.get("mcp-name") != params.get("name"):
-            raise RpcFailure(-32020, "Mcp-Name header does not match params.name", 400)
+            raise RpcFailure(-32020, "Mcp-Name header does not match params.name", 400, "mcp-name-mismatch")
 
     def _answer(self, method: str, msg_id: Any, params: dict[str, Any],
                 modern: bool) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
@@ -132,7 +138,7 @@ class Upstream:
         if method == "tools/call":
             name = params.get("name")
             if name not in self.tool_names:
-                raise RpcFailure(-32602, f"Unknown tool: {name}")
+                raise RpcFailure(-32602, f"Unknown tool: {name}", tag="unknown-tool")
             arguments = params.get("arguments") or {}
             text = str(arguments.get("text", "")) if name == "echo" else f"{name} ran on {self.name}"
             result: Any = {"content": [{"type": "text", "text": text}], "isError": False}
@@ -207,6 +213,8 @@ class Connection(asyncio.Protocol):
         path = message.path.split("?", 1)[0]
         if path == "/_stats":
             return render_response(200, JSON_HEADERS, orjson.dumps(dict(up.counts)))
+        if path == "/_last":  # the headers of the last JSON-RPC request, to show what a proxy forwarded
+            return render_response(200, JSON_HEADERS, orjson.dumps(up.last_headers))
         if path != "/mcp":
             return render_response(404, [], b"not found\n")
         if message.method == "GET":  # the legacy server-to-client stream: held open, nothing to say

@@ -170,6 +170,12 @@ class Bench:
     def summary(self, upstreams: Sequence[str]) -> str:
         gateways = [GATEWAY_1] + ([GATEWAY_2] if self.two_workers else [])
         lines = ["", "RATIOS (same run, same upstream)"]
+        raw = find(self.rows, "fast", "direct raw", MODERN, 16, section="calibration")
+        hx2 = find(self.rows, "fast", "direct hx2", MODERN, 16, section="calibration")
+        if raw and hx2 and raw.rps and hx2.rps and raw.driver_us and hx2.driver_us:
+            lines.append(f"[drv ] load driver ceiling (direct, fast upstream, c=16): raw asyncio {raw.rps:.0f} req/s at"
+                         f" {raw.driver_us:.0f} us CPU/req; httpx2 {hx2.rps:.0f} req/s at {hx2.driver_us:.0f} us/req"
+                         f" -> the raw driver is used")
         lines += ratios(self.rows, upstreams, gateways)
         for wire in (MODERN, LEGACY):
             row = find(self.rows, "10x50", GATEWAY_1, wire, 1, section="tools/list")

@@ -75,7 +75,7 @@ def table(rows: Sequence[Row], title: str) -> str:
     for row in rows:
         if row.failure:
             lead = " ".join(_cell(getattr(row, attr), width, fmt) for _, attr, width, fmt in COLUMNS[:4])
-            lines.append(f"{lead}  FAILED: {row.failure[:230]}")
+            lines.append(f"{lead}  FAILED: {row.failure[:600]}")
             continue
         line = " ".join(_cell(getattr(row, attr), width, fmt) for _, attr, width, fmt in COLUMNS)
         lines.append(line + (f"  {row.note}" if row.note else ""))

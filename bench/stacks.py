@@ -79,6 +79,10 @@ class Upstream:
             return {}
         return dict(get_json(self.url.replace("/mcp", "/_stats")))
 
+    def last_headers(self) -> dict[str, str]:
+        """The headers of the last JSON-RPC request this (fast) upstream received."""
+        return dict(get_json(self.url.replace("/mcp", "/_last"))) if self.kind == "fast" else {}
+
 
 @contextlib.contextmanager
 def fast_upstream(name: str, tools: int = 1) -> Iterator[Upstream]:

@@ -102,7 +102,7 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
     if not isinstance(processor, dict):
         raise ConfigError(f"{source}: processor: must be a mapping")
     prefix = raw.get("prefix", "x")
-    if not isinstance(prefix, str) or not _PREFIX.match(prefix):
+    if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
         raise ConfigError(f"{source}: prefix: must match {_PREFIX.pattern}")
     mode = raw.get("prefixMode", "always")
     if mode not in PREFIX_MODES:

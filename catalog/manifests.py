@@ -24,7 +24,7 @@ _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _PREFIX = re.compile(r"^[a-zA-Z][a-zA-Z0-9_-]*$")
 _INSTANCE_ARG = re.compile(r"^[a-zA-Z][a-zA-Z0-9_]*$")
 _URL = re.compile(r"^https?://[^\s/$.?#].[^\s]*$")
-_HTTPS = re.compile(r"^https://")
+_HTTPS = re.compile(r"https://\S+")
 _ISSUER = re.compile(r"^https://[^/?#]+(/[^?#]*[^/?#])?$")
 _CONNECTOR = re.compile(r"^[a-zA-Z][a-zA-Z0-9_-]*$")
 
@@ -160,7 +160,7 @@ def _str_map(spec: Mapping[str, Any], key: str, path: str) -> dict[str, str]:
 
 
 def _match(pattern: re.Pattern[str], value: str, path: str) -> None:
-    if not pattern.match(value):
+    if not pattern.fullmatch(value):
         raise _Refused(path, f"{value!r} does not match {pattern.pattern}")
 
 
@@ -251,6 +251,8 @@ def _parse_auth(raw: Any, namespace: str) -> Auth:
         if not issuer:
             raise _Refused(f"{ap}.issuer", "is required")
         _match(_ISSUER, issuer, f"{ap}.issuer")
+        if any(c.isspace() for c in issuer):
+            raise _Refused(f"{ap}.issuer", "must not contain white space")
         auth_server = AuthorizationServer(issuer=issuer, scopes=_str(a, "scopes", ap))
     forward = _bool(spec, "forwardToken", p)
     # Muster's CEL rules on spec.auth, with its messages.
@@ -284,7 +286,7 @@ def parse_server(doc: Any, source: str) -> MCPServer:
     name = meta.get("name")
     if not isinstance(name, str) or not name:
         raise _Refused("metadata.name", "name is required")
-    if len(name) > 253 or not _NAME.match(name):
+    if len(name) > 253 or not _NAME.fullmatch(name):
         raise _Refused("metadata.name",
                        f"{name!r} is not a valid Kubernetes name (lower-case letters, digits, '-', '.')")
     namespace = meta.get("namespace") or "default"
@@ -361,20 +363,31 @@ class LoadResult:
     errors: tuple[AdmissionError, ...]
 
 
+def _documents(text: str) -> tuple[list[Any], str]:
+    """The documents of a YAML stream up to the first syntax error, and that error (if any)."""
+    docs: list[Any] = []
+    try:
+        for doc in yaml.safe_load_all(text):
+            docs.append(doc)
+    except yaml.YAMLError as exc:
+        return docs, str(exc).replace("\n", " ")
+    return docs, ""
+
+
 def load_documents(files: Iterable[tuple[str, str]]) -> LoadResult:
     """Admit every document of every (source, text) pair; one bad document never refuses another."""
     servers: dict[str, MCPServer] = {}
     errors: list[AdmissionError] = []
     for source, text in sorted(files):
-        try:
-            docs = list(yaml.safe_load_all(text))
-        except yaml.YAMLError as exc:
-            errors.append(AdmissionError(source, "document", f"invalid YAML: {exc}".replace("\n", " ")))
-            continue
+        docs, broken = _documents(text)
+        if broken:
+            errors.append(AdmissionError(source if len(docs) == 0 else f"{source}[{len(docs)}]", "document",
+                                         f"invalid YAML: {broken}"))
+        several = len([d for d in docs if d is not None]) > 1 or bool(broken)
         for index, doc in enumerate(docs):
             if doc is None:
                 continue
-            where = source if len(docs) == 1 else f"{source}[{index}]"
+            where = f"{source}[{index}]" if several else source
             try:
                 server = parse_server(doc, where)
             except _Refused as refused:

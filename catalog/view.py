@@ -106,14 +106,24 @@ class View:
         return expose_uri(self.prefix, slug, uri) if slug else uri
 
 
+_DATA_KEYWORDS = frozenset({"default", "examples", "example", "const", "enum"})
+MAX_SCHEMA_DEPTH = 64
+
+
 def x_mcp_header_problem(schema: Any) -> str | None:
-    """Why a tool's x-mcp-header annotations are invalid (clients MUST drop such tools), else None."""
+    """Why a tool's x-mcp-header annotations are invalid (clients MUST drop such tools), else None.
+
+    Only schema keywords are walked (instance data such as `default` may hold anything), and a schema nested
+    deeper than MAX_SCHEMA_DEPTH is refused rather than walked.
+    """
     seen: set[str] = set()
 
-    def walk(node: Any, reachable: bool, path: str) -> str | None:
+    def walk(node: Any, reachable: bool, path: str, depth: int) -> str | None:
+        if depth > MAX_SCHEMA_DEPTH:
+            return f"schema nested deeper than {MAX_SCHEMA_DEPTH} levels"
         if isinstance(node, list):
             for item in node:
-                if (why := walk(item, False, path)) is not None:
+                if (why := walk(item, False, path, depth + 1)) is not None:
                     return why
             return None
         if not isinstance(node, dict):
@@ -122,7 +132,7 @@ def x_mcp_header_problem(schema: Any) -> str | None:
             token = node["x-mcp-header"]
             if not reachable:
                 return f"x-mcp-header at {path or '/'} is not reachable through properties alone"
-            if not isinstance(token, str) or not _TCHAR.match(token):
+            if not isinstance(token, str) or not _TCHAR.fullmatch(token):
                 return f"x-mcp-header {token!r} is not an HTTP token"
             if token.lower() in seen:
                 return f"x-mcp-header {token!r} is used twice"
@@ -130,15 +140,33 @@ def x_mcp_header_problem(schema: Any) -> str | None:
                 return f"x-mcp-header {token!r} is on a property that is not string, integer or boolean"
             seen.add(token.lower())
         for key, child in node.items():
+            if key in _DATA_KEYWORDS or key == "x-mcp-header":
+                continue
             if key == "properties" and isinstance(child, dict):
                 for name, prop in child.items():
-                    if (why := walk(prop, reachable, f"{path}/{name}")) is not None:
+                    if (why := walk(prop, reachable, f"{path}/{name}", depth + 1)) is not None:
                         return why
-            elif key != "x-mcp-header" and (why := walk(child, False, f"{path}/{key}")) is not None:
+            elif (why := walk(child, False, f"{path}/{key}", depth + 1)) is not None:
                 return why
         return None
 
-    return walk(schema, True, "")
+    if not _mentions_header(schema):
+        return None
+    return walk(schema, True, "", 0)
+
+
+def _mentions_header(schema: Any) -> bool:
+    """Whether any schema keyword anywhere is x-mcp-header (iterative: no depth limit to hit)."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "x-mcp-header" in node:
+                return True
+            stack.extend(v for k, v in node.items() if k not in _DATA_KEYWORDS)
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 def header_map(schema: Any) -> dict[tuple[str, ...], str]:
@@ -146,7 +174,7 @@ def header_map(schema: Any) -> dict[tuple[str, ...], str]:
     out: dict[tuple[str, ...], str] = {}
 
     def walk(node: Any, path: tuple[str, ...]) -> None:
-        if not isinstance(node, dict):
+        if not isinstance(node, dict) or len(path) > MAX_SCHEMA_DEPTH:
             return
         token = node.get("x-mcp-header")
         if isinstance(token, str) and path:
@@ -386,7 +414,8 @@ def _uris(servers: Sequence[MCPServer], snapshots: Mapping[str, UpstreamSnapshot
 
 
 def _without_injected_headers(tool: Json, routes: Mapping[str, Route]) -> Json:
-    """Handshake-era clients see the injected instance property exactly as Muster shows it."""
+    """Handshake-era clients get the injected property without the x-mcp-header annotation (a 2026-07-28
+    feature); the description keeps the accepted-forms hint, which Muster's text begins."""
     arg = routes[tool["name"]].instance_arg
     props = (tool.get("inputSchema") or {}).get("properties") or {}
     if arg is None or "x-mcp-header" not in props.get(arg, {}):
@@ -416,7 +445,8 @@ def build_view(servers: Sequence[MCPServer], snapshots: Mapping[str, UpstreamSna
         capabilities["completions"] = {}
     fingerprint = _fingerprint((prefix, mode, *[(s.name, snapshots[s.name].generation) for s in live]))
     return View(
-        tools=tools, legacy_tools=tuple(_without_injected_headers(t, tool_routes) for t in tools), prompts=prompts, resources=tuple(resources), templates=tuple(templates),
+        tools=tools, legacy_tools=tuple(_without_injected_headers(t, tool_routes) for t in tools),
+        prompts=prompts, resources=tuple(resources), templates=tuple(templates),
         tool_routes=tool_routes, prompt_routes=prompt_routes, prefix=prefix,
         uri_slug_of=slug_of, server_of_slug=server_of, exact_uris=exact, template_matchers=tuple(matchers),
         servers=tuple(by_name), capabilities=capabilities, problems=tuple(problems), fingerprint=fingerprint,

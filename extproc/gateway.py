@@ -143,7 +143,7 @@ class Gateway:
         token = self.sessions.open(sid, req.caller.subject)
         if token is None:
             return Local.error(RpcError(INVALID_REQUEST, "Session not found", status=404), LEGACY)
-        self.sessions.end(token.nonce)
+        self.sessions.end(token.nonce, token.issued_at)
         asyncio.get_running_loop().create_task(self.fleet.end_sessions(token.nonce.hex()))
         return Local(200, b"", {}, details="muster_edge_session_ended")
 

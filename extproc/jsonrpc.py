@@ -11,6 +11,7 @@ import binascii
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -94,22 +95,29 @@ def parse(body: bytes) -> Any:
         raise RpcError(PARSE_ERROR, f"Parse error: {exc.msg}") from None
 
 
-_SENTINEL = re.compile(r"^=\?base64\?([A-Za-z0-9+/=]*)\?=$")
-_VISIBLE = re.compile(r"^[\x20-\x7e]*$")
+_SENTINEL_HEAD = "=?base64?"
+_SENTINEL_TAIL = "?="
+_VISIBLE = re.compile(r"[\x20-\x7e]*")
+_DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+
+
+def _looks_sentinel(value: str) -> bool:
+    return value.startswith(_SENTINEL_HEAD) and value.endswith(_SENTINEL_TAIL) and \
+        len(value) >= len(_SENTINEL_HEAD) + len(_SENTINEL_TAIL)
 
 
 def encode_header_value(value: str) -> str:
     """Mcp-Name / Mcp-Param-* value encoding: plain visible ASCII, else the base64 sentinel."""
-    if _VISIBLE.match(value) and value == value.strip() and not _SENTINEL.match(value):
+    if _VISIBLE.fullmatch(value) and value == value.strip() and not _looks_sentinel(value):
         return value
-    return "=?base64?" + base64.b64encode(value.encode()).decode() + "?="
+    return _SENTINEL_HEAD + base64.b64encode(value.encode()).decode() + _SENTINEL_TAIL
 
 
 def decode_header_value(value: str) -> str | None:
-    match = _SENTINEL.match(value)
-    if match is None:
+    """The value a header carries; None when it is a malformed or non-canonical sentinel."""
+    if not _looks_sentinel(value):
         return value
-    raw = match.group(1)
+    raw = value[len(_SENTINEL_HEAD):-len(_SENTINEL_TAIL)]
     try:
         decoded = base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError):
@@ -122,12 +130,22 @@ def decode_header_value(value: str) -> str | None:
         return None
 
 
+def _integral(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
 def render_param(value: Any) -> str | None:
     """How a tool argument is mirrored into an Mcp-Param-* header (None: not mirrored)."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
+    if (number := _integral(value)) is not None:
+        return str(number)
     if isinstance(value, str):
         return encode_header_value(value)
     return None
@@ -151,6 +169,18 @@ def param_headers(hmap: Mapping[tuple[str, ...], str], arguments: Mapping[str, A
     return out
 
 
+def _param_matches(value: Any, decoded: str | None) -> bool:
+    if decoded is None:
+        return False
+    if isinstance(value, bool):
+        return decoded == ("true" if value else "false")
+    if (number := _integral(value)) is not None:
+        return bool(_DECIMAL.fullmatch(decoded)) and Decimal(decoded) == number
+    if isinstance(value, str):
+        return decoded == value
+    return False
+
+
 def check_param_headers(hmap: Mapping[tuple[str, ...], str], arguments: Mapping[str, Any],
                         headers: Mapping[str, str]) -> None:
     """Every mirrored argument must match its Mcp-Param-* header, both ways (else -32020)."""
@@ -158,21 +188,13 @@ def check_param_headers(hmap: Mapping[tuple[str, ...], str], arguments: Mapping[
         name = f"mcp-param-{token.lower()}"
         value = value_at(arguments, path)
         sent = headers.get(name)
-        if value is None:
+        if value is None or render_param(value) is None:
             if sent is not None:
                 raise RpcError(HEADER_MISMATCH, f"Header {name} is set but argument {'.'.join(path)} is absent")
             continue
         if sent is None:
             raise RpcError(HEADER_MISMATCH, f"Header {name} is required for argument {'.'.join(path)}")
-        decoded = decode_header_value(sent)
-        if isinstance(value, bool) or not isinstance(value, int):
-            ok = decoded == render_param(value) or (isinstance(value, str) and decoded == value)
-        else:
-            try:
-                ok = decoded is not None and float(decoded) == float(value)
-            except ValueError:
-                ok = False
-        if not ok:
+        if not _param_matches(value, decode_header_value(sent)):
             raise RpcError(HEADER_MISMATCH, f"Header {name} does not match argument {'.'.join(path)}")
 
 

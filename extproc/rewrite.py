@@ -6,6 +6,7 @@ chunks and rewrites each whole event, passing everything else through byte for b
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -102,8 +103,16 @@ def rewrite_json(body: bytes, plan: ResponsePlan, view: View, server_info: dict[
     return orjson.dumps(rewrite_message(msg, plan, view, server_info))
 
 
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_BLANK_LINE = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
+
+
 class SseRewriter:
-    """Feed response chunks; get back the bytes of the whole events seen so far, rewritten."""
+    """Feed response chunks; get back the bytes of the whole events seen so far, rewritten.
+
+    Events end at a blank line, with lines ended by CRLF, LF or CR (the SSE grammar). An event is held back
+    until it is whole; a lone CR at the end of a chunk waits for the next chunk, which may start with LF.
+    """
 
     def __init__(self, plan: ResponsePlan, view: View, server_info: dict[str, Any]) -> None:
         self._plan = plan
@@ -115,40 +124,35 @@ class SseRewriter:
         self._buf += chunk
         out: list[bytes] = []
         while True:
-            cut = self._boundary()
-            if cut is None:
+            match = _BLANK_LINE.search(self._buf)
+            if match is None or (not end and match.end() == len(self._buf) and self._buf.endswith(b"\r")):
                 break
-            event, sep_len = cut
-            out.append(self._event(self._buf[:event]) + self._buf[event:event + sep_len])
-            self._buf = self._buf[event + sep_len:]
+            out.append(self._event(self._buf[:match.start()]) + self._buf[match.start():match.end()])
+            self._buf = self._buf[match.end():]
         if end and self._buf:
             out.append(self._event(self._buf))
             self._buf = b""
         return b"".join(out)
 
-    def _boundary(self) -> tuple[int, int] | None:
-        best: tuple[int, int] | None = None
-        for sep in (b"\r\n\r\n", b"\n\n", b"\r\r"):
-            pos = self._buf.find(sep)
-            if pos != -1 and (best is None or pos < best[0]):
-                best = (pos, len(sep))
-        return best
-
     def _event(self, raw: bytes) -> bytes:
-        lines = raw.replace(b"\r\n", b"\n").split(b"\n")
-        if self._plan.namespace:
+        """One event without its blank line; untouched bytes unless something in it must change."""
+        lines = _LINE_END.split(raw)
+        found = _LINE_END.search(raw)
+        eol = found.group() if found else b"\n"
+        changed = False
+        if self._plan.namespace and any(ln.startswith(b"id:") for ln in lines):
             prefix = self._plan.namespace.encode() + _NS.encode()
             lines = [b"id: " + prefix + ln[3:].lstrip(b" ") if ln.startswith(b"id:") else ln for ln in lines]
-            raw = b"\n".join(lines)
-        data = [ln[5:].lstrip(b" ") if ln.startswith(b"data: ") else ln[5:] for ln in lines if ln.startswith(b"data:")]
-        if not data or not any(data):
-            return raw
-        try:
-            msg = orjson.loads(b"\n".join(data))
-        except orjson.JSONDecodeError:
-            return raw
+            changed = True
+        data = [ln[6:] if ln.startswith(b"data: ") else ln[5:] for ln in lines if ln.startswith(b"data:")]
+        msg: Any = None
+        if data and any(data):
+            try:
+                msg = orjson.loads(b"\n".join(data))
+            except orjson.JSONDecodeError:
+                msg = None
         if not isinstance(msg, dict):
-            return raw
+            return eol.join(lines) if changed else raw
         new = orjson.dumps(rewrite_message(msg, self._plan, self._view, self._info))
         kept = [ln for ln in lines if not ln.startswith(b"data:")]
-        return b"\n".join([*kept, b"data: " + new]) if kept and kept != [b""] else b"data: " + new
+        return eol.join([*kept, b"data: " + new])

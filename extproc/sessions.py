@@ -10,6 +10,7 @@ import base64
 import binascii
 import logging
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from extproc.gen.muster_edge.v1 import sealed_pb2
 
 log = logging.getLogger(__name__)
 
+_URLSAFE = re.compile(r"[A-Za-z0-9_-]+")
 _SESSION_AAD = b"muster-edge/session/v1"
 _CURSOR_AAD = b"muster-edge/cursor/v1"
 
@@ -32,6 +34,8 @@ def load_key(file: str = "", env: str = "") -> bytes:
     if file:
         with open(file, encoding="ascii") as fh:
             raw = fh.read().strip()
+        if not raw:
+            raise ValueError(f"sessionKey: the key file {file} is empty")
     elif env:
         raw = os.environ.get(env, "").strip()
         if not raw:
@@ -59,7 +63,7 @@ class Sealer:
         return base64.urlsafe_b64encode(sealed).rstrip(b"=").decode()
 
     def open(self, token: str, aad: bytes) -> bytes | None:
-        if not token or len(token) > 4096:
+        if not token or len(token) > 4096 or not _URLSAFE.fullmatch(token):
             return None
         try:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
@@ -80,14 +84,26 @@ class SessionRecord:
     log_level: str = ""
 
 
+class _Ended(TTLCache[bytes, int]):
+    """Ended sessions (nonce -> issued_at), bounded. What falls out raises a watermark instead of being
+    forgotten: a session issued at or before it that this process does not hold is refused."""
+
+    watermark = 0
+
+    def popitem(self) -> tuple[bytes, int]:
+        nonce, issued_at = super().popitem()
+        self.watermark = max(self.watermark, issued_at)
+        return nonce, issued_at
+
+
 class Sessions:
-    """Mints and checks gateway session ids; keeps the upstream sessions behind each one (bounded)."""
+    """Mints and checks gateway session ids; remembers what each one set (bounded)."""
 
     def __init__(self, sealer: Sealer, *, max_age_s: int = 86_400, max_sessions: int = 100_000) -> None:
         self._sealer = sealer
         self._max_age = max_age_s
         self._records: TTLCache[bytes, SessionRecord] = TTLCache(maxsize=max_sessions, ttl=max_age_s)
-        self._ended: TTLCache[bytes, bool] = TTLCache(maxsize=max_sessions, ttl=max_age_s)
+        self._ended = _Ended(maxsize=max_sessions, ttl=max_age_s)
 
     def mint(self, subject: str, version: str, capabilities: bytes = b"{}") -> tuple[str, bytes]:
         token = sealed_pb2.SessionToken(nonce=secrets.token_bytes(16), subject=subject,
@@ -104,6 +120,8 @@ class Sessions:
         token = sealed_pb2.SessionToken.FromString(payload)
         if token.nonce in self._ended or token.subject != subject:
             return None
+        if token.nonce not in self._records and token.issued_at <= self._ended.watermark:
+            return None
         if time.time() - token.issued_at > self._max_age:
             return None
         return token
@@ -114,8 +132,9 @@ class Sessions:
             rec = self._records[nonce] = SessionRecord()
         return rec
 
-    def end(self, nonce: bytes) -> SessionRecord:
-        self._ended[nonce] = True
+    def end(self, nonce: bytes, issued_at: int | None = None) -> SessionRecord:
+        """End a session; without its issue time, the watermark errs on the side of refusing."""
+        self._ended[nonce] = int(time.time()) if issued_at is None else issued_at
         return self._records.pop(nonce, None) or SessionRecord()
 
 

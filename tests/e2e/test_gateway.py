@@ -192,7 +192,7 @@ async def test_unknown_version_names_the_supported_ones(fleet: Fleet) -> None:
 
 
 async def test_oversized_body_is_refused_with_413(fleet: Fleet) -> None:
-    big = b'{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"pad":"' + b"a" * (5 << 20) + b'"}}'
+    big = b'{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"pad":"' + b"a" * ((4 << 20) + 1024) + b'"}}'
     async with httpx2.AsyncClient(timeout=30) as http:
         resp = await http.post(fleet.gateway.url, content=big, headers=ACCEPT)
     assert resp.status_code == 413

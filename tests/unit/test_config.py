@@ -190,7 +190,32 @@ def test_with_overrides_replaces_only_the_given_fields() -> None:
     assert isinstance(changed, GatewayConfig)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the prefix pattern uses re.match with '$', so a trailing newline passes")
 def test_prefix_with_trailing_newline_is_refused() -> None:
     with pytest.raises(ConfigError):
         parse_config('prefix: "x\\n"\n', "gw.yaml")
+
+
+# ---- allowedHosts ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:8080", "localhost:8080", "'[::1]:8080'"])
+def test_loopback_listener_allows_only_loopback_host_names_by_default(listen: str) -> None:
+    assert parse_config(f"listen: {listen}\n").allowed_hosts == ("localhost", "127.0.0.1", "[::1]")
+
+
+def test_non_loopback_listener_has_no_default_host_list() -> None:
+    assert parse_config("listen: 0.0.0.0:8080\n").allowed_hosts == ()
+
+
+def test_explicit_allowed_hosts_are_lower_cased() -> None:
+    cfg = parse_config("listen: 0.0.0.0:8080\nallowedHosts: [MCP.Example.com, gw.local]\n")
+    assert cfg.allowed_hosts == ("mcp.example.com", "gw.local")
+
+
+def test_explicit_empty_allowed_hosts_stay_empty_on_loopback() -> None:
+    assert parse_config("allowedHosts: []\n").allowed_hosts == ()
+
+
+@pytest.mark.parametrize("value", ["mcp.example.com", "[1, 2]", "{a: b}"])
+def test_bad_allowed_hosts_name_the_field(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"^gw\.yaml: allowedHosts: "):
+        parse_config(f"allowedHosts: {value}\n", "gw.yaml")

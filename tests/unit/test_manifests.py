@@ -264,7 +264,6 @@ _NEWLINE_BUG = ("BUG: patterns are checked with re.match and a '$' anchor, which
                 "newline; Kubernetes (Go regexp) refuses these values")
 
 
-@pytest.mark.xfail(strict=True, reason=_NEWLINE_BUG)
 @pytest.mark.parametrize("doc", [
     pytest.param(http(toolPrefix="kube\n"), id="toolPrefix"),
     pytest.param(manifest({"type": "streamable-http", "url": URL + "\n"}), id="url"),
@@ -442,8 +441,6 @@ def test_one_bad_document_never_refuses_another_in_the_same_file() -> None:
     assert sorted(e.name for e in result.errors) == ["bad", "bad2"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a YAML syntax error in a later document of a file refuses the valid "
-                                       "documents before it (the whole file is parsed with list(safe_load_all))")
 def test_yaml_syntax_error_in_a_later_document_keeps_the_earlier_ones() -> None:
     good = yaml.safe_dump(manifest(name="good"))
     result = load_documents([("fleet.yaml", good + "---\nfoo: [unclosed\n")])

@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import pytest
-
 from catalog.view import build_view, x_mcp_header_problem
 from tests.unit.factories import names, prompt, server, snap, tool, view_of
 
@@ -90,12 +88,17 @@ def test_instance_description_names_a_unique_leading_part_as_an_accepted_form() 
     assert prop(view.tools, "x_kubernetes_get")["enum"] == ["dev-us", "prod-eu"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (or spec conflict): legacy_tools promises Muster's injected property "
-                                       "exactly, but the accepted-forms hint is appended to its description "
-                                       "whenever a member has a unique leading part (e.g. a family of one 'k8s-a')")
-def test_handshake_era_family_of_one_gets_musters_injected_property_exactly() -> None:
+def test_handshake_era_family_of_one_keeps_musters_text_and_drops_only_the_header_annotation() -> None:
+    """Muster's sentence starts the description; the accepted-forms hint follows (issue: bare names)."""
     view = view_of([(K8S_A, snap("k8s-a", tools=[tool("version", "Version")]))])
-    assert prop(view.legacy_tools, "x_kubernetes_version") == injected("k8s-a")
+    legacy = prop(view.legacy_tools, "x_kubernetes_version")
+    modern = prop(view.tools, "x_kubernetes_version")
+    muster = injected("k8s-a")
+    assert legacy["description"].startswith(muster["description"])
+    assert "k8s for k8s-a" in legacy["description"]
+    assert {k: v for k, v in legacy.items() if k != "description"} == {
+        k: v for k, v in muster.items() if k != "description"}
+    assert "x-mcp-header" not in legacy and modern["x-mcp-header"] == "management-cluster"
 
 
 def test_family_tool_description_gets_the_trailer() -> None:
