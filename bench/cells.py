@@ -30,6 +30,7 @@ class Settings:
     warmup_s: float
     measure_s: float
     max_requests: int
+    rounds: int = 1  # passes over each group of tools/call targets (bench/main.py measure_group)
 
 
 @dataclass
@@ -183,6 +184,24 @@ def measure_processor(base: Row, target: str, scenario: str, tool: str, authorit
     if result["errors"]:
         row.note += f"; first error: {result['first_error'][:100]}"
     return row
+
+
+def merge(rows: Sequence[Row]) -> Row:
+    """One row from the rounds of the same cell: the mean of each figure, the sum of errors, the highest peak
+    RSS; a failed round makes the whole cell failed."""
+    failed = next((r for r in rows if r.failure), None)
+    if failed is not None or len(rows) == 1:
+        return failed or rows[0]
+    out = Row(**{**rows[0].__dict__})
+    for name in ("p50_ms", "p99_ms", "rps", "proc_us", "envoy_us", "upstream_us", "driver_us", "upstream_rq",
+                 "xp_msgs"):
+        values = [getattr(r, name) for r in rows if getattr(r, name) is not None]
+        setattr(out, name, sum(values) / len(values) if values else None)
+    peaks = [r.proc_mb for r in rows if r.proc_mb is not None]
+    out.proc_mb = max(peaks) if peaks else None
+    out.errors = sum(r.errors for r in rows)
+    out.note = "; ".join(dict.fromkeys(r.note for r in rows if r.note))
+    return out
 
 
 def python_version() -> str:

@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 import httpx2
 
 from bench import loadgen, stacks
-from bench.cells import Probe, Settings, measure_http, measure_processor, python_version
+from bench.cells import Probe, Settings, measure_http, measure_processor, merge, python_version
 from bench.report import LEGEND, Row, find, ratios, table
 from bench.stacks import GatewayStack, Upstream
 from bench.wire import LEGACY, MODERN, Call, Endpoint, Requests
@@ -79,7 +79,7 @@ class Bench:
         self.add(row)
         with stacks.sdk_upstream("sdkshipped", as_shipped=True) as shipped:
             req = Requests(Endpoint.parse(shipped.url), MODERN, Call("tools/call", shipped.tool, shipped.arguments))
-            short = Settings(s.warmup_s, min(s.measure_s, 1.5), s.max_requests)
+            short = Settings(s.warmup_s, min(s.measure_s, 1.5), s.max_requests, 1)
             row = measure_http(Row("calibration", "sdk", "shipped", MODERN, 1), req, 1, short,
                                Probe(upstreams=[shipped]))
             row.note = "deploy/demo/servers.py as tests start it (no TCP_NODELAY)"
@@ -89,7 +89,6 @@ class Bench:
     def tools_call(self, upstreams: Sequence[Upstream]) -> None:
         """Every target runs at once, and the cells of one (upstream, c, wire) run back to back, so a slow
         drift of the machine (other tenants, CPU clocks) moves all targets of a ratio together."""
-        s = self.settings
         with contextlib.ExitStack() as stack:
             plain = stack.enter_context(stacks.plain_envoy(self.work, upstreams))
             rival = stack.enter_context(stacks.contender(self.work, upstreams))
@@ -113,14 +112,25 @@ class Bench:
                     prime(Requests(Endpoint.parse(url), LEGACY, target_call))  # the wire every target answers
                 for c in CONCURRENCY:
                     for wire in (MODERN, LEGACY):
-                        for name, url, target_call, probe in targets:
-                            if self.quick and name == "direct" and wire == LEGACY:
-                                continue
-                            self.add(measure_http(Row("tools/call", up.name, name, wire, c),
-                                                  Requests(Endpoint.parse(url), wire, target_call), c, s, probe))
+                        group = [t for t in targets if not (self.quick and t[0] == "direct" and wire == LEGACY)]
+                        self.measure_group(up.name, wire, c, group)
             self.contender_stats(rival.admin_url)
             for label, gw in gateways.items():
                 self.gateway_stats(gw, label)
+
+    def measure_group(self, upstream: str, wire: str, c: int, group: Sequence[tuple[str, str, Call, Probe]]) -> None:
+        """The targets of one ratio, back to back, in `rounds` passes that alternate the order (A B C, C B A),
+        so a drift during the group weighs on every target alike; a target that fails is not retried."""
+        results: dict[str, list[Row]] = {name: [] for name, *_ in group}
+        for round_no in range(self.settings.rounds):
+            for name, url, call, probe in group if round_no % 2 == 0 else reversed(group):
+                if results[name] and results[name][-1].failure:
+                    continue
+                results[name].append(measure_http(Row("tools/call", upstream, name, wire, c),
+                                                  Requests(Endpoint.parse(url), wire, call), c, self.settings,
+                                                  probe))
+        for name, *_ in group:
+            self.add(merge(results[name]))
 
     @staticmethod
     def gateway_probe(gw: GatewayStack, upstreams: Sequence[Upstream]) -> Probe:
@@ -225,8 +235,9 @@ def header(settings: Settings, quick: bool) -> str:
     return (f"muster-edge bench ({'quick' if quick else 'full'}): {os.cpu_count()} CPUs shared by driver, Envoy,"
             f" processor and upstreams; load average {load[0]:.2f} at start\nEnvoy {version} --concurrency"
             f" {stacks.ENVOY_CONCURRENCY} everywhere; Python {python_version()}; per cell: warm-up"
-            f" {settings.warmup_s}s, window {settings.measure_s}s (closed loop, 1 keep-alive HTTP/1.1 connection"
-            f" per client)\nAbsolute numbers are pessimistic (everything shares 2 cores); compare within a run.")
+            f" {settings.warmup_s}s, window {settings.measure_s}s x {settings.rounds} round(s) in alternating order"
+            f" (closed loop, 1 keep-alive HTTP/1.1 connection per client)\nAbsolute numbers are pessimistic"
+            f" (everything shares the CPUs); compare within a run.")
 
 
 def _stop_on_sigterm(signum: int, frame: Any) -> NoReturn:
@@ -252,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", metavar="DIR", help="keep configs and logs here instead of a temp dir")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    settings = Settings(0.3, 1.0, 200_000) if args.quick else Settings(0.5, 3.0, 500_000)
+    settings = Settings(0.3, 1.0, 200_000, 1) if args.quick else Settings(0.5, 2.0, 500_000, 2)
     bench = Bench(settings, Path(), quick=args.quick, two_workers=not args.quick and not args.no_two_workers)
     started = time.monotonic()
     say(header(settings, args.quick))
