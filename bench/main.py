@@ -263,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", metavar="DIR", help="keep configs and logs here instead of a temp dir")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    # A shell starts background jobs with SIGINT ignored; take it back so `kill -INT` stops the run cleanly too.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     settings = Settings(0.3, 1.0, 200_000, 1) if args.quick else Settings(0.5, 2.0, 500_000, 2)
     bench = Bench(settings, Path(), quick=args.quick, two_workers=not args.quick and not args.no_two_workers)
     started = time.monotonic()

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
+
+from catalog.policy import Policy, PolicyError, parse_policy
 
 PREFIX_MODES = ("always", "conditional", "never")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
@@ -15,7 +18,8 @@ _PREFIX = re.compile(r"^[a-zA-Z][a-zA-Z0-9_-]*$")
 _KNOWN = {
     "apiVersion", "kind", "listen", "path", "internalListen", "envoyAdmin", "processor", "catalog",
     "prefix", "prefixMode", "maxRequestBytes", "sessionKey", "stateDir", "listPageSize", "serverName",
-    "instructions", "listTtlMs", "listTtlFloorMs", "allowedOrigins", "listWaitMs", "allowedHosts",
+    "instructions", "listTtlMs", "listTtlFloorMs", "allowedOrigins", "listWaitMs", "allowedHosts", "tls",
+    "auth", "policy", "audit",
 }
 
 
@@ -39,6 +43,31 @@ class Address:
         if not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
             raise ConfigError(f"{field}: expected HOST:PORT, got {value!r}")
         return cls(host.strip("[]"), int(port))
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """The HTTPS listener: where it listens and the certificate Envoy serves (files, hot-reloaded)."""
+
+    listen: Address
+    cert_file: str
+    key_file: str
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """OAuth at the edge: Envoy's jwt_authn checks the bearer; the processor checks scopes on verified claims."""
+
+    issuer: str
+    jwks_uri: str
+    audiences: tuple[str, ...]
+    resource: str
+    authorization_servers: tuple[str, ...]
+    scopes_supported: tuple[str, ...]
+    required_scopes: tuple[str, ...]
+    groups_claim: str = "groups"
+    jwks_ca_file: str = ""
+    clock_skew_s: int = 60
 
 
 @dataclass(frozen=True)
@@ -66,10 +95,33 @@ class GatewayConfig:
     instructions: str = ""
     allowed_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
+    tls: TlsConfig | None = None
+    auth: AuthConfig | None = None
+    policy: Policy = field(default_factory=Policy)
+    audit_log: str = ""
 
     @property
     def public_url(self) -> str:
+        """The URL agents use: the HTTPS listener when there is one."""
+        if self.tls is not None:
+            host = "localhost" if self.tls.listen.host in ("127.0.0.1", "0.0.0.0") else self.tls.listen.host
+            return f"https://{host}:{self.tls.listen.port}{self.path}"
         return f"http://{self.listen}{self.path}"
+
+    @property
+    def plain_url(self) -> str:
+        return f"http://{self.listen}{self.path}"
+
+    @property
+    def prm_url(self) -> str:
+        """The path-suffixed protected resource metadata URL of the MCP endpoint (RFC 9728 §3.1)."""
+        parts = urlsplit(self.resource)
+        return f"{parts.scheme}://{parts.netloc}/.well-known/oauth-protected-resource{parts.path}"
+
+    @property
+    def resource(self) -> str:
+        """The gateway's OAuth resource identifier (RFC 8707 / RFC 9728)."""
+        return self.auth.resource if self.auth is not None and self.auth.resource else self.public_url
 
     def with_overrides(self, **changes: Any) -> GatewayConfig:
         return replace(self, **changes)
@@ -80,6 +132,60 @@ def _int(raw: dict[str, Any], key: str, default: int, lo: int, hi: int, where: s
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise ConfigError(f"{where}: {key}: must be a whole number from {lo} to {hi}")
     return value
+
+
+def _str_list(raw: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
+    value = raw.get(key) or []
+    if isinstance(value, str):
+        value = value.split()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}.{key}: must be a list of strings")
+    return tuple(value)
+
+
+def _tls(raw: Any, source: str, path_of: Any) -> TlsConfig | None:
+    if raw is None:
+        return None
+    where = f"{source}: tls"
+    if not isinstance(raw, dict) or set(raw) - {"listen", "certFile", "keyFile"}:
+        raise ConfigError(f"{where}: expected listen, certFile and keyFile")
+    for key in ("certFile", "keyFile"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise ConfigError(f"{where}.{key}: is required")
+    return TlsConfig(Address.parse(raw.get("listen", "127.0.0.1:8443"), f"{where}.listen"),
+                     path_of(raw["certFile"]), path_of(raw["keyFile"]))
+
+
+def _auth(raw: Any, source: str, path_of: Any) -> AuthConfig | None:
+    if raw is None:
+        return None
+    where = f"{source}: auth"
+    known = {"issuer", "jwksUri", "audiences", "resource", "authorizationServers", "scopesSupported",
+             "requiredScopes", "groupsClaim", "jwksCaFile", "clockSkewSeconds"}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a mapping")
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown field")
+    issuer = raw.get("issuer")
+    if not isinstance(issuer, str) or not issuer.startswith(("https://", "http://")):
+        raise ConfigError(f"{where}.issuer: the identity provider's issuer URL is required")
+    jwks = raw.get("jwksUri")
+    if not isinstance(jwks, str) or not jwks.startswith(("https://", "http://")):
+        raise ConfigError(f"{where}.jwksUri: the JWKS URL is required (the issuer's jwks_uri)")
+    resource = raw.get("resource", "")
+    if not isinstance(resource, str):
+        raise ConfigError(f"{where}.resource: must be a URL")
+    skew = raw.get("clockSkewSeconds", 60)
+    if isinstance(skew, bool) or not isinstance(skew, int) or not 0 <= skew <= 600:
+        raise ConfigError(f"{where}.clockSkewSeconds: must be 0 to 600")
+    return AuthConfig(
+        issuer=issuer, jwks_uri=jwks, audiences=_str_list(raw, "audiences", where), resource=resource,
+        authorization_servers=_str_list(raw, "authorizationServers", where) or (issuer,),
+        scopes_supported=_str_list(raw, "scopesSupported", where),
+        required_scopes=_str_list(raw, "requiredScopes", where),
+        groups_claim=str(raw.get("groupsClaim", "groups")),
+        jwks_ca_file=path_of(raw["jwksCaFile"]) if raw.get("jwksCaFile") else "", clock_skew_s=skew)
 
 
 def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
@@ -146,8 +252,19 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
         instructions=str(raw.get("instructions", "")),
         allowed_origins=tuple(origins),
         allowed_hosts=tuple(h.lower() for h in hosts),
+        tls=_tls(raw.get("tls"), source, path_of),
+        auth=_auth(raw.get("auth"), source, path_of),
+        policy=_policy(raw.get("policy"), source),
+        audit_log=str(raw.get("audit", "")),
     )
     return cfg
+
+
+def _policy(raw: Any, source: str) -> Policy:
+    try:
+        return parse_policy(raw)
+    except PolicyError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def load_config(path: str) -> GatewayConfig:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from catalog.manifests import MCPServer
@@ -59,6 +59,7 @@ class Route:
     targets: Mapping[str, Target]
     instance_arg: str | None = None
     header_map: Mapping[tuple[str, ...], str] = field(default_factory=dict)
+    family: str = ""
 
     @property
     def single(self) -> Target | None:
@@ -355,7 +356,8 @@ def _name_candidates(kind: str, candidates: list[_Candidate], prefix: str, mode:
         definition = dict(cand.definition)
         definition["name"] = exposed
         hmap = header_map(definition.get("inputSchema")) if kind == "tool" else {}
-        routes[exposed] = Route(exposed, cand.targets, cand.unit.instance_arg, hmap)
+        family = cand.unit.name_prefix if cand.unit.instance_arg else ""
+        routes[exposed] = Route(exposed, cand.targets, cand.unit.instance_arg, hmap, family)
         definitions.append((cand.order, definition))
     definitions.sort(key=lambda item: item[0])
     return tuple(d for _, d in definitions), routes
@@ -411,6 +413,26 @@ def _uris(servers: Sequence[MCPServer], snapshots: Mapping[str, UpstreamSnapshot
                 matchers.append((template_regex(str(tpl.get("uriTemplate"))), server.name))
             templates.append(item)
     return slug_of, server_of, exact, matchers, resources, templates
+
+
+def restrict(view: View, allowed: Callable[[Route, Target], bool], salt: Hashable) -> View:
+    """The part of a view one caller may use: tools whose every target is refused are gone, and a family
+    tool keeps only its allowed members (the enum and the description shrink with them)."""
+    tools: list[Json] = []
+    routes: dict[str, Route] = {}
+    for tool in view.tools:
+        route = view.tool_routes[tool["name"]]
+        keep = {server: target for server, target in route.targets.items() if allowed(route, target)}
+        if not keep:
+            continue
+        if len(keep) < len(route.targets) and route.instance_arg is not None:
+            tool = _family_definition(next(iter(keep.values())).definition, route.instance_arg, list(keep), "tool")
+            tool["name"] = route.exposed
+            route = Route(route.exposed, keep, route.instance_arg, header_map(tool.get("inputSchema")), route.family)
+        tools.append(tool)
+        routes[route.exposed] = route
+    return replace(view, tools=tuple(tools), legacy_tools=tuple(_without_injected_headers(t, routes) for t in tools),
+                   tool_routes=routes, fingerprint=_fingerprint((view.fingerprint, salt)))
 
 
 def _without_injected_headers(tool: Json, routes: Mapping[str, Route]) -> Json:

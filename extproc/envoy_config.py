@@ -8,6 +8,7 @@ atomically on every catalog change, so servers come and go without a restart.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import tempfile
 from collections.abc import Sequence
@@ -113,11 +114,39 @@ def body_size_filter(config: GatewayConfig) -> dict[str, Any]:
     }
 
 
+def _no_ext_proc() -> dict[str, Any]:
+    return {"envoy.filters.http.ext_proc": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", "disabled": True}}
+
+
+def protected_resource_metadata(config: GatewayConfig) -> dict[str, Any]:
+    """RFC 9728 metadata: which authorization servers issue tokens for this gateway, and for what scopes."""
+    assert config.auth is not None
+    doc: dict[str, Any] = {"resource": config.resource,
+                           "authorization_servers": list(config.auth.authorization_servers),
+                           "bearer_methods_supported": ["header"], "resource_name": config.server_name}
+    scopes = config.auth.scopes_supported or config.auth.required_scopes
+    if scopes:
+        doc["scopes_supported"] = list(scopes)
+    return doc
+
+
 def routes(config: GatewayConfig) -> list[dict[str, Any]]:
-    """The public routes: routed calls by the processor's header; the MCP path; nothing else."""
+    """The public routes: protected resource metadata; routed calls by the processor's header; the MCP path."""
     not_routed = ('{"jsonrpc":"2.0","id":null,"error":{"code":-32603,'
                   '"message":"muster-edge: the request was not routed"}}')
-    return [
+    prm: list[dict[str, Any]] = []
+    if config.auth is not None:
+        body = json.dumps(protected_resource_metadata(config), separators=(",", ":"))
+        prm.append({
+            "name": "muster_edge_protected_resource_metadata",
+            "match": {"path_separated_prefix": "/.well-known/oauth-protected-resource"},
+            "direct_response": {"status": 200, "body": {"inline_string": body}},
+            "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}},
+                                        {"header": {"key": "cache-control", "value": "public, max-age=300"}}],
+            "typed_per_filter_config": _no_ext_proc(),
+        })
+    return [*prm,
         {
             "name": "muster_edge_routed",
             "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "present_match": True}]},
@@ -136,15 +165,88 @@ def routes(config: GatewayConfig) -> list[dict[str, Any]]:
             "name": "muster_edge_not_found",
             "match": {"prefix": "/"},
             "direct_response": {"status": 404, "body": {"inline_string": "not found\n"}},
-            "typed_per_filter_config": {"envoy.filters.http.ext_proc": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-                "disabled": True}},
+            "typed_per_filter_config": _no_ext_proc(),
         },
     ]
 
 
-def _hcm(stat_prefix: str, virtual_host: dict[str, Any], filters: list[dict[str, Any]]) -> dict[str, Any]:
+def jwt_filter(config: GatewayConfig) -> dict[str, Any]:
+    """Envoy checks the bearer (issuer, audience, expiry, signature from the remote JWKS); the verified payload
+    goes to the processor as dynamic metadata. The token is kept for the processor (the RFC 8693 subject
+    token); the processor removes it from every routed request unless the MCPServer forwards it."""
+    assert config.auth is not None
+    auth = config.auth
     return {
+        "name": "envoy.filters.http.jwt_authn",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": {"idp": {
+                "issuer": auth.issuer,
+                "audiences": list(auth.audiences or (config.resource,)),
+                "remote_jwks": {
+                    "http_uri": {"uri": auth.jwks_uri, "cluster": "muster_edge_idp", "timeout": "5s"},
+                    "cache_duration": "600s",
+                    "async_fetch": {"failed_refetch_duration": "5s"},
+                    "retry_policy": {"num_retries": 3},
+                },
+                "forward": True,
+                "payload_in_metadata": "jwt_payload",
+                "clock_skew_seconds": auth.clock_skew_s,
+            }},
+            "rules": [
+                {"match": {"prefix": "/.well-known/"}},
+                {"match": {"prefix": "/"}, "requires": {"provider_name": "idp"}},
+            ],
+        },
+    }
+
+
+def idp_cluster(config: GatewayConfig) -> dict[str, Any]:
+    assert config.auth is not None
+    parts = urlsplit(config.auth.jwks_uri)
+    tls = parts.scheme == "https"
+    host = parts.hostname or ""
+    cluster: dict[str, Any] = {
+        "name": "muster_edge_idp",
+        "type": "STATIC" if _is_ip(host) else "LOGICAL_DNS",
+        "dns_lookup_family": "V4_PREFERRED",
+        "connect_timeout": "3s",
+        "load_assignment": {"cluster_name": "muster_edge_idp", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": _socket(host, parts.port or (443 if tls else 80))}}]}]},
+    }
+    if tls:
+        cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": host,
+            "common_tls_context": {"validation_context": {"trusted_ca": {
+                "filename": config.auth.jwks_ca_file or _CA_BUNDLE}}}}}
+    return cluster
+
+
+def local_replies(config: GatewayConfig) -> dict[str, Any]:
+    """Every 401 points the client at the protected resource metadata (MCP authorization, RFC 9728)."""
+    challenge = f'Bearer resource_metadata="{config.prm_url}"'
+    assert config.auth is not None
+    scopes = " ".join(config.auth.required_scopes)
+    if scopes:
+        challenge += f', scope="{scopes}"'
+
+    unauthorized = {"status_code_filter": {"comparison": {
+        "op": "EQ", "value": {"default_value": 401, "runtime_key": "muster_edge.unauthorized"}}}}
+    has_token = {"header_filter": {"header": {"name": "authorization", "present_match": True}}}
+
+    def mapper(value: str, when: dict[str, Any]) -> dict[str, Any]:
+        return {"filter": when, "headers_to_add": [{"header": {"key": "www-authenticate", "value": value},
+                                                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}
+
+    invalid = f'Bearer error="invalid_token", {challenge[len("Bearer "):]}'
+    return {"mappers": [mapper(invalid, {"and_filter": {"filters": [unauthorized, has_token]}}),
+                        mapper(challenge, unauthorized)]}
+
+
+def _hcm(stat_prefix: str, virtual_host: dict[str, Any], filters: list[dict[str, Any]],
+         local_reply: dict[str, Any] | None = None) -> dict[str, Any]:
+    hcm = {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
             "@type": _HCM,
@@ -161,17 +263,47 @@ def _hcm(stat_prefix: str, virtual_host: dict[str, Any], filters: list[dict[str,
             "http_filters": filters,
         },
     }
+    if local_reply is not None:
+        hcm["typed_config"]["local_reply_config"] = local_reply  # type: ignore[index]
+    return hcm
 
 
-def public_listener(config: GatewayConfig) -> dict[str, Any]:
+def http_filters(config: GatewayConfig) -> list[dict[str, Any]]:
+    auth = [jwt_filter(config)] if config.auth is not None else []
+    return [body_size_filter(config), *auth, ext_proc_filter(config)]
+
+
+def public_listeners(config: GatewayConfig) -> list[dict[str, Any]]:
+    """The plain listener (`listen`, for local tools) and, with `tls`, the HTTPS one: the same chain on both."""
     vhost = {"name": "mcp", "domains": ["*"], "routes": routes(config)}
-    filters = [body_size_filter(config), ext_proc_filter(config), _ROUTER]
-    return {
+    filters = [*http_filters(config), _ROUTER]
+    replies = local_replies(config) if config.auth is not None else None
+    out = [{
         "name": "muster_edge_public",
         "address": _socket(config.listen.host, config.listen.port),
         "per_connection_buffer_limit_bytes": 1 << 20,
-        "filter_chains": [{"filters": [_hcm("muster_edge", vhost, filters)]}],
-    }
+        "filter_chains": [{"filters": [_hcm("muster_edge", vhost, filters, replies)]}],
+    }]
+    if config.tls is not None:
+        folder = os.path.dirname(config.tls.cert_file)
+        out.append({
+            "name": "muster_edge_https",
+            "address": _socket(config.tls.listen.host, config.tls.listen.port),
+            "per_connection_buffer_limit_bytes": 1 << 20,
+            "filter_chains": [{
+                "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                    "common_tls_context": {
+                        "alpn_protocols": ["h2", "http/1.1"],
+                        "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+                        "tls_certificates": [{"certificate_chain": {"filename": config.tls.cert_file},
+                                              "private_key": {"filename": config.tls.key_file},
+                                              "watched_directory": {"path": folder or "."}}],
+                    }}},
+                "filters": [_hcm("muster_edge_https", vhost, filters, replies)],
+            }],
+        })
+    return out
 
 
 def internal_listener(config: GatewayConfig) -> dict[str, Any]:
@@ -224,8 +356,8 @@ def bootstrap(config: GatewayConfig, ports: Sequence[int], cds_dir: str) -> dict
             "path_config_source": {"path": os.path.join(cds_dir, CDS_FILE), "watched_directory": {"path": cds_dir}},
         }},
         "static_resources": {
-            "listeners": [public_listener(config), internal_listener(config)],
-            "clusters": [processor_cluster(config, ports)],
+            "listeners": [*public_listeners(config), internal_listener(config)],
+            "clusters": [processor_cluster(config, ports), *([idp_cluster(config)] if config.auth else [])],
         },
     }
 
@@ -233,9 +365,10 @@ def bootstrap(config: GatewayConfig, ports: Sequence[int], cds_dir: str) -> dict
 def mesh_pieces(config: GatewayConfig, ports: Sequence[int], cds_dir: str) -> dict[str, Any]:
     """What a mesh operator adds to an Envoy they already run, each piece under its own key."""
     return {
-        "http_filters": [body_size_filter(config), ext_proc_filter(config)],
+        "http_filters": http_filters(config),
         "routes": routes(config),
-        "clusters": [processor_cluster(config, ports)],
+        "clusters": [processor_cluster(config, ports), *([idp_cluster(config)] if config.auth else [])],
+        **({"local_reply_config": local_replies(config)} if config.auth else {}),
         "listeners": [internal_listener(config)],
         "cds_config": bootstrap(config, ports, cds_dir)["dynamic_resources"]["cds_config"],
     }

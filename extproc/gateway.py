@@ -16,11 +16,13 @@ import orjson
 from cachetools import LRUCache
 
 from catalog.config import GatewayConfig
-from catalog.view import View
+from catalog.policy import Decision, ToolFacts
+from catalog.view import Route, Target, View, restrict
 from extproc import jsonrpc
 from extproc.fleet import Fleet
 from extproc.handlers import calls, lifecycle, lists
 from extproc.jsonrpc import INVALID_REQUEST, LEGACY, MODERN, Message, RpcError
+from extproc.metrics import Metrics
 from extproc.replies import JSON, Forward, Local, ResponsePlan
 from extproc.request import Request
 from extproc.rewrite import original_request_id, split_namespaced
@@ -28,6 +30,7 @@ from extproc.sessions import Cursors, Sessions
 from extproc.upstream import CLIENT_INFO, ROUTE_HEADER, cluster_name
 
 log = logging.getLogger(__name__)
+audit_log = logging.getLogger("muster_edge.audit")
 
 Handler = Callable[["Gateway", Request, Message], Awaitable[Local | Forward]]
 
@@ -59,21 +62,55 @@ def _accepts(accept: str) -> tuple[bool, bool]:
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig, fleet: Fleet, sessions: Sessions, cursors: Cursors) -> None:
+    def __init__(self, config: GatewayConfig, fleet: Fleet, sessions: Sessions, cursors: Cursors,
+                 metrics: Metrics | None = None) -> None:
         self.config = config
         self.fleet = fleet
         self.sessions = sessions
         self.cursors = cursors
         self.server_info = {"name": config.server_name, "version": CLIENT_INFO["version"]}
         self.pages: LRUCache[tuple[Any, ...], bytes] = LRUCache(maxsize=512)
+        self.metrics = metrics or Metrics()
+        self.groups_claim = config.auth.groups_claim if config.auth else "groups"
+        self._caller_views: LRUCache[tuple[Any, ...], View] = LRUCache(maxsize=1024)
         self._ids = itertools.count(1)
 
     def cache_scope(self, req: Request) -> str:
-        return "private" if req.caller.subject else "public"
+        """Lists are filtered per caller (policy, toolset), so they are private whenever callers differ."""
+        return "private" if req.caller.verified or req.toolset else "public"
+
+    def decide(self, req: Request, route: Route, target: Target) -> Decision:
+        """The policy's decision for this caller on one (tool, upstream) pair; the toolset can only narrow."""
+        policy = self.config.policy
+        facts = ToolFacts(route.exposed, target.original, target.server, route.family,
+                          target.definition.get("annotations") or {})
+        decision = policy.decide(facts, req.caller.claims)
+        if decision.allowed and not policy.toolset_allows(req.toolset, facts):
+            return Decision(False, f"toolset:{req.toolset}")
+        return decision
 
     async def current_view(self, req: Request) -> View:
+        """The caller's own view: the fleet's current view, narrowed by the policy and the toolset."""
         await self.fleet.ready()
-        return self.fleet.view()
+        return self.view_for(req)
+
+    def view_for(self, req: Request) -> View:
+        base = self.fleet.view()
+        key = (base.fingerprint, req.caller.claims.key, req.toolset)
+        view = self._caller_views.get(key)
+        if view is None:
+            view = self._caller_views[key] = restrict(
+                base, lambda route, target: self.decide(req, route, target).allowed, key)
+        return view
+
+    def audit(self, req: Request, *, tool: str, decision: str, rule: str, server: str = "",
+              upstream_tool: str = "") -> None:
+        """One structured line per decision on a call; never a token or header value."""
+        audit_log.info("%s", orjson.dumps({
+            "event": "tools/call", "subject": req.caller.subject, "tool": tool, "upstream_tool": upstream_tool,
+            "server": server, "decision": decision, "rule": rule, "toolset": req.toolset or "full",
+        }).decode())
+        self.metrics.inc("muster_edge_policy_decisions_total", decision=decision, rule=rule, server=server)
 
     # ---- headers ------------------------------------------------------------------------------------------
     def _host_allowed(self, authority: str) -> bool:
@@ -95,9 +132,34 @@ class Gateway:
         return host == req.headers.get(":authority", "") or (bool(self.config.allowed_hosts) and
                                                            self._host_allowed(host))
 
+    def _authorized(self, req: Request) -> Local | None:
+        """Envoy verified the token; here: fail closed without verified claims, 403 without required scopes."""
+        auth = self.config.auth
+        if auth is None:
+            return None
+        if not req.caller.verified:
+            return Local(401, b"", {"www-authenticate": f'Bearer resource_metadata="{self.config.prm_url}"'},
+                         details="muster_edge_no_verified_claims")
+        missing = [s for s in auth.required_scopes if s not in req.caller.claims.scopes]
+        if missing:
+            challenge = (f'Bearer error="insufficient_scope", scope="{" ".join(auth.required_scopes)}", '
+                         f'resource_metadata="{self.config.prm_url}"')
+            err = RpcError(INVALID_REQUEST, f"Forbidden: the token lacks the scope {' '.join(missing)}", status=403)
+            local = Local.error(err, MODERN)
+            local.headers["www-authenticate"] = challenge
+            return local
+        return None
+
     async def on_headers(self, req: Request, end_of_stream: bool) -> Local | Forward | None:
         if req.path.split("?", 1)[0] != self.config.path:
             return Local(404, b"not found\n", {"content-type": "text/plain"}, details="muster_edge_no_such_path")
+        refused = self._authorized(req)
+        if refused is not None:
+            return refused
+        if not self.config.policy.known_toolset(req.toolset):
+            known = ", ".join(["full", "read-only", "none", *self.config.policy.toolsets])
+            return Local.error(RpcError(INVALID_REQUEST, f"Unknown toolset {req.toolset!r} (known: {known})",
+                                        status=400), MODERN)
         if not self._origin_ok(req):
             return Local.error(RpcError(INVALID_REQUEST, "Forbidden: Host or Origin not allowed", status=403), MODERN)
         method = req.http_method

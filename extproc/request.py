@@ -6,17 +6,22 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from catalog.policy import Claims
 from extproc.jsonrpc import Message
 
 ROUTING_HEADERS = ("mcp-protocol-version", "mcp-method", "mcp-name", "mcp-session-id")
+TOOLSET_HEADER = "x-muster-toolset"
 
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is calling, as verified by Envoy (jwt_authn); empty subject when the gateway runs without auth."""
+    """Who is calling, as verified by Envoy (jwt_authn); empty subject when the gateway runs without auth.
+
+    `verified` is False when no verified payload came with the request (never a parsed, unverified token)."""
 
     subject: str = ""
-    claims: dict[str, Any] = field(default_factory=dict)
+    claims: Claims = field(default_factory=Claims)
+    verified: bool = False
 
     @property
     def key(self) -> str:
@@ -46,6 +51,10 @@ class Request:
                 continue
             headers[key] = value
         return cls(headers.get(":method", ""), headers.get(":path", ""), headers, tuple(dup), caller)
+
+    @property
+    def toolset(self) -> str:
+        return self.headers.get(TOOLSET_HEADER, "").strip().lower()
 
     @property
     def param_headers(self) -> dict[str, str]:

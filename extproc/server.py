@@ -79,7 +79,8 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
         watch(config.catalog_dir, lambda result: fleet.set_catalog(result.servers, result.errors)))
     status_server = None
     if status_port is not None:
-        status_server = await serve_status(config.status_listen.host, status_port, fleet.status)
+        status_server = await serve_status(config.status_listen.host, status_port, fleet.status,
+                                           gateway.metrics.render)
     log.info("processor listening on %s:%d", config.processor_listen.host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,4 +1,4 @@
-"""The processor's status endpoint (loopback): GET /status (JSON), GET /healthz."""
+"""The processor's status endpoint (loopback): GET /status (JSON), GET /metrics (Prometheus), GET /healthz."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import orjson
 log = logging.getLogger(__name__)
 
 
-async def serve_status(host: str, port: int, status: Callable[[], dict[str, Any]]) -> asyncio.Server:
+async def serve_status(host: str, port: int, status: Callable[[], dict[str, Any]],
+                       metrics: Callable[[], str] = lambda: "") -> asyncio.Server:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 5)
@@ -22,6 +23,8 @@ async def serve_status(host: str, port: int, status: Callable[[], dict[str, Any]
             path = parts[1] if len(parts) > 1 else "/"
             if path == "/status":
                 code, body, ctype = 200, orjson.dumps(status(), option=orjson.OPT_INDENT_2), "application/json"
+            elif path == "/metrics":
+                code, body, ctype = 200, metrics().encode(), "text/plain; version=0.0.4"
             elif path == "/healthz":
                 code, body, ctype = 200, b"ok\n", "text/plain"
             else:

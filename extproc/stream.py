@@ -16,6 +16,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import json_format
 
+from catalog.policy import Claims
 from extproc.gateway import Gateway
 from extproc.replies import Forward, Local, ResponsePlan
 from extproc.request import Caller, Request
@@ -35,14 +36,16 @@ def _pairs(headers: Any) -> list[tuple[str, str]]:
     return [(h.key, h.raw_value.decode("latin-1") if h.raw_value else h.value) for h in headers.headers]
 
 
-def caller_of(request: ep.ProcessingRequest) -> Caller:
+def caller_of(request: ep.ProcessingRequest, groups_claim: str = "groups") -> Caller:
     """The verified claims Envoy's jwt_authn put in dynamic metadata (never the raw token)."""
     fm = request.metadata_context.filter_metadata
     if JWT_NAMESPACE not in fm:
         return Caller()
-    data = json_format.MessageToDict(fm[JWT_NAMESPACE])
-    payload = data.get("jwt_payload") or {}
-    return Caller(subject=str(payload.get("sub", "")), claims=payload)
+    payload = json_format.MessageToDict(fm[JWT_NAMESPACE]).get("jwt_payload")
+    if not isinstance(payload, dict):
+        return Caller()
+    claims = Claims.from_payload(payload, groups_claim)
+    return Caller(subject=claims.subject, claims=claims, verified=True)
 
 
 def _set(mutation: Any, headers: dict[str, str]) -> None:
@@ -99,7 +102,7 @@ class Stream:
         return await task
 
     async def _request_headers(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
-        self.req = Request.from_headers(_pairs(msg.request_headers.headers), caller_of(msg))
+        self.req = Request.from_headers(_pairs(msg.request_headers.headers), caller_of(msg, self.gw.groups_claim))
         decision = await self._patient(self.gw.on_headers(self.req, msg.request_headers.end_of_stream))
         if isinstance(decision, Local):
             return immediate(decision)

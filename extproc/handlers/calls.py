@@ -60,16 +60,46 @@ def _name(params: Mapping[str, Any], key: str = "name") -> str:
     return value
 
 
+def _refused(gw: Gateway, req: Request, name: str, arguments: Mapping[str, Any]) -> RpcError:
+    """A name the caller's view does not hold: audited as denied when the policy hid it, else unknown."""
+    base = gw.fleet.view().tool_routes.get(name)
+    target = None
+    if base is not None:
+        try:
+            target = select_target(base, arguments)[0]
+        except RpcError:
+            target = next(iter(base.targets.values()))
+    if base is None or target is None:
+        gw.audit(req, tool=name, decision="unknown", rule="no-such-tool")
+    else:
+        decision = gw.decide(req, base, target)
+        gw.audit(req, tool=name, decision="deny", rule=decision.rule, server=target.server,
+                 upstream_tool=target.original)
+    return RpcError(INVALID_PARAMS, f"Unknown tool: {name}")
+
+
 async def call_tool(gw: Gateway, req: Request, msg: Message) -> Forward:
     name = _name(msg.params)
     arguments = _object(msg.params, "arguments")
     view = await gw.current_view(req)
     route = view.tool_routes.get(name)
     if route is None:
-        raise RpcError(INVALID_PARAMS, f"Unknown tool: {name}")
+        raise _refused(gw, req, name, arguments)
     if msg.era == MODERN:
         jsonrpc.check_param_headers(route.header_map, arguments, req.param_headers)
-    target, upstream_args = select_target(route, arguments)
+    try:
+        target, upstream_args = select_target(route, arguments)
+    except RpcError:
+        base = gw.fleet.view().tool_routes.get(name)
+        value = arguments.get(route.instance_arg or "")
+        if base is not None and isinstance(value, str) and value in base.targets and value not in route.targets:
+            decision = gw.decide(req, base, base.targets[value])
+            gw.audit(req, tool=name, decision="deny", rule=decision.rule, server=value,
+                     upstream_tool=base.targets[value].original)
+        raise
+    decision = gw.decide(req, route, target)
+    gw.audit(req, tool=name, decision="allow", rule=decision.rule, server=target.server,
+             upstream_tool=target.original)
     params = {**msg.params, "name": target.original, "arguments": upstream_args}
     return await gw.forward(req, msg, target.server, params, name=target.original, header_map=target.header_map,
                             arguments=upstream_args)

@@ -26,8 +26,7 @@ LISTS = {
 
 async def list_items(gw: Gateway, req: Request, msg: Message) -> Local:
     attr, key = LISTS[msg.method]
-    await gw.fleet.ready()
-    view = gw.fleet.view()
+    view = await gw.current_view(req)
     cursor = msg.params.get("cursor")
     offset = 0
     if cursor is not None and cursor != "":

@@ -106,7 +106,7 @@ async def test_prefix_modes(tmp_path: Path, mode: str) -> None:
             echo = await client.call_tool("echo", {"text": "plain"})
             readme = await client.read_resource("vendor://docs/readme")
         problems = " ".join(gw.status()["viewProblems"])
-    assert {"logs", "kubectl_delete", "echo", "slow_count"} <= names
+    assert {"logs", "list", "echo", "slow_count"} <= names
     assert "plain" in echo.content[0].text  # type: ignore[union-attr]
     assert "vendor://docs/readme" in resources and "# vendor" in readme.contents[0].text  # type: ignore[union-attr]
     if mode == "conditional":

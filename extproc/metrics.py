@@ -1,0 +1,36 @@
+"""Prometheus counters for the processor, rendered in the text exposition format (no dependency)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+_HELP = {
+    "muster_edge_policy_decisions_total": "Tool policy decisions on tools/call, by decision, rule and server.",
+    "muster_edge_requests_total": "JSON-RPC requests handled by the processor, by method and outcome.",
+    "muster_edge_upstream_errors_total": "Routed calls that failed at the upstream, by server and HTTP status.",
+}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self._counts: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
+
+    def inc(self, name: str, **labels: str) -> None:
+        self._counts[(name, tuple(sorted(labels.items())))] += 1
+
+    def value(self, name: str, **labels: str) -> int:
+        return self._counts[(name, tuple(sorted(labels.items())))]
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for name, text in _HELP.items():
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} counter"]
+            for (metric, labels), count in sorted(self._counts.items()):
+                if metric == name:
+                    rendered = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+                    lines.append(f"{name}{{{rendered}}} {count}")
+        return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
