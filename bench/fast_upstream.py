@@ -261,14 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="fast", help="server name, used in tool descriptions and results")
     parser.add_argument("--tools", type=int, default=1, help="how many tools to offer (echo plus fillers)")
     args = parser.parse_args(argv)
-    try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:
-        runner = asyncio.run
+    upstream = Upstream(args.name, max(1, args.tools))
     with contextlib.suppress(KeyboardInterrupt):
-        runner(serve(args.host, args.port, Upstream(args.name, max(1, args.tools))))
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(serve(args.host, args.port, upstream))
+        else:
+            uvloop.run(serve(args.host, args.port, upstream))
     return 0
 
 

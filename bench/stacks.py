@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import time
 import urllib.request
@@ -86,7 +87,8 @@ class Upstream:
 
 @contextlib.contextmanager
 def fast_upstream(name: str, tools: int = 1) -> Iterator[Upstream]:
-    cmd = [PYTHON, "-m", "bench.fast_upstream", "--port", "0", "--name", name, "--tools", str(tools)]
+    cmd: list[str | os.PathLike[str]] = [PYTHON, "-m", "bench.fast_upstream", "--port", "0", "--name", name,
+                                         "--tools", str(tools)]
     with spawn(cmd, "READY ", 20, cwd=ROOT) as proc:
         url = proc.ready_line.split(" ", 1)[1]
         port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
@@ -104,7 +106,8 @@ def sdk_upstream(name: str, *, as_shipped: bool = False) -> Iterator[Upstream]:
         with start_demo_server("prometheus", name=name, json_response=True) as server:
             yield Upstream(name, "sdk", server.url, server.port, server.process.pid, "whoami", {})
         return
-    cmd = [PYTHON, "-m", "bench.sdk_upstream", "prometheus", "--port", "0", "--name", name, "--json-response"]
+    cmd: list[str | os.PathLike[str]] = [PYTHON, "-m", "bench.sdk_upstream", "prometheus", "--port", "0",
+                                         "--name", name, "--json-response"]
     with spawn(cmd, "READY ", 30, cwd=ROOT) as proc:
         url = proc.ready_line.split(" ", 1)[1]
         port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
@@ -124,8 +127,10 @@ class EnvoyStack:
 @contextlib.contextmanager
 def _run_envoy(workdir: Path, name: str, bootstrap: dict[str, Any], admin_port: int) -> Iterator[int]:
     path = envoy_configs.write_validated(str(ENVOY), workdir / f"{name}.yaml", bootstrap)
-    cmd = [ENVOY, "-c", path, "--disable-hot-restart", "--concurrency", str(ENVOY_CONCURRENCY),
-           "--log-path", "/dev/stdout", "--log-format", "%v", "--log-level", "info"]
+    cmd: list[str | os.PathLike[str]] = [
+        ENVOY, "-c", path, "--disable-hot-restart", "--concurrency", str(ENVOY_CONCURRENCY),
+        "--log-path", "/dev/stdout", "--log-format", "%v", "--log-level", "info",  # ready line on stdout
+    ]
     with spawn(cmd, "starting main dispatch loop", 60) as proc:
         wait_until(lambda: urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1).status == 200,
                    30, f"{name} Envoy /ready")

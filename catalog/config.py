@@ -177,8 +177,8 @@ def _auth(raw: Any, source: str, path_of: Any) -> AuthConfig | None:
     if not isinstance(resource, str):
         raise ConfigError(f"{where}.resource: must be a URL")
     skew = raw.get("clockSkewSeconds", 60)
-    if isinstance(skew, bool) or not isinstance(skew, int) or not 0 <= skew <= 600:
-        raise ConfigError(f"{where}.clockSkewSeconds: must be 0 to 600")
+    if isinstance(skew, bool) or not isinstance(skew, int) or not 1 <= skew <= 600:
+        raise ConfigError(f"{where}.clockSkewSeconds: must be 1 to 600 (Envoy reads 0 as its default, 60)")
     return AuthConfig(
         issuer=issuer, jwks_uri=jwks, audiences=_str_list(raw, "audiences", where), resource=resource,
         authorization_servers=_str_list(raw, "authorizationServers", where) or (issuer,),

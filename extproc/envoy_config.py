@@ -191,11 +191,15 @@ def jwt_filter(config: GatewayConfig) -> dict[str, Any]:
                 },
                 "forward": True,
                 "payload_in_metadata": "jwt_payload",
+                "failed_status_in_metadata": "jwt_failure",
                 "clock_skew_seconds": auth.clock_skew_s,
             }},
+            # Envoy verifies; the processor turns the verdict into the MCP answer (401 with the metadata URL for
+            # every failure, 403 for a missing scope) and refuses any request without a verified payload.
             "rules": [
                 {"match": {"prefix": "/.well-known/"}},
-                {"match": {"prefix": "/"}, "requires": {"provider_name": "idp"}},
+                {"match": {"prefix": "/"}, "requires": {"requires_any": {"requirements": [
+                    {"provider_name": "idp"}, {"allow_missing_or_failed": {}}]}}},
             ],
         },
     }

@@ -138,8 +138,13 @@ class Gateway:
         if auth is None:
             return None
         if not req.caller.verified:
-            return Local(401, b"", {"www-authenticate": f'Bearer resource_metadata="{self.config.prm_url}"'},
-                         details="muster_edge_no_verified_claims")
+            challenge = f'resource_metadata="{self.config.prm_url}"'
+            if auth.required_scopes:
+                challenge += f', scope="{" ".join(auth.required_scopes)}"'
+            if "authorization" in req.headers:
+                why = req.caller.auth_error.replace('"', "'") or "invalid token"
+                challenge = f'error="invalid_token", error_description="{why}", {challenge}'
+            return Local(401, b"", {"www-authenticate": f"Bearer {challenge}"}, details="muster_edge_unauthorized")
         missing = [s for s in auth.required_scopes if s not in req.caller.claims.scopes]
         if missing:
             challenge = (f'Bearer error="insufficient_scope", scope="{" ".join(auth.required_scopes)}", '

@@ -22,6 +22,7 @@ class Caller:
     subject: str = ""
     claims: Claims = field(default_factory=Claims)
     verified: bool = False
+    auth_error: str = ""
 
     @property
     def key(self) -> str:

@@ -41,9 +41,12 @@ def caller_of(request: ep.ProcessingRequest, groups_claim: str = "groups") -> Ca
     fm = request.metadata_context.filter_metadata
     if JWT_NAMESPACE not in fm:
         return Caller()
-    payload = json_format.MessageToDict(fm[JWT_NAMESPACE]).get("jwt_payload")
+    data = json_format.MessageToDict(fm[JWT_NAMESPACE])
+    payload = data.get("jwt_payload")
     if not isinstance(payload, dict):
-        return Caller()
+        failure = data.get("jwt_failure")
+        message = str(failure.get("message", "")) if isinstance(failure, dict) else ""
+        return Caller(auth_error=message or ("invalid token" if failure else ""))
     claims = Claims.from_payload(payload, groups_claim)
     return Caller(subject=claims.subject, claims=claims, verified=True)
 

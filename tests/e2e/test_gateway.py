@@ -20,7 +20,8 @@ MODERN = "2026-07-28"
 ACCEPT = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
 
 EXPECTED_TOOLS = {
-    "x_kubernetes_get_pods", "x_kubernetes_list", "x_kubernetes_logs", "x_kubernetes_whoami", "x_prometheus_query", "x_prometheus_list_alerts", "x_prometheus_whoami",
+    "x_kubernetes_get_pods", "x_kubernetes_list", "x_kubernetes_logs", "x_kubernetes_whoami",
+    "x_prometheus_query", "x_prometheus_list_alerts", "x_prometheus_whoami",
     "x_vendor_slow_count", "x_vendor_make_link", "x_vendor_echo", "x_vendor_whoami", "x_vendor_get_pods",
     "x_vendor_toggle_beta",
 }

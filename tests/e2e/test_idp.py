@@ -19,8 +19,6 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
-from mcp.client.auth.extensions.client_credentials import ClientCredentialsOAuthProvider
-from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 
 from tests.idp import (
     GRANT_TOKEN_EXCHANGE,
@@ -376,79 +374,3 @@ def test_exchange_of_an_id_token(idp: Idp) -> None:
         idp.token_exchange("gateway", "gateway-secret", tokens["access_token"], audience=REMOTE,
                            subject_token_type=TOKEN_TYPE_ID)
     assert caught.value.error == "invalid_grant"
-
-
-# ---------------------------------------------------------------------------------------------- mcp SDK client
-
-
-class MemoryStorage:
-    """The SDK's TokenStorage, in memory."""
-
-    def __init__(self) -> None:
-        self.tokens: OAuthToken | None = None
-        self.client_info: OAuthClientInformationFull | None = None
-
-    async def get_tokens(self) -> OAuthToken | None:
-        return self.tokens
-
-    async def set_tokens(self, tokens: OAuthToken) -> None:
-        self.tokens = tokens
-
-    async def get_client_info(self) -> OAuthClientInformationFull | None:
-        return self.client_info
-
-    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
-        self.client_info = client_info
-
-
-class ProtectedResource(httpx2.AsyncBaseTransport):
-    """A stand-in MCP server at http://mcp.test: 401 + RFC 9728 metadata without a valid token; everything
-    else (the IdP) goes over the network."""
-
-    def __init__(self, idp: Idp) -> None:
-        self.idp = idp
-        self.network = httpx2.AsyncHTTPTransport()
-        self.seen_claims: list[dict[str, Any]] = []
-
-    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        if request.url.host != "mcp.test":
-            return await self.network.handle_async_request(request)
-        if request.url.path.startswith("/.well-known/oauth-protected-resource"):
-            return httpx2.Response(200, json=self.metadata())
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer":
-            self.seen_claims.append(verify(self.idp, token, SDK_MCP))
-            return httpx2.Response(200, json={"ok": True})
-        metadata = "http://mcp.test/.well-known/oauth-protected-resource/mcp"
-        return httpx2.Response(401, headers={"www-authenticate": f'Bearer resource_metadata="{metadata}"'})
-
-    def metadata(self) -> dict[str, Any]:
-        return {"resource": SDK_MCP, "authorization_servers": [self.idp.issuer], "scopes_supported": ["mcp:read"]}
-
-    async def aclose(self) -> None:
-        await self.network.aclose()
-
-
-async def test_mcp_sdk_client_credentials_provider_gets_a_token(idp: Idp) -> None:
-    """RFC 9728 discovery from the 401, RFC 8414 metadata, client_credentials with resource, then the call.
-
-    The SDK requests the scope it discovers (WWW-Authenticate, else the resource metadata's scopes_supported,
-    else the IdP's), not the `scope` it was constructed with: hence scopes_supported in the metadata above.
-    """
-    idp.reset_counters()
-    auth = ClientCredentialsOAuthProvider(
-        server_url=SDK_MCP,
-        storage=MemoryStorage(),
-        client_id="agent",
-        client_secret="agent-secret",
-        scope="mcp:read",
-        issuer=idp.issuer,
-    )
-    transport = ProtectedResource(idp)
-    async with httpx2.AsyncClient(transport=transport, auth=auth) as client:
-        response = await client.post(SDK_MCP, json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
-    assert response.status_code == 200
-    (claims,) = transport.seen_claims
-    assert (claims["aud"], claims["sub"], claims["scope"]) == (SDK_MCP, "agent", "mcp:read")
-    (request,) = idp.recent_requests()
-    assert (request["grant_type"], request["resource"], request["scope"]) == ("client_credentials", SDK_MCP, "mcp:read")
