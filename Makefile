@@ -36,7 +36,7 @@ $(NODE_DIR)/.installed: deploy/node-tools.json
 redis:
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
 
-run: venv proto
+run: venv proto node
 	$(VENV)/bin/muster-edge demo
 
 test: venv proto node

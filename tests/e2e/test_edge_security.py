@@ -7,6 +7,7 @@ import base64
 import contextlib
 import json
 import re
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -369,3 +370,39 @@ def test_no_token_appears_in_any_log(secured: Secured) -> None:
     for who, token in secured.tokens.items():
         assert token not in logs, who
         assert token.split(".")[2][:40] not in logs, who
+
+
+async def test_https_and_the_loopback_listener_enforce_oauth_alike(tmp_path: Path) -> None:
+    from extproc.selfsigned import ensure_self_signed
+
+    cert, key = tmp_path / "tls" / "cert.pem", tmp_path / "tls" / "key.pem"
+    assert ensure_self_signed(str(cert), str(key))
+    tls_port = free_port()
+    resource = f"https://localhost:{tls_port}/mcp"
+    with contextlib.ExitStack() as stack:
+        idp = stack.enter_context(start_idp(tmp_path / "idp", resources=[{"audience": resource, "scope": "mcp:tools"}],
+                                            clients=[{"client_id": "dev", "client_secret": "s"}]))
+        k8s = stack.enter_context(start_demo_server("kubernetes", name="kubernetes"))
+        gw = stack.enter_context(start_gateway(
+            tmp_path / "gw", {"kubernetes": k8s.url},
+            tls={"listen": f"127.0.0.1:{tls_port}", "certFile": str(cert), "keyFile": str(key)},
+            auth={"issuer": idp.issuer, "jwksUri": idp.jwks_uri, "resource": resource}))
+        token = idp.client_credentials("dev", "s", resource=resource)
+        init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
+        trust = ssl.create_default_context(cafile=str(cert))
+        async with httpx2.AsyncClient(verify=trust, timeout=10) as http:
+            for url in (resource, gw.url):
+                anonymous = await http.post(url, json=init, headers=ACCEPT)
+                assert anonymous.status_code == 401, url
+                assert f'resource_metadata="https://localhost:{tls_port}/.well-known/oauth-protected-resource/mcp"' \
+                    in anonymous.headers["www-authenticate"]
+                ok = await http.post(url, json=init, headers={**ACCEPT, "authorization": f"Bearer {token}"})
+                assert ok.status_code == 200 and "mcp-session-id" in ok.headers, url
+            metadata = await http.get(f"https://localhost:{tls_port}/.well-known/oauth-protected-resource/mcp")
+        assert metadata.json()["resource"] == resource
+        http_client = httpx2.AsyncClient(verify=trust, headers={"authorization": f"Bearer {token}"})
+        try:
+            async with Client(streamable_http_client(resource, http_client=http_client), mode=MODERN) as client:
+                assert "x_kubernetes_whoami" in {t.name for t in (await client.list_tools()).tools}
+        finally:
+            await http_client.aclose()
