@@ -39,6 +39,8 @@ POLICY: dict[str, Any] = {
         {"name": "no-vendor-for-interns", "effect": "deny", "match": {"server": "vendor", "groups": ["interns"]}},
         {"name": "no-prometheus-family-for-interns", "effect": "deny",
          "match": {"family": "prometheus", "groups": ["interns"]}},
+        {"name": "interns-reach-cluster-a-only", "effect": "deny",
+         "match": {"server": "cluster-b-*", "groups": ["interns"]}},
         {"name": "no-echo-for-robot", "effect": "deny", "match": {"original": "echo", "subject": "robot"}},
         {"name": "admin-scope-may-toggle", "effect": "allow", "match": {"original": "toggle_beta",
                                                                           "scopes": ["mcp:admin"]}},
@@ -340,6 +342,37 @@ async def test_a_duplicate_name_key_forwards_only_what_was_checked(secured: Secu
     calls = [r["body"] for r in new if (r.get("body") or {}).get("method") == "tools/call"]
     assert [c["params"]["name"] for c in calls] == ["whoami"]
     assert all(b'"name":"kubectl_delete"' not in json.dumps(r["body"]).encode() for r in new if r.get("body"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_two_callers_with_different_reach_see_different_enums_and_cannot_cross(secured: Secured,
+                                                                                     mode: str) -> None:
+    """Family membership is per caller: the enum, the list and routing come from the caller's own view."""
+    async def enum(who: str) -> list[str]:
+        async with connect_as(secured.gateway.url, secured.tokens[who], mode) as client:
+            tools = {t.name: t for t in (await client.list_tools()).tools}
+        return list(tools["x_kubernetes_whoami"].input_schema["properties"]["management_cluster"]["enum"])
+
+    assert await enum("dev") == ["cluster-a-mcp-kubernetes", "cluster-b-mcp-kubernetes"]
+    assert await enum("intern") == ["cluster-a-mcp-kubernetes"]
+    async with connect_as(secured.gateway.url, secured.tokens["dev"], mode) as client:
+        result = await client.call_tool("x_kubernetes_whoami", {"management_cluster": "cluster-b"})
+    assert json.loads(result.content[0].text) == {"server": "cluster-b-mcp-kubernetes"}  # type: ignore[union-attr]
+    before = deletes_upstream(secured), whoami_calls(secured)
+    with pytest.raises(BaseException) as caught:
+        async with connect_as(secured.gateway.url, secured.tokens["intern"], mode) as client:
+            await client.call_tool("x_kubernetes_whoami", {"management_cluster": "cluster-b-mcp-kubernetes"})
+    err = mcp_error(caught.value)
+    assert err is not None and err.code == -32602
+    assert "(available: cluster-a-mcp-kubernetes)" in err.message
+    assert (deletes_upstream(secured), whoami_calls(secured)) == before
+
+
+def whoami_calls(secured: Secured) -> int:
+    """whoami calls received so far by either kubernetes member (they share one record file)."""
+    records = [json.loads(line) for line in secured.records.read_text().splitlines()]
+    return sum(1 for r in records if (r.get("body") or {}).get("method") == "tools/call"
+               and r["body"]["params"]["name"] == "whoami")
 
 
 # ---- audit, counters, and no token in a log -----------------------------------------------------------------
