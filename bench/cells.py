@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +22,7 @@ from bench.stacks import Upstream, counters
 from bench.wire import Requests
 from tests.procs import PYTHON, ROOT
 
-EXT_PROC_SENT = "http.muster_edge.ext_proc.stream_msgs_sent"
+EXT_PROC_SENT = ".ext_proc.stream_msgs_sent"  # summed over every listener's stat prefix
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class _Snapshot:
     envoy: dict[str, int] = field(default_factory=dict)
     methods: Counter[str] = field(default_factory=Counter)
     cpu: dict[str, float] = field(default_factory=dict)
+    busy: float = 0.0
 
 
 class _Recorder:
@@ -89,8 +90,9 @@ class _Recorder:
             with contextlib.suppress(OSError, ValueError):
                 snap.methods.update(upstream.method_counts())
         groups = {"processor": self.probe.processor_pids, "envoy": self.probe.envoy_pids,
-                  "upstream": [u.pid for u in self.probe.upstreams]}
+                  "upstream": [u.pid for u in self.probe.upstreams], "driver": [os.getpid()]}
         snap.cpu = {name: sum(procstat.cpu_seconds(p) for p in pids) for name, pids in groups.items()}
+        snap.busy = procstat.machine_busy_seconds()
         return snap
 
     def start_window(self) -> None:
@@ -99,11 +101,12 @@ class _Recorder:
     def end_window(self) -> None:
         self.after = self._take()
 
-    def fill(self, row: Row, calls: int) -> None:
+    def fill(self, row: Row, calls: int, elapsed_s: float) -> None:
         if calls <= 0:
             return
         per_call = 1e6 / calls
         cpu = {k: self.after.cpu[k] - self.before.cpu.get(k, 0.0) for k in self.after.cpu}
+        row.other_pct = procstat.other_load_pct(self.after.busy - self.before.busy, sum(cpu.values()), elapsed_s)
         if self.probe.processor_pids:
             row.proc_us = cpu["processor"] * per_call
             row.proc_mb = self.processor.peak_rss_mb()
@@ -120,7 +123,7 @@ class _Recorder:
         elif self.probe.upstreams and all(u.kind == "fast" for u in self.probe.upstreams):
             row.upstream_rq = sum((self.after.methods - self.before.methods).values()) / calls
         if self.probe.ext_proc:
-            row.xp_msgs = delta.get(EXT_PROC_SENT, 0) / calls
+            row.xp_msgs = sum(v for k, v in delta.items() if k.endswith(EXT_PROC_SENT)) / calls
         extra = self.after.methods - self.before.methods
         called = extra.most_common(1)[0][0] if extra else ""
         others = {m: n / calls for m, n in extra.items() if m != called and n}
@@ -151,30 +154,34 @@ def measure_http(base: Row, requests: Requests, concurrency: int, settings: Sett
     row.driver_us = outcome.driver_cpu_s * 1e6 / calls if calls else None
     if outcome.errors:
         row.note = f"first error: {outcome.first_error[:120]}"
-    recorder.fill(row, calls)
+    recorder.fill(row, calls, outcome.elapsed_s)
     return row
 
 
 def measure_processor(base: Row, target: str, scenario: str, tool: str, authority: str, concurrency: int,
                       settings: Settings, processor_pids: list[int]) -> Row:
-    """Run bench/extproc_driver.py against one worker in its own process; CPU and RSS are read here."""
+    """Run bench/extproc_driver.py against one worker in its own process. The driver reads the processor's CPU
+    time and the machine's load at the edges of its own window (its start-up and warm-up stay outside)."""
     row = Row(**{**base.__dict__, "concurrency": concurrency})
     watch = procstat.Watch(processor_pids)
     watch.start()
     cmd = [str(PYTHON), "-m", "bench.extproc_driver", "--target", target, "--scenario", scenario, "--name", tool,
            "--concurrency", str(concurrency), "--seconds", str(settings.measure_s),
-           "--warmup", str(settings.warmup_s), "--authority", authority]
+           "--warmup", str(settings.warmup_s), "--authority", authority,
+           "--watch-pids", ",".join(str(p) for p in processor_pids)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     if done.returncode != 0:
         row.failure = (done.stderr.strip().splitlines() or ["driver failed"])[-1]
         return row
     result = json.loads(done.stdout.strip().splitlines()[-1])
     cycles = result["cycles"] + result["errors"]
-    cpu = watch.cpu_used()
+    cpu = result["watched_cpu_s"]
     row.p50_ms, row.p99_ms = result["p50_ms"], result["p99_ms"]
     row.rps = result["cycles"] / result["elapsed_s"] if result["elapsed_s"] else None
     row.errors = result["errors"]
     row.proc_mb = watch.peak_rss_mb()
+    row.other_pct = procstat.other_load_pct(result["machine_busy_s"], cpu + result["driver_cpu_s"],
+                                            result["elapsed_s"])
     if cycles:
         row.proc_us = cpu * 1e6 / cycles
         row.driver_us = result["driver_cpu_s"] * 1e6 / cycles
@@ -202,7 +209,3 @@ def merge(rows: Sequence[Row]) -> Row:
     out.errors = sum(r.errors for r in rows)
     out.note = "; ".join(dict.fromkeys(r.note for r in rows if r.note))
     return out
-
-
-def python_version() -> str:
-    return sys.version.split()[0]

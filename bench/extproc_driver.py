@@ -27,6 +27,8 @@ import grpc
 import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
+from bench import procstat
+
 METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 MODERN = "2026-07-28"
 LEGACY_VERSION = "2025-11-25"
@@ -138,6 +140,8 @@ class Result:
     errors: int = 0
     first_error: str = ""
     driver_cpu_s: float = 0.0
+    watched_cpu_s: float = 0.0  # CPU the watched processes (the processor worker) used during the window
+    machine_busy_s: float = 0.0  # CPU the whole machine used during the window
     latencies_ns: list[int] = field(default_factory=list)
 
 
@@ -160,7 +164,7 @@ async def _worker(process: Any, messages: tuple[bytes, ...], stop_at: float, out
 
 
 async def measure(target: str, name: str, tool: str, concurrency: int, seconds: float, warmup: float,
-                  authority: str, path: str) -> Result:
+                  authority: str, path: str, watch: list[int]) -> Result:
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         process = channel.stream_stream(METHOD)
         session = await open_session(process, authority, path) if name == "ping" else ""
@@ -171,10 +175,13 @@ async def measure(target: str, name: str, tool: str, concurrency: int, seconds: 
         now = time.perf_counter
         await asyncio.gather(*(_worker(process, plan.messages, now() + warmup, None) for _ in range(concurrency)))
         out = Result(name, concurrency, messages_per_cycle=len(plan.messages))
+        watched0, busy0 = sum(procstat.cpu_seconds(p) for p in watch), procstat.machine_busy_seconds()
         cpu0, start = time.process_time(), now()
         await asyncio.gather(*(_worker(process, plan.messages, start + seconds, out) for _ in range(concurrency)))
         out.elapsed_s = now() - start
         out.driver_cpu_s = time.process_time() - cpu0
+        out.watched_cpu_s = sum(procstat.cpu_seconds(p) for p in watch) - watched0
+        out.machine_busy_s = procstat.machine_busy_seconds() - busy0
         out.cycles = len(out.latencies_ns)
         return out
 
@@ -189,9 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--authority", default="127.0.0.1:8080", help=":authority as the gateway listener sees it")
     parser.add_argument("--path", default="/mcp")
+    parser.add_argument("--watch-pids", default="", help="comma-separated PIDs whose CPU time to report")
     args = parser.parse_args(argv)
+    watch = [int(p) for p in args.watch_pids.split(",") if p.strip()]
     result = asyncio.run(measure(args.target, args.scenario, args.name, args.concurrency, args.seconds,
-                                 args.warmup, args.authority, args.path))
+                                 args.warmup, args.authority, args.path, watch))
     summary = asdict(result)
     ordered = sorted(summary.pop("latencies_ns"))
     for label, q in (("p50_ms", 0.5), ("p99_ms", 0.99)):

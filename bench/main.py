@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 import httpx2
 
 from bench import loadgen, stacks
-from bench.cells import Probe, Settings, measure_http, measure_processor, merge, python_version
+from bench.cells import Probe, Settings, measure_http, measure_processor, merge
 from bench.report import LEGEND, Row, find, ratios, table
 from bench.stacks import GatewayStack, Upstream
 from bench.wire import LEGACY, MODERN, Call, Endpoint, Requests
@@ -140,7 +140,11 @@ class Bench:
     def gateway_stats(self, gw: GatewayStack, label: str) -> None:
         stats = stacks.counters(gw.admin_url, r"ext_proc\.(streams_started|stream_msgs_sent|stream_msgs_received|"
                                               r"immediate_responses_sent|streams_failed|message_timeouts)$")
-        short = {k.rsplit(".", 1)[-1]: v for k, v in stats.items() if k.startswith("http.muster_edge.")}
+        short: dict[str, int] = {}
+        for name, value in stats.items():  # summed over the gateway's listeners (stat prefixes)
+            if name.startswith("http."):
+                key = name.rsplit(".", 1)[-1]
+                short[key] = short.get(key, 0) + value
         self.notes.append(f"{label} ext_proc totals over its run: {json.dumps(short)}")
 
     def contender_stats(self, admin_url: str) -> None:
@@ -187,11 +191,19 @@ class Bench:
                          f" {raw.driver_us:.0f} us CPU/req; httpx2 {hx2.rps:.0f} req/s at {hx2.driver_us:.0f} us/req"
                          f" -> the raw driver is used")
         lines += ratios(self.rows, upstreams, gateways)
+        fleet = f"{LIST_UPSTREAMS}x{LIST_TOOLS}"
+        rival = {c: find(self.rows, fleet, "contender", LEGACY, c, section="tools/list") for c in CONCURRENCY}
         for wire in (MODERN, LEGACY):
-            row = find(self.rows, "10x50", GATEWAY_1, wire, 1, section="tools/list")
+            row = find(self.rows, fleet, GATEWAY_1, wire, 1, section="tools/list")
             if row and row.p50_ms is not None:
-                lines.append(f"[10x50] {GATEWAY_1} {wire:10} warm tools/list p50 at c=1 = {row.p50_ms:6.2f} ms"
+                lines.append(f"[{fleet}] {GATEWAY_1} {wire:10} warm tools/list p50 at c=1 = {row.p50_ms:6.2f} ms"
                              f"   target < 3 ms: {'PASS' if row.p50_ms < 3 else 'MISS'}")
+            row16 = find(self.rows, fleet, GATEWAY_1, wire, 16, section="tools/list")
+            c1, c16 = rival[1], rival[16]
+            if row and row16 and c1 and c16 and row.p50_ms and c1.p50_ms and row16.rps and c16.rps:
+                lines.append(f"[{fleet}] contender  legacy     tools/list p50 at c=1 = {c1.p50_ms:6.2f} ms"
+                             f" ({c1.upstream_rq or 0:.0f} upstream requests per list); gateway {wire} req/s /"
+                             f" contender at c=16 = {row16.rps / c16.rps:.2f}")
         for row in self.rows:
             if row.section == "processor" and not row.failure and row.proc_us:
                 lines.append(f"[proc ] {row.wire:10} c={row.concurrency:<2} {row.rps:7.0f} cycles/s wall,"
@@ -234,7 +246,7 @@ def header(settings: Settings, quick: bool) -> str:
     load = os.getloadavg()
     return (f"muster-edge bench ({'quick' if quick else 'full'}): {os.cpu_count()} CPUs shared by driver, Envoy,"
             f" processor and upstreams; load average {load[0]:.2f} at start\nEnvoy {version} --concurrency"
-            f" {stacks.ENVOY_CONCURRENCY} everywhere; Python {python_version()}; per cell: warm-up"
+            f" {stacks.ENVOY_CONCURRENCY} everywhere; Python {sys.version.split()[0]}; per cell: warm-up"
             f" {settings.warmup_s}s, window {settings.measure_s}s x {settings.rounds} round(s) in alternating order"
             f" (closed loop, 1 keep-alive HTTP/1.1 connection per client)\nAbsolute numbers are pessimistic"
             f" (everything shares the CPUs); compare within a run.")

@@ -92,6 +92,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs spent not idle since boot (user, nice, system, irq, softirq, steal)."""
+    with open("/proc/stat", encoding="ascii") as fh:
+        fields = [int(v) for v in fh.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+def other_load_pct(busy_s: float, ours_s: float, elapsed_s: float) -> float:
+    """How much of the machine something other than the benchmark used during a window, in % of all CPUs: the
+    noise a figure was measured under (other tenants, a test suite running beside the benchmark)."""
+    if elapsed_s <= 0:
+        return 0.0
+    return max(0.0, busy_s - ours_s) / (elapsed_s * (os.cpu_count() or 1)) * 100
+
+
 @dataclass
 class Watch:
     """CPU and peak RSS of a group of processes over one measurement."""

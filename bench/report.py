@@ -32,6 +32,7 @@ class Row:
     driver_us: float | None = None
     upstream_rq: float | None = None
     xp_msgs: float | None = None
+    other_pct: float | None = None
     note: str = ""
 
 
@@ -52,13 +53,16 @@ COLUMNS: tuple[tuple[str, str, int, str], ...] = (
     ("drv us", "driver_us", 6, ".0f"),
     ("up rq", "upstream_rq", 5, ".2f"),
     ("xp msg", "xp_msgs", 6, ".2f"),
+    ("other%", "other_pct", 6, ".0f"),
 )
 
 LEGEND = (
     "procMB: peak RSS of the processor worker(s) during the cell (VmHWM, reset before the cell; summed over workers)."
     "\nproc/envoy/up/drv us: CPU microseconds per request spent by the processor, Envoy, the upstream(s) and the"
     " load driver.\nup rq: upstream HTTP requests per client call (Envoy cluster counters, or the fast upstream's"
-    " own count).\nxp msg: ext_proc messages Envoy sent to the processor per client call (admin /stats)."
+    " own count).\nxp msg: ext_proc messages Envoy sent to the processor per client call (admin /stats).\nother%: CPU"
+    " used during the window by processes that are not part of the cell (/proc/stat), in % of all CPUs: the noise"
+    " the figure was measured under."
 )
 
 

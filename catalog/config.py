@@ -19,7 +19,7 @@ _KNOWN = {
     "apiVersion", "kind", "listen", "path", "internalListen", "envoyAdmin", "processor", "catalog",
     "prefix", "prefixMode", "maxRequestBytes", "sessionKey", "stateDir", "listPageSize", "serverName",
     "instructions", "listTtlMs", "listTtlFloorMs", "allowedOrigins", "listWaitMs", "allowedHosts", "tls",
-    "auth", "policy", "audit",
+    "auth", "policy", "audit", "secretsDir", "store",
 }
 
 
@@ -99,6 +99,8 @@ class GatewayConfig:
     auth: AuthConfig | None = None
     policy: Policy = field(default_factory=Policy)
     audit_log: str = ""
+    secrets_dir: str = ""
+    redis_url: str = ""
 
     @property
     def public_url(self) -> str:
@@ -256,8 +258,22 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
         auth=_auth(raw.get("auth"), source, path_of),
         policy=_policy(raw.get("policy"), source),
         audit_log=str(raw.get("audit", "")),
+        secrets_dir=path_of(str(raw.get("secretsDir", "secrets"))),
+        redis_url=_store(raw.get("store"), source),
     )
     return cfg
+
+
+def _store(raw: Any, source: str) -> str:
+    """Where shared state lives: `{redis: redis://host:6379/0}` (Redis or Valkey), else in memory."""
+    if raw is None:
+        return ""
+    if not isinstance(raw, dict) or set(raw) - {"redis"}:
+        raise ConfigError(f"{source}: store: expected {{redis: URL}}")
+    url = raw.get("redis", "")
+    if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"{source}: store.redis: must be a redis://, rediss:// or unix:// URL")
+    return url
 
 
 def _policy(raw: Any, source: str) -> Policy:

@@ -24,8 +24,9 @@ _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _PREFIX = re.compile(r"^[a-zA-Z][a-zA-Z0-9_-]*$")
 _INSTANCE_ARG = re.compile(r"^[a-zA-Z][a-zA-Z0-9_]*$")
 _URL = re.compile(r"^https?://[^\s/$.?#].[^\s]*$")
-_HTTPS = re.compile(r"https://\S+")
-_ISSUER = re.compile(r"^https://[^/?#]+(/[^?#]*[^/?#])?$")
+# Muster requires HTTPS; like Muster's own baseUrl rule, plain HTTP is accepted on loopback only.
+_HTTPS = re.compile(r"(https://|http://(127\.0\.0\.1|localhost|\[::1\])(:[0-9]+)?(/|$))\S*")
+_ISSUER = re.compile(r"^(https://[^/?#]+|http://(127\.0\.0\.1|localhost|\[::1\])(:[0-9]+)?)(/[^?#]*[^/?#])?$")
 _CONNECTOR = re.compile(r"^[a-zA-Z][a-zA-Z0-9_-]*$")
 
 

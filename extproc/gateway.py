@@ -19,15 +19,16 @@ from catalog.config import GatewayConfig
 from catalog.policy import Decision, ToolFacts
 from catalog.view import Route, Target, View, restrict
 from extproc import jsonrpc
+from extproc.credentials import Broker, CredentialError
 from extproc.fleet import Fleet
 from extproc.handlers import calls, lifecycle, lists
 from extproc.jsonrpc import INVALID_REQUEST, LEGACY, MODERN, Message, RpcError
 from extproc.metrics import Metrics
 from extproc.replies import JSON, Forward, Local, ResponsePlan
 from extproc.request import Request
-from extproc.rewrite import original_request_id, split_namespaced
+from extproc.rewrite import SseRewriter, original_request_id, rewrite_json, split_namespaced
 from extproc.sessions import Cursors, Sessions
-from extproc.upstream import CLIENT_INFO, ROUTE_HEADER, cluster_name
+from extproc.upstream import CLIENT_INFO, ROUTE_HEADER, UpstreamError, cluster_name
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("muster_edge.audit")
@@ -63,7 +64,7 @@ def _accepts(accept: str) -> tuple[bool, bool]:
 
 class Gateway:
     def __init__(self, config: GatewayConfig, fleet: Fleet, sessions: Sessions, cursors: Cursors,
-                 metrics: Metrics | None = None) -> None:
+                 broker: Broker, metrics: Metrics | None = None) -> None:
         self.config = config
         self.fleet = fleet
         self.sessions = sessions
@@ -71,6 +72,7 @@ class Gateway:
         self.server_info = {"name": config.server_name, "version": CLIENT_INFO["version"]}
         self.pages: LRUCache[tuple[Any, ...], bytes] = LRUCache(maxsize=512)
         self.metrics = metrics or Metrics()
+        self.broker = broker
         self.groups_claim = config.auth.groups_claim if config.auth else "groups"
         self._caller_views: LRUCache[tuple[Any, ...], View] = LRUCache(maxsize=1024)
         self._ids = itertools.count(1)
@@ -91,11 +93,11 @@ class Gateway:
 
     async def current_view(self, req: Request) -> View:
         """The caller's own view: the fleet's current view, narrowed by the policy and the toolset."""
-        await self.fleet.ready()
+        await self.fleet.ready(req.caller.subject, req.bearer)
         return self.view_for(req)
 
     def view_for(self, req: Request) -> View:
-        base = self.fleet.view()
+        base = self.fleet.view(req.caller.subject)
         key = (base.fingerprint, req.caller.claims.key, req.toolset)
         view = self._caller_views.get(key)
         if view is None:
@@ -192,16 +194,17 @@ class Gateway:
         if token is None:
             return Local.error(RpcError(INVALID_REQUEST, "Session not found", status=404), LEGACY)
         split = split_namespaced(req.headers["last-event-id"])
-        hs = self.fleet.pooled_session(split[0], token.nonce.hex()) if split else None
+        hs = self.fleet.pooled_session(split[0], token.nonce.hex(), req.caller.subject) if split else None
         if split is None or hs is None:
             return Local.error(RpcError(INVALID_REQUEST, "Unknown Last-Event-ID for this session", status=404),
                                LEGACY)
         server = self.fleet.servers[split[0]]
         headers = self._upstream_headers(server.name, hs.version, b"")
-        headers.update({"mcp-session-id": hs.session_id, "last-event-id": split[1], "accept": "text/event-stream"})
+        headers.update({**hs.auth, "mcp-session-id": hs.session_id, "last-event-id": split[1],
+                        "accept": "text/event-stream"})
         del headers["content-length"]
         plan = ResponsePlan(server=server.name, namespace=server.name, upstream_session_owner=token.nonce.hex())
-        return Forward(cluster_name(server.name), b"", headers, self._dropped(req, server.name), plan)
+        return Forward(cluster_name(server.name), b"", headers, self._dropped(req, headers), plan)
 
     async def _end_session(self, req: Request) -> Local:
         sid = req.headers.get("mcp-session-id")
@@ -257,15 +260,15 @@ class Gateway:
     def _relay_response(self, req: Request, obj: dict[str, Any]) -> Forward:
         """A legacy client's answer to a server-to-client request goes back to the upstream session that asked."""
         split = split_namespaced(obj.get("id"))
-        hs = self.fleet.pooled_session(split[0], req.session_nonce.hex()) if split else None
+        hs = self.fleet.pooled_session(split[0], req.session_nonce.hex(), req.caller.subject) if split else None
         if split is None or hs is None:
             raise RpcError(INVALID_REQUEST, "Invalid Request: this response answers no request of this session",
                            status=400)
         body = jsonrpc.dumps({**obj, "id": original_request_id(split[1])})
         headers = self._upstream_headers(split[0], hs.version, body)
-        headers["mcp-session-id"] = hs.session_id
+        headers.update({**hs.auth, "mcp-session-id": hs.session_id})
         plan = ResponsePlan(server=split[0], upstream_session_owner=req.session_nonce.hex())
-        return Forward(cluster_name(split[0]), body, headers, self._dropped(req, split[0]), plan)
+        return Forward(cluster_name(split[0]), body, headers, self._dropped(req, headers), plan)
 
     def _upstream_headers(self, server_name: str, version: str, body: bytes) -> dict[str, str]:
         server = self.fleet.servers[server_name]
@@ -276,17 +279,15 @@ class Gateway:
             "content-length": str(len(body)),
             "mcp-protocol-version": version,
             "x-envoy-upstream-rq-timeout-ms": str(server.timeout * 1000),
-            **server.headers,
         }
 
-    def _dropped(self, req: Request, server_name: str, keep: Mapping[str, str] | None = None) -> list[str]:
-        """Inbound headers that never reach an upstream as they came (re-derived ones are set instead)."""
+    @staticmethod
+    def _dropped(req: Request, keep: Mapping[str, str] | None = None) -> list[str]:
+        """Inbound headers that never reach an upstream as they came (re-derived ones are set instead); the
+        caller's Authorization is removed unless the credential set one (forwarding sets it unchanged)."""
         keep = keep or {}
-        out = [h for h in req.headers if (h.startswith("mcp-") or h in _DROP_UPSTREAM) and h not in keep
-               and h != "mcp-protocol-version"]
-        if not self.fleet.servers[server_name].auth.forward_token and "authorization" in req.headers:
-            out.append("authorization")
-        return out
+        return [h for h in req.headers if (h.startswith("mcp-") or h in _DROP_UPSTREAM or h == "authorization")
+                and h not in keep and h != "mcp-protocol-version"]
 
     async def tell_log_level(self, owner: str, level: str) -> None:
         for server, hs in self.fleet.sessions_of(owner):
@@ -302,10 +303,17 @@ class Gateway:
                       arguments: Mapping[str, Any] | None = None) -> Forward:
         """Re-originate the request for one upstream: body, routing headers and credentials recomputed."""
         owner = req.session_nonce.hex() if req.session_nonce else req.caller.key
+        server = self.fleet.servers[server_name]
         try:
-            hs = await self.fleet.session_for(server_name, owner, req.client_capabilities, req.log_level)
+            credential = await self.broker.credential(server, req.caller.subject, req.bearer)
+        except CredentialError as exc:
+            raise RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{server_name}': {exc.reason}",
+                           {"server": server_name, "authRequired": exc.auth_required}, status=502) from None
+        try:
+            hs = await self.fleet.session_for(server_name, owner, req.client_capabilities, req.log_level,
+                                              subject=req.caller.subject, auth=credential.headers)
         except Exception as exc:
-            self.fleet.suspect(server_name)
+            self.fleet.suspect(server_name, req.caller.subject if self.broker.per_user(server) else "")
             raise RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{server_name}' is unavailable: {exc}",
                            {"server": server_name}, status=502) from None
         meta = {k: v for k, v in msg.meta.items() if not k.startswith("io.modelcontextprotocol/")}
@@ -324,6 +332,7 @@ class Gateway:
         upstream_id = next(self._ids) if shared_session else msg.id
         body = jsonrpc.dumps({"jsonrpc": "2.0", "id": upstream_id, "method": msg.method, "params": params})
         set_headers = self._upstream_headers(server_name, hs.version, body)
+        set_headers.update(credential.headers)
         if hs.era == MODERN:
             set_headers["mcp-method"] = msg.method
             if name is not None:
@@ -332,22 +341,53 @@ class Gateway:
                 set_headers.update(jsonrpc.param_headers(header_map, arguments))
         elif hs.session_id:
             set_headers["mcp-session-id"] = hs.session_id
-        remove = self._dropped(req, server_name, set_headers)
-        view = self.fleet.view()
-        snap = self.fleet.states[server_name].snapshot
+        remove = self._dropped(req, set_headers)
+        view = self.view_for(req)
+        snap = self.fleet.state_for(server_name, req.caller.subject).snapshot
         has_uris = snap is not None and bool(snap.resources or snap.templates)
         map_uris = server_name in view.uri_slug_of and (msg.method == "resources/read" or has_uris)
         plan = ResponsePlan(
             server=server_name, client_id=msg.id, restore_id=shared_session, modern_client=msg.era == MODERN,
             map_uris=map_uris, upstream_session_owner=owner if hs.era == LEGACY else "",
             namespace=server_name if msg.era == LEGACY and hs.era == LEGACY else "",
+            renewable=credential.kind in ("exchanged", "oauth"), subject=req.caller.subject,
         )
         plan.rewrite_body = shared_session or map_uris or (msg.era == MODERN and hs.era == LEGACY)
         return Forward(cluster_name(server_name), body, set_headers, remove, plan)
 
     def upstream_session_lost(self, plan: ResponsePlan) -> None:
         if plan.upstream_session_owner:
-            self.fleet.forget_session(plan.server, plan.upstream_session_owner)
+            self.fleet.forget_session(plan.server, plan.upstream_session_owner, plan.subject)
+
+    async def retry_refused(self, req: Request, fwd: Forward) -> Local:
+        """The upstream refused a renewable credential (401): forget it, get a new one, and send the call once
+        more from the processor (through Envoy's internal listener); its answer goes back as it came."""
+        plan = fwd.plan
+        server = self.fleet.servers[plan.server]
+        await self.broker.evict(server, plan.subject)
+        try:
+            credential = await self.broker.credential(server, plan.subject, req.bearer)
+        except CredentialError as exc:
+            return Local.error(RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}': {exc.reason}",
+                                        {"server": plan.server}, status=502), MODERN, plan.client_id)
+        headers = {k: v for k, v in fwd.set_headers.items() if not k.startswith(":") and k != ROUTE_HEADER}
+        headers.update(credential.headers)
+        try:
+            status, ctype, body = await self.fleet.client.raw_post(server, fwd.body, headers)
+        except UpstreamError as exc:
+            return Local.error(RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}' is unavailable: "
+                                        f"{exc}", {"server": plan.server}, status=502), MODERN, plan.client_id)
+        if status in (401, 403):
+            return Local.error(RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}' refused the "
+                                        "renewed credential", {"server": plan.server}, status=502), MODERN,
+                               plan.client_id)
+        if plan.rewrite_sse or plan.rewrite_body:
+            view = self.view_for(req)
+            if "event-stream" in ctype:
+                body = SseRewriter(plan, view, self.server_info).feed(body, True)
+            elif "json" in ctype:
+                body = rewrite_json(body, plan, view, self.server_info) or body
+        return Local(status, body, {"content-type": ctype}, details="muster_edge_retried_after_401")
 
     def error_for_upstream_status(self, plan: ResponsePlan, status: int, details: str) -> Local:
         if status >= 500:

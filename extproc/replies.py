@@ -48,6 +48,8 @@ class ResponsePlan:
     rewrite_body: bool = False
     upstream_session_owner: str = ""
     namespace: str = ""
+    renewable: bool = False
+    subject: str = ""
 
     @property
     def rewrite_sse(self) -> bool:

@@ -54,6 +54,12 @@ class Request:
         return cls(headers.get(":method", ""), headers.get(":path", ""), headers, tuple(dup), caller)
 
     @property
+    def bearer(self) -> str:
+        """The caller's bearer as Envoy passed it on (verified there); only for exchange or forwarding."""
+        scheme, _, token = self.headers.get("authorization", "").partition(" ")
+        return token.strip() if scheme.lower() == "bearer" else ""
+
+    @property
     def toolset(self) -> str:
         return self.headers.get(TOOLSET_HEADER, "").strip().lower()
 

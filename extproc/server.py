@@ -7,13 +7,17 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
+import httpx2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 
 from catalog.config import GatewayConfig
+from catalog.manifests import MCPServer
 from extproc.catalog_files import read_catalog, watch
+from extproc.credentials import Broker, Exchanger, MemoryStore, RedisStore, SecretFiles, TokenStore
 from extproc.fleet import Fleet
 from extproc.gateway import Gateway
 from extproc.sessions import Cursors, Sealer, Sessions, load_key
@@ -60,9 +64,18 @@ def build_gateway(config: GatewayConfig) -> Gateway:
         key = load_key(env=SESSION_KEY_ENV) if os.environ.get(SESSION_KEY_ENV) else load_key()
     sealer = Sealer(key)
     client = UpstreamClient(str(config.internal_listen))
+    secrets = SecretFiles(config.secrets_dir)
+    store: TokenStore = RedisStore(config.redis_url, sealer) if config.redis_url else MemoryStore()
+    idp_http = httpx2.AsyncClient(timeout=10.0, limits=httpx2.Limits(max_connections=64))
+    broker = Broker(Exchanger(idp_http, store, secrets), secrets)
+
+    async def own_calls(server: MCPServer, owner: str, bearer: str) -> Mapping[str, str]:
+        return (await broker.credential(server, owner, bearer)).headers
+
     fleet = Fleet(client, prefix=config.prefix, mode=config.prefix_mode, default_ttl_ms=config.list_ttl_ms,
-                  ttl_floor_ms=config.list_ttl_floor_ms, list_wait_s=config.list_wait_ms / 1000)
-    return Gateway(config, fleet, Sessions(sealer), Cursors(sealer))
+                  ttl_floor_ms=config.list_ttl_floor_ms, list_wait_s=config.list_wait_ms / 1000,
+                  auth=own_calls, per_user=Broker.per_user)
+    return Gateway(config, fleet, Sessions(sealer), Cursors(sealer), broker)
 
 
 async def serve(config: GatewayConfig, *, port: int, status_port: int | None) -> None:

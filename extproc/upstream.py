@@ -35,6 +35,10 @@ class UpstreamError(Exception):
     """The upstream could not be reached or answered something that is not MCP."""
 
 
+class UpstreamAuthError(UpstreamError):
+    """The upstream refused the credential (HTTP 401/403)."""
+
+
 class UpstreamRpcError(UpstreamError):
     """The upstream answered with a JSON-RPC error."""
 
@@ -56,6 +60,7 @@ class Handshake:
     instructions: str = ""
     server_info: dict[str, Any] = field(default_factory=dict)
     ttl_ms: int | None = None
+    auth: dict[str, str] = field(default_factory=dict)
 
 
 def _sse_messages(text: str) -> list[dict[str, Any]]:
@@ -77,20 +82,19 @@ def _sse_messages(text: str) -> list[dict[str, Any]]:
 
 
 class UpstreamClient:
-    def __init__(self, internal: str, *, static_headers: Mapping[str, Mapping[str, str]] | None = None) -> None:
+    def __init__(self, internal: str) -> None:
         self._http = httpx2.AsyncClient(
             base_url=f"http://{internal}",
             timeout=httpx2.Timeout(30.0),
             limits=httpx2.Limits(max_connections=256, max_keepalive_connections=64),
         )
         self._ids = itertools.count(1)
-        self._static = static_headers or {}
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
     def headers(self, server: MCPServer, *, era: str, version: str, session_id: str = "", method: str = "",
-                name: str | None = None) -> dict[str, str]:
+                name: str | None = None, auth: Mapping[str, str] | None = None) -> dict[str, str]:
         out = {
             "host": server.authority,
             ROUTE_HEADER: cluster_name(server.name),
@@ -98,7 +102,7 @@ class UpstreamClient:
             "content-type": "application/json",
             "mcp-protocol-version": version,
         }
-        out.update(server.headers)
+        out.update(auth or {})
         if era == MODERN and method:
             out["mcp-method"] = method
             if name is not None:
@@ -129,13 +133,15 @@ class UpstreamClient:
         msg_id = next(self._ids)
         key = jsonrpc.NAME_BEARING.get(method)
         headers = self.headers(server, era=hs.era, version=hs.version, session_id=hs.session_id, method=method,
-                               name=params.get(key) if key else None)
+                               name=params.get(key) if key else None, auth=hs.auth)
         resp = await self._post(server, {"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params},
                                 headers, timeout)
         return self._answer(resp, msg_id), resp
 
     @staticmethod
     def _answer(resp: httpx2.Response, msg_id: int) -> dict[str, Any]:
+        if resp.status_code in (401, 403):
+            raise UpstreamAuthError(f"HTTP {resp.status_code}: the upstream refused the credential")
         ctype = resp.headers.get("content-type", "")
         messages: list[dict[str, Any]] = []
         if "text/event-stream" in ctype:
@@ -159,18 +165,33 @@ class UpstreamClient:
         snippet = resp.text[:120].replace("\n", " ") if resp.content else ""
         raise UpstreamError(f"HTTP {resp.status_code} without a JSON-RPC answer {snippet!r}".rstrip())
 
+    async def raw_post(self, server: MCPServer, body: bytes, headers: Mapping[str, str]) -> tuple[int, str, bytes]:
+        """Send a prepared request as it is and return (status, content type, body): for one retry."""
+        out = dict(headers)
+        out["host"] = server.authority
+        out[ROUTE_HEADER] = cluster_name(server.name)
+        try:
+            resp = await self._http.post(server.path, content=body, headers=out, timeout=float(server.timeout))
+        except httpx2.TimeoutException as exc:
+            raise UpstreamError(f"timed out after {server.timeout}s") from exc
+        except httpx2.HTTPError as exc:
+            raise UpstreamError(f"unreachable: {type(exc).__name__}") from exc
+        return resp.status_code, resp.headers.get("content-type", "application/json"), resp.content
+
     async def notify(self, server: MCPServer, hs: Handshake, method: str, params: dict[str, Any] | None = None) -> None:
-        headers = self.headers(server, era=hs.era, version=hs.version, session_id=hs.session_id)
+        headers = self.headers(server, era=hs.era, version=hs.version, session_id=hs.session_id, auth=hs.auth)
         body: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
         if params:
             body["params"] = params
         await self._post(server, body, headers, None)
 
-    async def probe(self, server: MCPServer) -> Handshake:
+    async def probe(self, server: MCPServer, auth: Mapping[str, str] | None = None) -> Handshake:
         """Learn the upstream's era: a modern DiscoverResult keeps it modern, anything else means initialize."""
-        modern = Handshake(era=MODERN, version=LATEST_MODERN)
+        modern = Handshake(era=MODERN, version=LATEST_MODERN, auth=dict(auth or {}))
         try:
             result, _ = await self.request(server, modern, "server/discover")
+        except UpstreamAuthError:
+            raise
         except UpstreamRpcError:
             result = {}
         except UpstreamError as exc:
@@ -182,14 +203,15 @@ class UpstreamClient:
             meta = result.get("_meta") or {}
             return Handshake(era=MODERN, version=LATEST_MODERN, capabilities=result.get("capabilities") or {},
                              instructions=result.get("instructions") or "",
-                             server_info=meta.get(jsonrpc.META_SERVER_INFO) or {}, ttl_ms=result.get("ttlMs"))
-        return await self.initialize(server)
+                             server_info=meta.get(jsonrpc.META_SERVER_INFO) or {}, ttl_ms=result.get("ttlMs"),
+                             auth=dict(auth or {}))
+        return await self.initialize(server, auth=auth)
 
     async def initialize(self, server: MCPServer, capabilities: dict[str, Any] | None = None,
-                         log_level: str = "") -> Handshake:
+                         log_level: str = "", auth: Mapping[str, str] | None = None) -> Handshake:
         """Open a handshake-era session, declaring the capabilities of the client it serves (if any)."""
         params = {"protocolVersion": LATEST_HANDSHAKE, "capabilities": capabilities or {}, "clientInfo": CLIENT_INFO}
-        headers = self.headers(server, era=LEGACY, version=LATEST_HANDSHAKE)
+        headers = self.headers(server, era=LEGACY, version=LATEST_HANDSHAKE, auth=auth)
         del headers["mcp-protocol-version"]
         msg_id = next(self._ids)
         resp = await self._post(server, {"jsonrpc": "2.0", "id": msg_id, "method": "initialize", "params": params},
@@ -200,7 +222,7 @@ class UpstreamClient:
             raise UpstreamError(f"upstream negotiated an unknown protocol version {version!r}")
         hs = Handshake(era=LEGACY, version=version, session_id=resp.headers.get("mcp-session-id", ""),
                        capabilities=result.get("capabilities") or {}, instructions=result.get("instructions") or "",
-                       server_info=result.get("serverInfo") or {})
+                       server_info=result.get("serverInfo") or {}, auth=dict(auth or {}))
         await self.notify(server, hs, "notifications/initialized")
         if log_level and "logging" in hs.capabilities:
             await self.request(server, hs, "logging/setLevel", {"level": log_level})
@@ -224,8 +246,8 @@ class UpstreamClient:
                 break
         return items, (min(ttls) if ttls else None)
 
-    async def delete_session(self, server: MCPServer, session_id: str, version: str) -> None:
-        headers = self.headers(server, era=LEGACY, version=version, session_id=session_id)
+    async def delete_session(self, server: MCPServer, hs: Handshake) -> None:
+        headers = self.headers(server, era=LEGACY, version=hs.version, session_id=hs.session_id, auth=hs.auth)
         try:
             await self._http.delete(server.path, headers=headers, timeout=5.0)
         except httpx2.HTTPError as exc:
@@ -233,7 +255,7 @@ class UpstreamClient:
 
     async def events(self, server: MCPServer, hs: Handshake) -> AsyncIterator[dict[str, Any]]:
         """Server-to-client notifications about lists: the legacy GET stream or a modern subscriptions/listen."""
-        headers = self.headers(server, era=hs.era, version=hs.version, session_id=hs.session_id)
+        headers = self.headers(server, era=hs.era, version=hs.version, session_id=hs.session_id, auth=hs.auth)
         headers["accept"] = "text/event-stream" if hs.era == LEGACY else "application/json, text/event-stream"
         if hs.era == LEGACY:
             request = self._http.build_request("GET", server.path, headers=headers, timeout=httpx2.Timeout(None))

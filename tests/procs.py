@@ -178,6 +178,8 @@ def start_demo_server(
     require_bearer: str | None = None,
     record_headers: str | os.PathLike[str] | None = None,
     variant: str = "",
+    require_jwt: str = "",
+    audience: str = "",
     timeout: float = 20,
 ) -> Iterator[DemoServer]:
     """Start one demo MCP server (see deploy/demo/servers.py) and stop it on exit.
@@ -196,6 +198,8 @@ def start_demo_server(
         cmd += ["--record-headers", os.fspath(record_headers)]
     if variant:
         cmd += ["--variant", variant]
+    if require_jwt:
+        cmd += ["--require-jwt", require_jwt, "--audience", audience]
     with spawn(cmd, "READY ", timeout) as spawned:
         url = spawned.ready_line.split(" ", 1)[1]
         actual_port = int(url.rsplit(":", 1)[1].split("/", 1)[0])

@@ -34,6 +34,7 @@ import struct
 import sys
 import threading
 import time
+import urllib.request
 import warnings
 import wave
 import zlib
@@ -41,6 +42,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
+import jwt
 import mcp_types as types
 import uvicorn
 from mcp.server import MCPServer
@@ -855,6 +857,46 @@ def require_bearer(app: ASGIApp, token: str) -> ASGIApp:
     return wrapped
 
 
+def require_jwt(app: ASGIApp, issuer: str, audience: str, public_url: str) -> ASGIApp:
+    """An upstream that validates bearer tokens on its own (signature from the issuer's JWKS, issuer, audience,
+    expiry) and, without a valid one, answers 401 pointing at its RFC 9728 metadata."""
+    discovery = json.loads(urllib.request.urlopen(f"{issuer}/.well-known/openid-configuration", timeout=10).read())
+    keys = jwt.PyJWKClient(discovery["jwks_uri"], cache_keys=True)
+    base = public_url.split("/mcp", 1)[0]
+    metadata_path = "/.well-known/oauth-protected-resource/mcp"
+    metadata = json.dumps({"resource": audience, "authorization_servers": [issuer],
+                           "scopes_supported": ["mcp:tools"]}).encode()
+    challenge = f'Bearer resource_metadata="{base}{metadata_path}"'.encode()
+
+    def valid(authorization: str | None) -> bool:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return False
+        try:
+            key = keys.get_signing_key_from_jwt(token)
+            jwt.decode(token, key.key, algorithms=["RS256", "ES256"], audience=audience, issuer=issuer)
+        except (jwt.PyJWTError, OSError):
+            return False
+        return True
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/.well-known/oauth-protected-resource"):
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(metadata)).encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": metadata})
+            return
+        if scope["type"] == "http":
+            authorization = header(scope, b"authorization")
+            ok = await asyncio.to_thread(valid, authorization)
+            if not ok:
+                error = b', error="invalid_token"' if authorization else b""
+                await plain_response(send, 401, "Unauthorized", [(b"www-authenticate", challenge + error)])
+                return
+        await app(scope, receive, send)
+
+    return wrapped
+
+
 def legacy_only(app: ASGIApp) -> ASGIApp:
     """Answer like a server that predates 2026-07-28: reject any protocol version it does not know."""
 
@@ -900,6 +942,9 @@ def build_app(args: argparse.Namespace) -> ASGIApp:
         app = legacy_only(app)
     if args.require_bearer:
         app = require_bearer(app, args.require_bearer)
+    if args.require_jwt:
+        app = require_jwt(app, args.require_jwt, args.audience or f"http://{args.host}:{args.port}/mcp",
+                          f"http://{args.host}:{args.port}/mcp")
     if args.record_headers:
         app = record_headers(app, Path(args.record_headers))
     return app
@@ -928,6 +973,9 @@ async def serve(app: ASGIApp, sock: socket.socket, on_ready: Callable[[], None])
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=KINDS)
+    parser.add_argument("--require-jwt", metavar="ISSUER", default="",
+                        help="validate bearer JWTs from this issuer (JWKS from its discovery document)")
+    parser.add_argument("--audience", default="", help="with --require-jwt: the audience tokens must carry")
     parser.add_argument("--variant", default="", choices=("", "skewed"),
                         help="kubernetes only: 'skewed' changes one description and adds a tool with an "
                              "argument named management_cluster (family fallbacks)")

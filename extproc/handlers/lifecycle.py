@@ -25,8 +25,7 @@ async def initialize(gw: Gateway, req: Request, msg: Message) -> Local:
     requested = msg.params.get("protocolVersion")
     version = requested if requested in HANDSHAKE_VERSIONS else LATEST_HANDSHAKE
     caps = msg.params.get("capabilities")
-    await gw.fleet.ready()
-    view = gw.fleet.view()
+    view = await gw.current_view(req)
     session_id, _ = gw.sessions.mint(req.caller.subject, version, orjson.dumps(caps if isinstance(caps, dict) else {}))
     capabilities = {**view.capabilities, "resources": {"subscribe": True}, "logging": {}}
     result: dict[str, Any] = {"protocolVersion": version, "capabilities": capabilities, "serverInfo": gw.server_info}
@@ -36,8 +35,7 @@ async def initialize(gw: Gateway, req: Request, msg: Message) -> Local:
 
 
 async def discover(gw: Gateway, req: Request, msg: Message) -> Local:
-    await gw.fleet.ready()
-    view = gw.fleet.view()
+    view = await gw.current_view(req)
     result: dict[str, Any] = {
         "supportedVersions": [*MODERN_VERSIONS, *reversed(HANDSHAKE_VERSIONS)],
         "capabilities": view.capabilities,

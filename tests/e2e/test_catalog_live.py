@@ -158,10 +158,12 @@ async def test_a_slow_upstream_is_bounded_by_its_timeout(tmp_path: Path) -> None
 
 async def test_list_changed_from_an_upstream_refreshes_its_cached_list(tmp_path: Path) -> None:
     """The processor follows each upstream's subscriptions/listen stream; list TTLs are long here."""
+    records = tmp_path / "vendor.jsonl"
     with contextlib.ExitStack() as stack:
-        vendor = stack.enter_context(start_demo_server("vendor", name="vendor"))
+        vendor = stack.enter_context(start_demo_server("vendor", name="vendor", record_headers=records))
         gw = stack.enter_context(start_gateway(tmp_path, {"vendor": vendor.url}, listTtlFloorMs=600_000))
         assert "x_vendor_beta_feature" not in await tool_names(gw.url)
+        gw.wait_for(lambda: "subscriptions/listen" in records.read_text(), what="the processor to listen")
         async with connect(gw.url, MODERN) as client:
             assert "added" in (await client.call_tool("x_vendor_toggle_beta", {})).content[0].text  # type: ignore[union-attr]
         assert "x_vendor_beta_feature" in await names_until(gw.url, lambda n: "x_vendor_beta_feature" in n)
