@@ -9,7 +9,7 @@ NODE_DIR := .tools/node
 GEN := extproc/gen
 PROTOS := $(wildcard proto/muster_edge/v1/*.proto)
 
-.PHONY: run test venv node proto lint bench clean
+.PHONY: run test venv node proto lint bench clean envoy-demo redis
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -50,6 +50,11 @@ lint: venv proto
 
 bench: venv proto
 	$(PY) bench/run.py
+
+# The committed reference rendering of the demo's Envoy configuration (kept current by a test).
+envoy-demo: venv proto
+	$(VENV)/bin/muster-edge envoy render -c deploy/demo/gateway.yaml --out envoy/demo
+	sed -i "s|$$(pwd)|.|g" envoy/demo/bootstrap.yaml envoy/demo/mesh.yaml envoy/demo/cds/cds.yaml
 
 clean:
 	rm -rf $(VENV) .tools $(GEN) .state

@@ -96,12 +96,16 @@ def test_mesh_pieces_fit_an_existing_envoy(tmp_path: Path) -> None:
 
 
 def test_committed_demo_config_is_current_and_valid(tmp_path: Path) -> None:
-    """envoy/demo/ is what the renderer writes for the demo fleet today, and Envoy accepts it."""
+    """envoy/demo/ is what the renderer writes for the demo fleet today (with the repository's absolute path
+    written as "."), and Envoy accepts it."""
+    from extproc.selfsigned import ensure_self_signed
+
     subprocess.run([str(MUSTER_EDGE), "envoy", "render", "-c", str(ROOT / "deploy/demo/gateway.yaml"), "--out",
                     "envoy/demo"], check=True, capture_output=True, cwd=tmp_path, timeout=60)
     for name in ("bootstrap.yaml", "mesh.yaml", "cds/cds.yaml"):
-        fresh = (tmp_path / "envoy/demo" / name).read_text()
-        assert fresh == (ROOT / "envoy/demo" / name).read_text(), f"envoy/demo/{name} is stale: render it again"
+        fresh = (tmp_path / "envoy/demo" / name).read_text().replace(str(ROOT), ".")
+        assert fresh == (ROOT / "envoy/demo" / name).read_text(), f"envoy/demo/{name} is stale: `make envoy-demo`"
+    ensure_self_signed(str(ROOT / ".state/demo/tls/cert.pem"), str(ROOT / ".state/demo/tls/key.pem"))
     result = subprocess.run([str(ENVOY), "--mode", "validate", "-c", "envoy/demo/bootstrap.yaml",
                              "--disable-hot-restart"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
