@@ -19,7 +19,7 @@ _KNOWN = {
     "apiVersion", "kind", "listen", "path", "internalListen", "envoyAdmin", "processor", "catalog",
     "prefix", "prefixMode", "maxRequestBytes", "sessionKey", "stateDir", "listPageSize", "serverName",
     "instructions", "listTtlMs", "listTtlFloorMs", "allowedOrigins", "listWaitMs", "allowedHosts", "tls",
-    "auth", "policy", "audit", "secretsDir", "store",
+    "auth", "policy", "audit", "secretsDir", "store", "upstreamOAuth",
 }
 
 
@@ -71,6 +71,17 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class UpstreamOAuthConfig:
+    """The gateway's own OAuth client at third-party authorization servers (per-user OAuth to upstreams)."""
+
+    client_id: str
+    client_secret_file: str = ""
+    client_secret_env: str = ""
+    callback_path: str = "/oauth/callback"
+    redirect_uri: str = ""
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     source: str = ""
     listen: Address = Address("127.0.0.1", 8080)
@@ -101,6 +112,18 @@ class GatewayConfig:
     audit_log: str = ""
     secrets_dir: str = ""
     redis_url: str = ""
+    upstream_oauth: UpstreamOAuthConfig | None = None
+
+    @property
+    def callback_url(self) -> str:
+        """Where authorization servers send the browser back after a per-user login."""
+        oauth = self.upstream_oauth
+        if oauth is None:
+            return ""
+        if oauth.redirect_uri:
+            return oauth.redirect_uri
+        parts = urlsplit(self.public_url)
+        return f"{parts.scheme}://{parts.netloc}{oauth.callback_path}"
 
     @property
     def public_url(self) -> str:
@@ -260,6 +283,7 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
         audit_log=str(raw.get("audit", "")),
         secrets_dir=path_of(str(raw.get("secretsDir", "secrets"))),
         redis_url=_store(raw.get("store"), source),
+        upstream_oauth=_upstream_oauth(raw.get("upstreamOAuth"), source, path_of),
     )
     return cfg
 
@@ -274,6 +298,25 @@ def _store(raw: Any, source: str) -> str:
     if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"{source}: store.redis: must be a redis://, rediss:// or unix:// URL")
     return url
+
+
+def _upstream_oauth(raw: Any, source: str, path_of: Any) -> UpstreamOAuthConfig | None:
+    if raw is None:
+        return None
+    where = f"{source}: upstreamOAuth"
+    known = {"clientId", "clientSecretFile", "clientSecretEnv", "callbackPath", "redirectUri"}
+    if not isinstance(raw, dict) or set(raw) - known:
+        raise ConfigError(f"{where}: expected {', '.join(sorted(known))}")
+    if not isinstance(raw.get("clientId"), str) or not raw["clientId"]:
+        raise ConfigError(f"{where}.clientId: is required (the gateway's client at upstream authorization servers)")
+    callback = raw.get("callbackPath", "/oauth/callback")
+    if not isinstance(callback, str) or not callback.startswith("/"):
+        raise ConfigError(f"{where}.callbackPath: must start with '/'")
+    return UpstreamOAuthConfig(
+        client_id=raw["clientId"],
+        client_secret_file=path_of(raw["clientSecretFile"]) if raw.get("clientSecretFile") else "",
+        client_secret_env=str(raw.get("clientSecretEnv", "")), callback_path=callback,
+        redirect_uri=str(raw.get("redirectUri", "")))
 
 
 def _policy(raw: Any, source: str) -> Policy:

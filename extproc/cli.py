@@ -97,6 +97,35 @@ def _drain(stream: IO[bytes]) -> None:
         pass
 
 
+def cmd_auth_status(args: argparse.Namespace) -> int:
+    """Read auth://status through the gateway as the caller whose token is given, and print it."""
+    import asyncio
+    import ssl
+
+    import httpx2
+    from mcp.client.client import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    from extproc.handlers.auth import AUTH_STATUS_URI, status_text
+
+    token = args.token or os.environ.get("MUSTER_EDGE_TOKEN", "")
+
+    async def read() -> dict[str, object]:
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=args.cafile) if args.cafile else True
+        http = httpx2.AsyncClient(headers={"authorization": f"Bearer {token}"} if token else {}, verify=verify,
+                                  timeout=30)
+        try:
+            async with Client(streamable_http_client(args.url, http_client=http), mode="2026-07-28") as client:
+                result = await client.read_resource(AUTH_STATUS_URI)
+        finally:
+            await http.aclose()
+        return dict(json.loads(result.contents[0].text))  # type: ignore[union-attr]
+
+    status = asyncio.run(read())
+    print(json.dumps(status, indent=2) if args.json else status_text(status))
+    return 0
+
+
 def start_demo_fleet() -> list[subprocess.Popen[bytes]]:
     """Start the demo upstreams listed in deploy/demo/fleet.yaml and wait until each is ready."""
     fleet = yaml.safe_load((DEMO_DIR / "fleet.yaml").read_text())
@@ -212,6 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("validate", help="check the catalog's manifests against the admission rules")
     p.add_argument("-c", "--config", required=True)
     p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("auth", help="per-user authentication")
+    auth_sub = p.add_subparsers(dest="auth_command", required=True)
+    a = auth_sub.add_parser("status", help="each server's state for you (reads auth://status through the gateway)")
+    a.add_argument("--url", default="https://localhost:8443/mcp", help="the gateway's MCP endpoint")
+    a.add_argument("--token", default="", help="your bearer token (default: $MUSTER_EDGE_TOKEN)")
+    a.add_argument("--cafile", default="", help="a CA bundle to trust (a self-signed gateway certificate)")
+    a.add_argument("--json", action="store_true", help="print the JSON document")
+    a.set_defaults(func=cmd_auth_status)
     p = sub.add_parser("status", help="show each upstream's state as the processor sees it")
     p.add_argument("-c", "--config", required=True)
     p.set_defaults(func=cmd_status)

@@ -178,7 +178,7 @@ class RedisStore:
         raw = await self._redis.get(self._prefix + key)
         if raw is None:
             return None
-        return self._sealer.open(raw.decode(), _AAD)
+        return self._sealer.open(raw.decode() if isinstance(raw, bytes) else str(raw), _AAD)
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
         await self._redis.set(self._prefix + key, self._sealer.seal(value, _AAD), px=max(1, int(ttl_s * 1000)))

@@ -146,7 +146,11 @@ def routes(config: GatewayConfig) -> list[dict[str, Any]]:
                                         {"header": {"key": "cache-control", "value": "public, max-age=300"}}],
             "typed_per_filter_config": _no_ext_proc(),
         })
-    return [*prm,
+    callback: list[dict[str, Any]] = []
+    if config.upstream_oauth is not None:
+        callback.append({"name": "muster_edge_oauth_callback", "match": {"path": config.upstream_oauth.callback_path},
+                         "direct_response": {"status": 500, "body": {"inline_string": "not handled\n"}}})
+    return [*prm, *callback,
         {
             "name": "muster_edge_routed",
             "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "present_match": True}]},
@@ -198,6 +202,7 @@ def jwt_filter(config: GatewayConfig) -> dict[str, Any]:
             # every failure, 403 for a missing scope) and refuses any request without a verified payload.
             "rules": [
                 {"match": {"prefix": "/.well-known/"}},
+                *([{"match": {"path": config.upstream_oauth.callback_path}}] if config.upstream_oauth else []),
                 {"match": {"prefix": "/"}, "requires": {"requires_any": {"requirements": [
                     {"provider_name": "idp"}, {"allow_missing_or_failed": {}}]}}},
             ],

@@ -21,7 +21,7 @@ from catalog.view import Route, Target, View, restrict
 from extproc import jsonrpc
 from extproc.credentials import Broker, CredentialError
 from extproc.fleet import Fleet
-from extproc.handlers import calls, lifecycle, lists
+from extproc.handlers import auth, calls, lifecycle, lists
 from extproc.jsonrpc import INVALID_REQUEST, LEGACY, MODERN, Message, RpcError
 from extproc.metrics import Metrics
 from extproc.replies import JSON, Forward, Local, ResponsePlan
@@ -158,6 +158,9 @@ class Gateway:
         return None
 
     async def on_headers(self, req: Request, end_of_stream: bool) -> Local | Forward | None:
+        oauth = self.config.upstream_oauth
+        if oauth is not None and req.path.split("?", 1)[0] == oauth.callback_path:
+            return await auth.callback(self, req)
         if req.path.split("?", 1)[0] != self.config.path:
             return Local(404, b"not found\n", {"content-type": "text/plain"}, details="muster_edge_no_such_path")
         refused = self._authorized(req)
@@ -280,6 +283,16 @@ class Gateway:
             "mcp-protocol-version": version,
             "x-envoy-upstream-rq-timeout-ms": str(server.timeout * 1000),
         }
+
+    def core_tools(self) -> tuple[dict[str, Any], ...]:
+        """core_auth_login / core_auth_logout, offered while the catalog has per-user OAuth servers."""
+        if any(s.auth.type == "oauth" and not auth.sso_kind(s) for s in self.fleet.servers.values()):
+            return auth.CORE_TOOLS
+        return ()
+
+    @property
+    def offers_auth_status(self) -> bool:
+        return self.config.auth is not None or any(self.broker.per_user(s) for s in self.fleet.servers.values())
 
     @staticmethod
     def _dropped(req: Request, keep: Mapping[str, str] | None = None) -> list[str]:

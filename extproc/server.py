@@ -20,6 +20,7 @@ from extproc.catalog_files import read_catalog, watch
 from extproc.credentials import Broker, Exchanger, MemoryStore, RedisStore, SecretFiles, TokenStore
 from extproc.fleet import Fleet
 from extproc.gateway import Gateway
+from extproc.oauth import UserTokens
 from extproc.sessions import Cursors, Sealer, Sessions, load_key
 from extproc.status import serve_status
 from extproc.stream import Stream
@@ -67,7 +68,14 @@ def build_gateway(config: GatewayConfig) -> Gateway:
     secrets = SecretFiles(config.secrets_dir)
     store: TokenStore = RedisStore(config.redis_url, sealer) if config.redis_url else MemoryStore()
     idp_http = httpx2.AsyncClient(timeout=10.0, limits=httpx2.Limits(max_connections=64))
-    broker = Broker(Exchanger(idp_http, store, secrets), secrets)
+    user_tokens = None
+    if config.upstream_oauth is not None:
+        oauth = config.upstream_oauth
+        secret = secrets.read_file(oauth.client_secret_file) if oauth.client_secret_file else \
+            os.environ.get(oauth.client_secret_env, "") if oauth.client_secret_env else ""
+        internal = httpx2.AsyncClient(base_url=f"http://{config.internal_listen}", timeout=10.0)
+        user_tokens = UserTokens(oauth, secret, config.callback_url, store, sealer, idp_http, internal)
+    broker = Broker(Exchanger(idp_http, store, secrets), secrets, user_tokens)
 
     async def own_calls(server: MCPServer, owner: str, bearer: str) -> Mapping[str, str]:
         return (await broker.credential(server, owner, bearer)).headers

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 from catalog.view import Route, Target
 from extproc import jsonrpc
+from extproc.handlers import auth
 from extproc.jsonrpc import INVALID_PARAMS, LEGACY_RESOURCE_NOT_FOUND, MODERN, Message, RpcError
-from extproc.replies import Forward
+from extproc.replies import Forward, Local
 from extproc.request import Request
 
 if TYPE_CHECKING:
@@ -78,9 +79,11 @@ def _refused(gw: Gateway, req: Request, name: str, arguments: Mapping[str, Any])
     return RpcError(INVALID_PARAMS, f"Unknown tool: {name}")
 
 
-async def call_tool(gw: Gateway, req: Request, msg: Message) -> Forward:
+async def call_tool(gw: Gateway, req: Request, msg: Message) -> Forward | Local:
     name = _name(msg.params)
     arguments = _object(msg.params, "arguments")
+    if name in auth.CORE_TOOL_NAMES and gw.core_tools():
+        return await auth.core_tool(gw, req, msg, name, arguments)
     view = await gw.current_view(req)
     route = view.tool_routes.get(name)
     if route is None:
@@ -122,8 +125,10 @@ def _not_found(msg: Message, uri: str) -> RpcError:
     return RpcError(code, f"Resource not found: {uri}", {"uri": uri})
 
 
-async def read_resource(gw: Gateway, req: Request, msg: Message) -> Forward:
+async def read_resource(gw: Gateway, req: Request, msg: Message) -> Forward | Local:
     uri = _name(msg.params, "uri")
+    if uri == auth.AUTH_STATUS_URI and gw.offers_auth_status:
+        return await auth.read_status(gw, req, msg)
     view = await gw.current_view(req)
     resolved = view.resolve_uri(uri)
     if resolved is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from extproc import jsonrpc
+from extproc.handlers import auth
 from extproc.jsonrpc import INVALID_PARAMS, MODERN, Message, RpcError
 from extproc.replies import Local
 from extproc.request import Request
@@ -37,10 +38,15 @@ async def list_items(gw: Gateway, req: Request, msg: Message) -> Local:
             raise RpcError(INVALID_PARAMS, "Invalid cursor: the list changed or the cursor is not ours; list again")
         offset = parsed.offset
     scope = gw.cache_scope(req)
-    cache_key = (view.fingerprint, msg.method, offset, msg.era, scope)
+    extra: tuple[dict[str, Any], ...] = ()
+    if attr == "tools":
+        extra = gw.core_tools()
+    elif attr == "resources" and gw.offers_auth_status:
+        extra = (auth.AUTH_STATUS_RESOURCE,)
+    cache_key = (view.fingerprint, msg.method, offset, msg.era, scope, len(extra))
     page = gw.pages.get(cache_key)
     if page is None:
-        items = view.legacy_tools if attr == "tools" and msg.era != MODERN else getattr(view, attr)
+        items = (*extra, *(view.legacy_tools if attr == "tools" and msg.era != MODERN else getattr(view, attr)))
         size = gw.config.list_page_size or max(len(items), 1)
         result: dict[str, Any] = {key: list(items[offset:offset + size])}
         if offset + size < len(items):
