@@ -42,6 +42,10 @@ async def _no_auth(server: MCPServer, owner: str, bearer: str) -> Mapping[str, s
     return {}
 
 
+async def _no_renew(server: MCPServer, owner: str) -> None:
+    return None
+
+
 @dataclass
 class UpstreamState:
     server: MCPServer
@@ -70,7 +74,8 @@ class UpstreamState:
 class Fleet:
     def __init__(self, client: UpstreamClient, *, prefix: str, mode: str, default_ttl_ms: int,
                  ttl_floor_ms: int = 5_000, list_wait_s: float = 10.0, auth: AuthSource = _no_auth,
-                 per_user: Callable[[MCPServer], bool] = lambda _s: False) -> None:
+                 per_user: Callable[[MCPServer], bool] = lambda _s: False,
+                 renew: Callable[[MCPServer, str], Awaitable[None]] | None = None) -> None:
         self.client = client
         self.prefix = prefix
         self.mode = mode
@@ -79,6 +84,7 @@ class Fleet:
         self.list_wait_s = list_wait_s
         self.auth = auth
         self.per_user = per_user
+        self.renew = renew or _no_renew
         self.servers: dict[str, MCPServer] = {}
         self.errors: tuple[AdmissionError, ...] = ()
         self.states: dict[str, UpstreamState] = {}
@@ -124,15 +130,26 @@ class Fleet:
     async def _credentials(self, state: UpstreamState) -> dict[str, str]:
         return dict(await self.auth(state.server, state.owner, state.bearer))
 
+    async def _fetch(self, state: UpstreamState) -> tuple[Handshake, list[tuple[list[dict[str, Any]], int | None]]]:
+        auth = await self._credentials(state)
+        hs = state.handshake or await self.client.probe(state.server, auth)
+        hs.auth = auth
+        state.handshake = hs
+        results = await asyncio.gather(*(self._list(state.server, hs, m, k, cap) for m, k, cap in _LISTS))
+        return hs, list(results)
+
     async def _refresh(self, state: UpstreamState) -> None:
         server = state.server
         state.last_attempt = time.monotonic()
         try:
-            auth = await self._credentials(state)
-            hs = state.handshake or await self.client.probe(server, auth)
-            hs.auth = auth
-            state.handshake = hs
-            results = await asyncio.gather(*(self._list(server, hs, m, k, cap) for m, k, cap in _LISTS))
+            try:
+                hs, results = await self._fetch(state)
+            except UpstreamAuthError:
+                if not state.owner:
+                    raise
+                await self.renew(server, state.owner)  # a per-user credential the upstream refused: once more
+                state.handshake = None
+                hs, results = await self._fetch(state)
         except CredentialError as exc:
             self._fail(state, exc.reason, auth_required=exc.auth_required)
             return

@@ -383,7 +383,12 @@ class Gateway:
         except CredentialError as exc:
             return Local.error(RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}': {exc.reason}",
                                         {"server": plan.server}, status=502), MODERN, plan.client_id)
-        headers = {k: v for k, v in fwd.set_headers.items() if not k.startswith(":") and k != ROUTE_HEADER}
+        hop = {"content-length", "host", "connection", "transfer-encoding", "keep-alive", "upgrade", "te"}
+        headers = {k: v for k, v in req.headers.items()
+                   if not k.startswith(":") and k not in fwd.remove_headers and k not in hop and
+                   not k.startswith("x-envoy-") and k != "x-forwarded-proto" and k != "x-request-id"}
+        headers.update({k: v for k, v in fwd.set_headers.items()
+                        if not k.startswith(":") and k not in (ROUTE_HEADER, "content-length")})
         headers.update(credential.headers)
         try:
             status, ctype, body = await self.fleet.client.raw_post(server, fwd.body, headers)

@@ -152,6 +152,8 @@ class UserTokens:
                   "resource": server.url}
         if found.scopes:
             params["scope"] = found.scopes
+            if "offline_access" in found.scopes.split():
+                params["prompt"] = "consent"  # OpenID Connect issues refresh tokens only after consent
         return f"{found.authorization_endpoint}?{urlencode(params)}"
 
     async def callback(self, query: dict[str, str], servers: dict[str, MCPServer]) -> tuple[str, MCPServer]:

@@ -54,6 +54,10 @@ class Processor(epg.ExternalProcessorServicer):
                     await context.write(reply)
         except asyncio.CancelledError:
             pass  # Envoy resets every stream when its HTTP request ends
+        except Exception:
+            # Fail closed: Envoy answers status_on_error (503) for a stream that errors.
+            log.exception("processing a request failed")
+            raise
 
 
 def build_gateway(config: GatewayConfig) -> Gateway:
@@ -82,7 +86,7 @@ def build_gateway(config: GatewayConfig) -> Gateway:
 
     fleet = Fleet(client, prefix=config.prefix, mode=config.prefix_mode, default_ttl_ms=config.list_ttl_ms,
                   ttl_floor_ms=config.list_ttl_floor_ms, list_wait_s=config.list_wait_ms / 1000,
-                  auth=own_calls, per_user=Broker.per_user)
+                  auth=own_calls, per_user=Broker.per_user, renew=broker.evict)
     return Gateway(config, fleet, Sessions(sealer), Cursors(sealer), broker)
 
 

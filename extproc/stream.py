@@ -75,6 +75,7 @@ class Stream:
         self._write = write
         self.req = Request()
         self.plan: ResponsePlan | None = None
+        self.forward: Forward | None = None
         self.sse: SseRewriter | None = None
 
     async def handle(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse | None:
@@ -84,7 +85,7 @@ class Stream:
         if kind == "request_body":
             return await self._request_body(msg)
         if kind == "response_headers":
-            return self._response_headers(msg)
+            return await self._response_headers(msg)
         if kind == "response_body":
             return self._response_body(msg)
         resp = ep.ProcessingResponse()
@@ -130,6 +131,7 @@ class Stream:
             return immediate(decision)
         assert isinstance(decision, Forward)
         self.plan = decision.plan
+        self.forward = decision
         resp = ep.ProcessingResponse()
         common = resp.request_body.response
         common.body_mutation.body = decision.body
@@ -138,7 +140,7 @@ class Stream:
         common.clear_route_cache = True
         return resp
 
-    def _response_headers(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
+    async def _response_headers(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
         resp = ep.ProcessingResponse()
         plan = self.plan
         if plan is None:
@@ -147,6 +149,8 @@ class Stream:
         headers = dict(_pairs(msg.response_headers.headers))
         status = int(headers.get(":status", "200"))
         ctype = headers.get("content-type", "")
+        if status == 401 and plan.renewable and self.forward is not None:
+            return immediate(await self._patient(self.gw.retry_refused(self.req, self.forward)))
         if status == 404 and plan.upstream_session_owner:
             self.gw.upstream_session_lost(plan)
             return immediate(self.gw.error_for_upstream_status(plan, status, "upstream session not found"))

@@ -223,6 +223,24 @@ class Idp:
                     raise IdpError.from_response(response)
         raise IdpError(0, {}, "the login flow did not reach the redirect_uri")
 
+    def browse(self, url: str, until: str, *, user: str, password: str) -> str:
+        """Open `url` as a browser would, sign in as `user`, and return the first redirect that starts with
+        `until` (not followed): for flows that a gateway starts, where the test is the user's browser."""
+        with httpx2.Client(timeout=10, follow_redirects=False) as browser:
+            response = browser.get(url)
+            for _ in range(12):
+                if response.is_redirect:
+                    location = urljoin(str(response.url), response.headers["location"])
+                    if location.startswith(until):
+                        return location
+                    response = browser.get(location)
+                elif response.status_code == 200 and (form := _FORM_ACTION.search(response.text)):
+                    action = urljoin(str(response.url), form.group(1))
+                    response = browser.post(action, data={"login": user, "password": password})
+                else:
+                    raise IdpError.from_response(response)
+        raise IdpError(0, {}, f"the browser never reached {until}")
+
     def _code_from_redirect(self, location: str, state: str) -> str:
         query = {key: values[0] for key, values in parse_qs(urlsplit(location).query).items()}
         if "error" in query:

@@ -180,6 +180,7 @@ def start_demo_server(
     variant: str = "",
     require_jwt: str = "",
     audience: str = "",
+    max_token_uses: int = 0,
     timeout: float = 20,
 ) -> Iterator[DemoServer]:
     """Start one demo MCP server (see deploy/demo/servers.py) and stop it on exit.
@@ -199,7 +200,7 @@ def start_demo_server(
     if variant:
         cmd += ["--variant", variant]
     if require_jwt:
-        cmd += ["--require-jwt", require_jwt, "--audience", audience]
+        cmd += ["--require-jwt", require_jwt, "--audience", audience, "--max-token-uses", str(max_token_uses)]
     with spawn(cmd, "READY ", timeout) as spawned:
         url = spawned.ready_line.split(" ", 1)[1]
         actual_port = int(url.rsplit(":", 1)[1].split("/", 1)[0])

@@ -857,15 +857,17 @@ def require_bearer(app: ASGIApp, token: str) -> ASGIApp:
     return wrapped
 
 
-def require_jwt(app: ASGIApp, issuer: str, audience: str, public_url: str) -> ASGIApp:
+def require_jwt(app: ASGIApp, issuer: str, audience: str, public_url: str, max_uses: int = 0) -> ASGIApp:
     """An upstream that validates bearer tokens on its own (signature from the issuer's JWKS, issuer, audience,
-    expiry) and, without a valid one, answers 401 pointing at its RFC 9728 metadata."""
+    expiry) and, without a valid one, answers 401 pointing at its RFC 9728 metadata. With `max_uses`, a token
+    is refused after that many requests (as if revoked), so a gateway must get a new one."""
+    uses: dict[str, int] = {}
     discovery = json.loads(urllib.request.urlopen(f"{issuer}/.well-known/openid-configuration", timeout=10).read())
     keys = jwt.PyJWKClient(discovery["jwks_uri"], cache_keys=True)
     base = public_url.split("/mcp", 1)[0]
     metadata_path = "/.well-known/oauth-protected-resource/mcp"
     metadata = json.dumps({"resource": audience, "authorization_servers": [issuer],
-                           "scopes_supported": ["mcp:tools"]}).encode()
+                           "scopes_supported": ["mcp:tools", "offline_access"]}).encode()
     challenge = f'Bearer resource_metadata="{base}{metadata_path}"'.encode()
 
     def valid(authorization: str | None) -> bool:
@@ -877,7 +879,8 @@ def require_jwt(app: ASGIApp, issuer: str, audience: str, public_url: str) -> AS
             jwt.decode(token, key.key, algorithms=["RS256", "ES256"], audience=audience, issuer=issuer)
         except (jwt.PyJWTError, OSError):
             return False
-        return True
+        uses[token] = uses.get(token, 0) + 1
+        return not max_uses or uses[token] <= max_uses
 
     async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/.well-known/oauth-protected-resource"):
@@ -944,7 +947,7 @@ def build_app(args: argparse.Namespace) -> ASGIApp:
         app = require_bearer(app, args.require_bearer)
     if args.require_jwt:
         app = require_jwt(app, args.require_jwt, args.audience or f"http://{args.host}:{args.port}/mcp",
-                          f"http://{args.host}:{args.port}/mcp")
+                          f"http://{args.host}:{args.port}/mcp", args.max_token_uses)
     if args.record_headers:
         app = record_headers(app, Path(args.record_headers))
     return app
@@ -976,6 +979,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--require-jwt", metavar="ISSUER", default="",
                         help="validate bearer JWTs from this issuer (JWKS from its discovery document)")
     parser.add_argument("--audience", default="", help="with --require-jwt: the audience tokens must carry")
+    parser.add_argument("--max-token-uses", type=int, default=0,
+                        help="with --require-jwt: refuse a token after this many requests (0: never)")
     parser.add_argument("--variant", default="", choices=("", "skewed"),
                         help="kubernetes only: 'skewed' changes one description and adds a tool with an "
                              "argument named management_cluster (family fallbacks)")

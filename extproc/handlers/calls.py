@@ -61,6 +61,22 @@ def _name(params: Mapping[str, Any], key: str = "name") -> str:
     return value
 
 
+def _failed_owner(gw: Gateway, req: Request, name: str) -> RpcError | None:
+    """A name that would belong to a per-user server this caller cannot reach now: say which and why, rather
+    than "unknown" (its tools are not in this caller's view while its credential fails)."""
+    for server in gw.fleet.servers.values():
+        if not gw.broker.per_user(server) or not req.caller.subject:
+            continue
+        prefixes = [f"{gw.config.prefix}_{server.server_prefix}_"]
+        if server.family is not None:
+            prefixes.append(f"{gw.config.prefix}_{server.family.name}_")
+        state = gw.fleet.state_for(server.name, req.caller.subject)
+        if state.snapshot is not None and not state.snapshot.ok and name.startswith(tuple(prefixes)):
+            return RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{server.name}': {state.snapshot.error}",
+                            {"server": server.name, "authRequired": state.auth_required}, status=502)
+    return None
+
+
 def _refused(gw: Gateway, req: Request, name: str, arguments: Mapping[str, Any]) -> RpcError:
     """A name the caller's view does not hold: audited as denied when the policy hid it, else unknown."""
     base = gw.fleet.view().tool_routes.get(name)
@@ -71,6 +87,9 @@ def _refused(gw: Gateway, req: Request, name: str, arguments: Mapping[str, Any])
         except RpcError:
             target = next(iter(base.targets.values()))
     if base is None or target is None:
+        failed = _failed_owner(gw, req, name)
+        if failed is not None:
+            return failed
         gw.audit(req, tool=name, decision="unknown", rule="no-such-tool")
     else:
         decision = gw.decide(req, base, target)
