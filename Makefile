@@ -33,13 +33,17 @@ $(NODE_DIR)/.installed: deploy/node-tools.json
 	cd $(NODE_DIR) && npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
-redis:
-	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
+# Redis for the shared-state tests (Debian's package; the tests start their own server on a free port).
+redis: .tools/redis-server
+.tools/redis-server:
+	mkdir -p .tools
+	command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null)
+	ln -sf "$$(command -v redis-server)" .tools/redis-server
 
 run: venv proto node
 	$(VENV)/bin/muster-edge demo
 
-test: venv proto node
+test: venv proto node redis
 	$(VENV)/bin/ruff check catalog extproc tests bench deploy
 	$(VENV)/bin/mypy catalog extproc
 	$(PY) -m pytest -q tests
