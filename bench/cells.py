@@ -90,7 +90,7 @@ class _Recorder:
             with contextlib.suppress(OSError, ValueError):
                 snap.methods.update(upstream.method_counts())
         groups = {"processor": self.probe.processor_pids, "envoy": self.probe.envoy_pids,
-                  "upstream": [u.pid for u in self.probe.upstreams], "driver": [os.getpid()]}
+                  "upstream": sorted({u.pid for u in self.probe.upstreams}), "driver": [os.getpid()]}
         snap.cpu = {name: sum(procstat.cpu_seconds(p) for p in pids) for name, pids in groups.items()}
         snap.busy = procstat.machine_busy_seconds()
         return snap

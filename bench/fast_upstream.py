@@ -12,6 +12,16 @@ legacy wire, so a path that sends the wrong headers shows up as errors rather th
 prints `READY http://127.0.0.1:PORT/mcp` once listening. `GET /_stats` returns how many requests it saw per
 JSON-RPC method (and how many it refused, per reason), so the benchmark can show how many upstream requests
 each client call cost; `GET /_last` returns the headers of the last JSON-RPC request it received.
+
+One process can also be a whole fleet, so 40 upstreams do not mean 40 Python processes on a 2-core machine:
+
+    .venv/bin/python -m bench.fast_upstream --port 0 --names a,b,c --tools 40 --shared-descriptions
+
+serves server `a` at `/a/mcp`, `b` at `/b/mcp`, ... (each its own MCP server: own tools, sessions and counts,
+`/a/_stats`, `/a/_last`); `/_stats` then sums every server's counts and `/_last` is the last request any of them
+got. The READY line names the root (`http://127.0.0.1:PORT/mcp`). `--shared-descriptions` leaves the server's
+name out of the tool descriptions, so identical servers can form a family (members whose descriptions differ
+fall back to per-server names); answers still name the server that ran the tool.
 """
 
 from __future__ import annotations
@@ -40,17 +50,19 @@ SSE_HEADERS = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-cont
 KEEPALIVE_S = 20.0
 
 
-def tool_definitions(name: str, count: int) -> list[dict[str, Any]]:
-    """`echo` plus `count - 1` filler tools with realistic descriptions and schemas (about 300 bytes each)."""
+def tool_definitions(name: str, count: int, *, shared: bool = False) -> list[dict[str, Any]]:
+    """`echo` plus `count - 1` filler tools with realistic descriptions and schemas (about 300 bytes each);
+    `shared` descriptions do not name the server (identical servers, as family members are)."""
+    who = "this server" if shared else f"server {name}"
     tools: list[dict[str, Any]] = [{
         "name": "echo",
-        "description": f"Echo the text back (server {name}).",
+        "description": "Echo the text back." if shared else f"Echo the text back (server {name}).",
         "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
     }]
     for i in range(1, count):
         tools.append({
             "name": f"op_{i:03d}",
-            "description": f"Operation {i} of server {name}: looks something up in a namespace and returns it.",
+            "description": f"Operation {i} of {who}: looks something up in a namespace and returns it.",
             "inputSchema": {"type": "object", "properties": {
                 "namespace": {"type": "string", "description": "Kubernetes namespace"},
                 "limit": {"type": "integer", "minimum": 1, "maximum": 500}}, "required": ["namespace"]},
@@ -71,10 +83,10 @@ class RpcFailure(Exception):
 class Upstream:
     """The MCP logic, independent of the socket: one request in, one (status, headers, body) out."""
 
-    def __init__(self, name: str, tools: int) -> None:
+    def __init__(self, name: str, tools: int, *, shared_descriptions: bool = False) -> None:
         self.name = name
         self.info = {"name": name, "version": "1.0.0"}
-        self.tools = tool_definitions(name, tools)
+        self.tools = tool_definitions(name, tools, shared=shared_descriptions)
         self.tool_names = frozenset(t["name"] for t in self.tools)
         self.capabilities = {"tools": {"listChanged": True}}
         self.sessions: set[str] = set()
@@ -178,11 +190,26 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+class Fleet:
+    """The servers one process serves, by path prefix: `""` alone (`/mcp`), or `/NAME` for each of several."""
+
+    def __init__(self, servers: list[Upstream], *, by_name: bool) -> None:
+        self.servers = servers
+        self.routes = {f"/{u.name}" if by_name else "": u for u in servers}
+        self.last: Upstream | None = None
+
+    def counts(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for upstream in self.servers:
+            total.update(upstream.counts)
+        return total
+
+
 class Connection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection; becomes a held-open SSE stream for listen requests."""
 
-    def __init__(self, upstream: Upstream) -> None:
-        self.upstream = upstream
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
         self.parser = Parser(responses=False)
         self.transport: asyncio.Transport | None = None
         self.keepalive: asyncio.Task[None] | None = None
@@ -209,14 +236,21 @@ class Connection(asyncio.Protocol):
                 return
 
     def respond(self, message: Message) -> bytes:
-        up = self.upstream
-        path = message.path.split("?", 1)[0]
-        if path == "/_stats":
-            return render_response(200, JSON_HEADERS, orjson.dumps(dict(up.counts)))
-        if path == "/_last":  # the headers of the last JSON-RPC request, to show what a proxy forwarded
-            return render_response(200, JSON_HEADERS, orjson.dumps(up.last_headers))
-        if path != "/mcp":
+        prefix, _, leaf = message.path.split("?", 1)[0].rpartition("/")
+        fleet = self.fleet
+        found = fleet.routes.get(prefix)
+        if leaf in ("_stats", "_last") and found is None and prefix == "":  # the whole fleet
+            if leaf == "_stats":
+                return render_response(200, JSON_HEADERS, orjson.dumps(dict(fleet.counts())))
+            return render_response(200, JSON_HEADERS, orjson.dumps(fleet.last.last_headers if fleet.last else {}))
+        if found is None or leaf not in ("mcp", "_stats", "_last"):
             return render_response(404, [], b"not found\n")
+        up = found
+        if leaf == "_stats":
+            return render_response(200, JSON_HEADERS, orjson.dumps(dict(up.counts)))
+        if leaf == "_last":  # the headers of the last JSON-RPC request, to show what a proxy forwarded
+            return render_response(200, JSON_HEADERS, orjson.dumps(up.last_headers))
+        fleet.last = up
         if message.method == "GET":  # the legacy server-to-client stream: held open, nothing to say
             up.counts["GET stream"] += 1
             return self._hold(b"")
@@ -242,9 +276,9 @@ class Connection(asyncio.Protocol):
             self.transport.write(chunk(b": keepalive\n\n"))
 
 
-async def serve(host: str, port: int, upstream: Upstream) -> None:
+async def serve(host: str, port: int, fleet: Fleet) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Connection(upstream), host, port, backlog=1024, reuse_address=True)
+    server = await loop.create_server(lambda: Connection(fleet), host, port, backlog=1024, reuse_address=True)
     real_port = server.sockets[0].getsockname()[1]
     print(f"READY http://{host}:{real_port}/mcp", flush=True)
     stop = asyncio.Event()
@@ -260,15 +294,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--name", default="fast", help="server name, used in tool descriptions and results")
     parser.add_argument("--tools", type=int, default=1, help="how many tools to offer (echo plus fillers)")
+    parser.add_argument("--names", default="", help="comma-separated: serve one server per name at /NAME/mcp")
+    parser.add_argument("--shared-descriptions", action="store_true",
+                        help="tool descriptions without the server's name (family members)")
     args = parser.parse_args(argv)
-    upstream = Upstream(args.name, max(1, args.tools))
+    names = [n.strip() for n in args.names.split(",") if n.strip()]
+    if len(set(names)) != len(names) or any("/" in n or "?" in n for n in names):
+        parser.error("--names: distinct names without '/' or '?'")
+    servers = [Upstream(n, max(1, args.tools), shared_descriptions=args.shared_descriptions)
+               for n in names or [args.name]]
+    fleet = Fleet(servers, by_name=bool(names))
     with contextlib.suppress(KeyboardInterrupt):
         try:
             import uvloop
         except ImportError:
-            asyncio.run(serve(args.host, args.port, upstream))
+            asyncio.run(serve(args.host, args.port, fleet))
         else:
-            uvloop.run(serve(args.host, args.port, upstream))
+            uvloop.run(serve(args.host, args.port, fleet))
     return 0
 
 

@@ -1,12 +1,16 @@
 """The benchmark run: start every target in front of the same upstreams, measure, print tables and ratios.
 
-Sections, in order (each prints its table as soon as it is done):
+Sections, in order (each prints its table as soon as it is done); `--only` picks some of them:
+  core:
   0. calibration: the load driver's own ceiling (raw asyncio vs httpx2) and the SDK demo server as shipped;
   1. tools/call latency and throughput at c=1 and c=16: direct, plain Envoy, Envoy's MCP filters (the
      contender), the gateway with 1 (and 2) processor workers, on the modern and the legacy wire, against the
      fast upstream and the mcp SDK upstream;
   2. warm tools/list through the gateway with 10 upstreams x 50 tools (and the contender beside it);
   3. the processor alone: ext_proc cycles straight to one worker over gRPC.
+  families: 20 clusters x 2 families x 40 tools, with and without families (bench/families.py);
+  auth: OAuth at the edge with a real IdP and a 30-rule policy, with and without (bench/edge_auth.py);
+  exchange: RFC 8693 token exchange vs a static Authorization header, IdP requests counted (bench/exchange.py).
 Everything runs on 127.0.0.1 with free ports and is stopped on exit, error, Ctrl-C or SIGTERM.
 """
 
@@ -35,6 +39,7 @@ from bench.report import LEGEND, Row, find, ratios, table
 from bench.stacks import GatewayStack, Upstream
 from bench.wire import LEGACY, MODERN, Call, Endpoint, Requests
 
+SECTIONS = ("core", "families", "auth", "exchange")
 CONCURRENCY = (1, 16)
 LIST_UPSTREAMS, LIST_TOOLS = 10, 50
 GATEWAY_1 = "gateway 1w"
@@ -53,6 +58,13 @@ class Bench:
         self.two_workers = two_workers
         self.rows: list[Row] = []
         self.notes: list[str] = []
+        self.verdicts: list[str] = []  # summary lines a section computes itself (not from rows)
+
+    @property
+    def section_settings(self) -> Settings:
+        """The families, auth and exchange comparisons: shorter windows in more alternating rounds than the core
+        cells, so a drift of the shared machine (other tenants' test runs) weighs on both sides of a ratio alike."""
+        return Settings(0.2, 0.5, 200_000, 2) if self.quick else Settings(0.3, 1.5, 500_000, 4)
 
     def add(self, row: Row) -> Row:
         self.rows.append(row)
@@ -119,18 +131,21 @@ class Bench:
                 self.gateway_stats(gw, label)
 
     def measure_group(self, upstream: str, wire: str, c: int, group: Sequence[tuple[str, str, Call, Probe]]) -> None:
+        self.compare("tools/call", upstream, wire, c,
+                     [(name, Requests(Endpoint.parse(url), wire, call), probe) for name, url, call, probe in group])
+
+    def compare(self, section: str, label: str, wire: str, c: int, group: Sequence[tuple[str, Requests, Probe]],
+                settings: Settings | None = None) -> list[Row]:
         """The targets of one ratio, back to back, in `rounds` passes that alternate the order (A B C, C B A),
         so a drift during the group weighs on every target alike; a target that fails is not retried."""
+        s = settings or self.settings
         results: dict[str, list[Row]] = {name: [] for name, *_ in group}
-        for round_no in range(self.settings.rounds):
-            for name, url, call, probe in group if round_no % 2 == 0 else reversed(group):
+        for round_no in range(s.rounds):
+            for name, requests, probe in group if round_no % 2 == 0 else reversed(group):
                 if results[name] and results[name][-1].failure:
                     continue
-                results[name].append(measure_http(Row("tools/call", upstream, name, wire, c),
-                                                  Requests(Endpoint.parse(url), wire, call), c, self.settings,
-                                                  probe))
-        for name, *_ in group:
-            self.add(merge(results[name]))
+                results[name].append(measure_http(Row(section, label, name, wire, c), requests, c, s, probe))
+        return [self.add(merge(results[name])) for name, *_ in group]
 
     @staticmethod
     def gateway_probe(gw: GatewayStack, upstreams: Sequence[Upstream]) -> Probe:
@@ -244,12 +259,42 @@ def header(settings: Settings, quick: bool) -> str:
     envoy = subprocess.run([str(stacks.ENVOY), "--version"], capture_output=True, text=True, check=False)
     version = envoy.stdout.strip().split("version:")[-1].strip().split("/")[1] if "/" in envoy.stdout else "?"
     load = os.getloadavg()
-    return (f"muster-edge bench ({'quick' if quick else 'full'}): {os.cpu_count()} CPUs shared by driver, Envoy,"
+    return (f"{code_state()}\n"
+            f"muster-edge bench ({'quick' if quick else 'full'}): {os.cpu_count()} CPUs shared by driver, Envoy,"
             f" processor and upstreams; load average {load[0]:.2f} at start\nEnvoy {version} --concurrency"
             f" {stacks.ENVOY_CONCURRENCY} everywhere; Python {sys.version.split()[0]}; per cell: warm-up"
             f" {settings.warmup_s}s, window {settings.measure_s}s x {settings.rounds} round(s) in alternating order"
             f" (closed loop, 1 keep-alive HTTP/1.1 connection per client)\nAbsolute numbers are pessimistic"
             f" (everything shares the CPUs); compare within a run.")
+
+
+def core(bench: Bench) -> None:
+    """Sections 0 to 3."""
+    with contextlib.ExitStack() as stack:
+        fast = stack.enter_context(stacks.fast_upstream("fast"))
+        sdk = stack.enter_context(stacks.sdk_upstream("sdk"))
+        say("\n[0] calibration")
+        bench.calibration(fast)
+        say("[1] tools/call")
+        bench.tools_call([fast, sdk])
+    with contextlib.ExitStack() as stack:
+        fleet = [stack.enter_context(stacks.fast_upstream(f"s{i:02d}", tools=LIST_TOOLS))
+                 for i in range(1, LIST_UPSTREAMS + 1)]
+        say(f"[2,3] tools/list with {LIST_UPSTREAMS} upstreams x {LIST_TOOLS} tools; the processor alone")
+        bench.lists_and_processor(fleet, LIST_TOOLS)
+
+
+def code_state() -> str:
+    """Which code was measured: the commit, and the files changed beside it (others edit the tree meanwhile)."""
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+                              text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "?"
+    changed = [line[3:] for line in git("status", "--porcelain").splitlines()
+               if line[3:].startswith(("catalog/", "extproc/", "envoy/", "proto/"))]
+    return f"code: commit {commit}" + (f", uncommitted changes in {', '.join(changed)}" if changed else ", clean")
 
 
 def _stop_on_sigterm(signum: int, frame: Any) -> NoReturn:
@@ -273,29 +318,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-two-workers", action="store_true", help="skip the 2-worker gateway (full run)")
     parser.add_argument("--json", metavar="PATH", help="also write every row as JSON")
     parser.add_argument("--workdir", metavar="DIR", help="keep configs and logs here instead of a temp dir")
+    parser.add_argument("--only", metavar="LIST", default=",".join(SECTIONS),
+                        help=f"comma-separated sections to run, of {', '.join(SECTIONS)} (default: all)")
     args = parser.parse_args(argv)
+    only = [part.strip() for part in args.only.split(",") if part.strip()]
+    unknown = [part for part in only if part not in SECTIONS]
+    if unknown or not only:
+        parser.error(f"--only: unknown section {', '.join(unknown) or '(none given)'}; known: {', '.join(SECTIONS)}")
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     # A shell starts background jobs with SIGINT ignored; take it back so `kill -INT` stops the run cleanly too.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     settings = Settings(0.3, 1.0, 200_000, 1) if args.quick else Settings(0.5, 2.0, 500_000, 2)
     bench = Bench(settings, Path(), quick=args.quick, two_workers=not args.quick and not args.no_two_workers)
+    from bench import edge_auth, exchange, families  # they import this module: not at its top
+
     started = time.monotonic()
-    say(header(settings, args.quick))
+    say(header(settings, args.quick) + f"\nsections: {', '.join(only)}")
     try:
         with workdir(args.workdir) as work:
             bench.work = work
-            with contextlib.ExitStack() as stack:
-                fast = stack.enter_context(stacks.fast_upstream("fast"))
-                sdk = stack.enter_context(stacks.sdk_upstream("sdk"))
-                say("\n[0] calibration")
-                bench.calibration(fast)
-                say("[1] tools/call")
-                bench.tools_call([fast, sdk])
-            with contextlib.ExitStack() as stack:
-                fleet = [stack.enter_context(stacks.fast_upstream(f"s{i:02d}", tools=LIST_TOOLS))
-                         for i in range(1, LIST_UPSTREAMS + 1)]
-                say(f"[2,3] tools/list with {LIST_UPSTREAMS} upstreams x {LIST_TOOLS} tools; the processor alone")
-                bench.lists_and_processor(fleet, LIST_TOOLS)
+            if "core" in only:
+                core(bench)
+            if "families" in only:
+                say(f"[fam] {families.CLUSTERS} clusters x {len(families.FAMILIES)} families x {families.TOOLS}"
+                    " tools, with and without families")
+                families.run(bench)
+            if "auth" in only:
+                say("[auth] OAuth at the edge (real IdP) + 30-rule policy, vs neither")
+                edge_auth.run(bench)
+            if "exchange" in only:
+                say("[exch] token exchange vs static Authorization header")
+                exchange.run(bench)
     except KeyboardInterrupt:
         say("\ninterrupted: every process the benchmark started has been stopped")
         return 130
@@ -303,11 +356,25 @@ def main(argv: list[str] | None = None) -> int:
                 ("tools/call", "TOOLS/CALL (same request body everywhere; only the tool name differs)"),
                 ("tools/list", "WARM TOOLS/LIST, 10 upstreams x 50 tools"),
                 ("processor", "PROCESSOR ALONE (gRPC straight to one worker; wire column = scenario; xp msg ="
-                              " messages per cycle)"))
+                              " messages per cycle)"),
+                ("families", "FAMILIES: 20 clusters x 2 families x 40 tools (family) vs the same 40 servers under"
+                             " per-server names (no-family); upstream column = call (tools/call echo on cluster 07)"
+                             " or list (warm tools/list)"),
+                ("auth", "EDGE SECURITY: jwt_authn (real IdP) + 30-rule policy (auth+pol) vs neither (open); 5"
+                         " upstreams x 20 tools; upstream column = call or list"),
+                ("exchange", f"UPSTREAM CREDENTIALS: {exchange.CALLS} calls of one user per cell, to a token-exchange"
+                             " upstream (exchange = exchange-srv) and to one with a static Authorization header"
+                             " (static = static-srv)"))
     for key, title in sections:
-        say("\n" + table([r for r in bench.rows if r.section == key], title))
+        chosen = [r for r in bench.rows if r.section == key]
+        if chosen:
+            say("\n" + table(chosen, title))
     say("\n" + LEGEND)
     say(bench.summary(["fast", "sdk"]))
+    for line in families.summary(bench.rows) + edge_auth.summary(bench.rows) + exchange.summary(bench.rows):
+        say(line)
+    for line in bench.verdicts:
+        say(line)
     say("\nNOTES")
     for note in bench.notes:
         say(f"- {note}")

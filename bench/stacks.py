@@ -95,6 +95,35 @@ def fast_upstream(name: str, tools: int = 1) -> Iterator[Upstream]:
         yield Upstream(name, "fast", url, port, proc.pid, "echo", {"text": "hello"})
 
 
+@dataclass
+class FastFleet:
+    """Several fast upstreams served by one process (bench/fast_upstream.py --names), each at /NAME/mcp.
+
+    `whole` stands for the process in probes: its CPU once, and its /_stats summed over every member.
+    """
+
+    members: list[Upstream]
+    whole: Upstream
+
+    def by_name(self) -> dict[str, Upstream]:
+        return {u.name: u for u in self.members}
+
+
+@contextlib.contextmanager
+def fast_fleet(names: Sequence[str], tools: int = 1, *, shared_descriptions: bool = False,
+               label: str = "fleet") -> Iterator[FastFleet]:
+    cmd: list[str | os.PathLike[str]] = [PYTHON, "-m", "bench.fast_upstream", "--port", "0", "--names",
+                                         ",".join(names), "--tools", str(tools)]
+    if shared_descriptions:
+        cmd.append("--shared-descriptions")
+    with spawn(cmd, "READY ", 20, cwd=ROOT) as proc:
+        root = proc.ready_line.split(" ", 1)[1]  # http://127.0.0.1:PORT/mcp
+        port = int(root.rsplit(":", 1)[1].split("/", 1)[0])
+        base = root.rsplit("/mcp", 1)[0]
+        members = [Upstream(n, "fast", f"{base}/{n}/mcp", port, proc.pid, "echo", {"text": "hello"}) for n in names]
+        yield FastFleet(members, Upstream(label, "fast", root, port, proc.pid, "echo", {"text": "hello"}))
+
+
 @contextlib.contextmanager
 def sdk_upstream(name: str, *, as_shipped: bool = False) -> Iterator[Upstream]:
     """The mcp SDK demo server (prometheus kind, both eras, JSON answers so every target can read them).
@@ -191,8 +220,14 @@ def _consecutive_free_ports(count: int) -> int:
 
 @contextlib.contextmanager
 def gateway(workdir: Path, upstreams: Sequence[Upstream], workers: int = 1,
-            extra: Mapping[str, Any] | None = None) -> Iterator[GatewayStack]:
-    """`muster-edge run` in front of `upstreams`; returns once every worker has listed every upstream."""
+            extra: Mapping[str, Any] | None = None, *, specs: Mapping[str, Mapping[str, Any]] | None = None,
+            names: Mapping[str, str] | None = None) -> Iterator[GatewayStack]:
+    """`muster-edge run` in front of `upstreams`; returns once every worker has listed every upstream.
+
+    `names` gives an upstream another MCPServer name (upstream name -> manifest name), so two gateways can put
+    different catalogs in front of the same upstreams; `specs` adds manifest fields (`family`, `headers`,
+    `auth`, ...) per manifest name. Servers whose lists are per user (token exchange) count as ready when the
+    status says `Per user`: their lists are fetched on a caller's first request."""
     listen, status = _consecutive_free_ports(workers), _consecutive_free_ports(workers)
     config: dict[str, Any] = {
         "processor": {"listen": f"127.0.0.1:{listen}", "status": f"127.0.0.1:{status}", "workers": workers},
@@ -200,14 +235,17 @@ def gateway(workdir: Path, upstreams: Sequence[Upstream], workers: int = 1,
         "listTtlFloorMs": 3_600_000,
         **(extra or {}),
     }
-    servers = {u.name: u.url for u in upstreams}
+    servers: dict[str, str | dict[str, Any]] = {}
+    for u in upstreams:
+        name = (names or {}).get(u.name, u.name)
+        servers[name] = {"url": u.url, **(specs or {}).get(name, {})}
     with start_gateway(workdir, servers, **config) as gw:
         status_urls = [f"http://127.0.0.1:{status + i}/status" for i in range(workers)]
 
         def connected() -> bool:
             for url in status_urls:
                 states = [s.get("state") for s in get_json(url)["servers"]]
-                if len(states) != len(upstreams) or any(s != "Connected" for s in states):
+                if len(states) != len(upstreams) or any(s not in ("Connected", "Per user") for s in states):
                     return False
             return True
 

@@ -9,7 +9,7 @@ session with `initialize` + `notifications/initialized` first and carries `Mcp-S
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,11 +46,16 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class Call:
-    """One JSON-RPC request as the benchmark repeats it: method, and for tools/call the name and arguments."""
+    """One JSON-RPC request as the benchmark repeats it: method, and for tools/call the name and arguments.
+
+    `param_headers` are the Mcp-Param-* headers a 2026-07-28 client derives from the tool's `x-mcp-header`
+    annotations (a family's instance argument); they are sent on the modern wire only.
+    """
 
     method: str
     name: str | None = None
     arguments: dict[str, Any] | None = None
+    param_headers: Mapping[str, str] | None = None
 
     def params(self) -> dict[str, Any]:
         params: dict[str, Any] = {}
@@ -66,19 +71,24 @@ class SetupError(RuntimeError):
 
 
 class Requests:
-    """Renders numbered requests for one endpoint, wire and call; `open` performs the wire's session setup."""
+    """Renders numbered requests for one endpoint, wire and call; `open` performs the wire's session setup.
 
-    def __init__(self, endpoint: Endpoint, wire: str, call: Call) -> None:
+    `headers` go on every request of both wires, the session setup included (an `Authorization` bearer).
+    """
+
+    def __init__(self, endpoint: Endpoint, wire: str, call: Call, headers: Mapping[str, str] | None = None) -> None:
         self.endpoint = endpoint
         self.wire = wire
         self.call = call
+        self.extra = {k.lower(): v for k, v in (headers or {}).items()}
         params = call.params()
-        headers = {"host": endpoint.authority, **ACCEPT}
+        headers = {"host": endpoint.authority, **ACCEPT, **self.extra}
         if wire == MODERN:
             params["_meta"] = ENVELOPE
             headers.update({"mcp-protocol-version": MODERN, "mcp-method": call.method})
             if call.name is not None:
                 headers["mcp-name"] = call.name
+            headers.update({k.lower(): v for k, v in (call.param_headers or {}).items()})
         self._headers = headers
         tail = orjson.dumps({"method": call.method, "params": params})
         self._body_tail = b"," + tail[1:]  # the object without its opening brace, appended after the id
@@ -106,7 +116,7 @@ class Requests:
             return self
         hello = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
                  "params": {"protocolVersion": LEGACY_VERSION, "capabilities": {}, "clientInfo": CLIENT_INFO}}
-        headers = {"host": self.endpoint.authority, **ACCEPT}
+        headers = {"host": self.endpoint.authority, **ACCEPT, **self.extra}
         answer = await exchange(render_request("POST", self.endpoint.path, headers, orjson.dumps(hello)))
         session = answer.headers.get("mcp-session-id")
         if answer.status != 200 or not session:
@@ -114,7 +124,7 @@ class Requests:
         version = LEGACY_VERSION
         with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError):
             version = str(orjson.loads(answer.body)["result"]["protocolVersion"])
-        bound = Requests(self.endpoint, self.wire, self.call)
+        bound = Requests(self.endpoint, self.wire, self.call, self.extra)
         bound._headers.update({"mcp-protocol-version": version, "mcp-session-id": session})
         bound._render_head()
         note = orjson.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"})

@@ -93,6 +93,8 @@ def ext_proc_filter(config: GatewayConfig) -> dict[str, Any]:
                 {**full, "response_body_mode": "NONE"},
                 {**full, "response_body_mode": "STREAMED"},
                 {**full, "response_body_mode": "BUFFERED"},
+                # from a request-headers reply: no response processing at all for this request
+                {**full, "response_header_mode": "SKIP", "request_body_mode": "BUFFERED", "response_body_mode": "NONE"},
             ],
             "message_timeout": "2s",
             "max_message_timeout": "90s",
@@ -232,6 +234,29 @@ def idp_cluster(config: GatewayConfig) -> dict[str, Any]:
     return cluster
 
 
+def upstream_failure_mappers() -> list[dict[str, Any]]:
+    """Envoy's own 5xx replies for a routed call (upstream down, timed out) become a JSON-RPC error naming the
+    server, from what the processor put in dynamic metadata: it need not see such answers itself."""
+    server = "%DYNAMIC_METADATA(muster_edge:server)%"
+    routed = {"metadata_filter": {"matcher": {"filter": "muster_edge", "path": [{"key": "server"}],
+                                              "value": {"present_match": True}},
+                                  "match_if_key_not_found": False}}
+
+    def mapper(op: str, status: int, what: str) -> dict[str, Any]:
+        body = ('{"jsonrpc":"2.0","id":%DYNAMIC_METADATA(muster_edge:rpc_id)%,"error":{"code":-32603,"message":'
+                f'"Upstream server \'{server}\' {what}","data":{{"server":"{server}","status":%RESPONSE_CODE%,'
+                '"details":"%RESPONSE_CODE_DETAILS%"}}}')
+        return {
+            "filter": {"and_filter": {"filters": [
+                {"status_code_filter": {"comparison": {"op": op, "value": {
+                    "default_value": status, "runtime_key": f"muster_edge.upstream_{status}"}}}}, routed]}},
+            "body_format_override": {"text_format_source": {"inline_string": body},
+                                     "content_type": "application/json"},
+        }
+
+    return [mapper("EQ", 504, "timed out"), mapper("EQ", 503, "is unavailable"), mapper("GE", 500, "failed")]
+
+
 def local_replies(config: GatewayConfig) -> dict[str, Any]:
     """Every 401 points the client at the protected resource metadata (MCP authorization, RFC 9728)."""
     challenge = f'Bearer resource_metadata="{config.prm_url}"'
@@ -249,7 +274,8 @@ def local_replies(config: GatewayConfig) -> dict[str, Any]:
                                                      "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}
 
     invalid = f'Bearer error="invalid_token", {challenge[len("Bearer "):]}'
-    return {"mappers": [mapper(invalid, {"and_filter": {"filters": [unauthorized, has_token]}}),
+    return {"mappers": [*upstream_failure_mappers(),
+                        mapper(invalid, {"and_filter": {"filters": [unauthorized, has_token]}}),
                         mapper(challenge, unauthorized)]}
 
 
@@ -286,7 +312,7 @@ def public_listeners(config: GatewayConfig) -> list[dict[str, Any]]:
     """The plain listener (`listen`, for local tools) and, with `tls`, the HTTPS one: the same chain on both."""
     vhost = {"name": "mcp", "domains": ["*"], "routes": routes(config)}
     filters = [*http_filters(config), _ROUTER]
-    replies = local_replies(config) if config.auth is not None else None
+    replies = local_replies(config) if config.auth is not None else {"mappers": upstream_failure_mappers()}
     out = [{
         "name": "muster_edge_public",
         "address": _socket(config.listen.host, config.listen.port),
@@ -383,8 +409,15 @@ def mesh_pieces(config: GatewayConfig, ports: Sequence[int], cds_dir: str) -> di
     }
 
 
+class _NoAliases(yaml.SafeDumper):
+    """Shared sub-documents are written out in full: Envoy configs are read by people too."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def dump(doc: Any) -> str:
-    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
+    return yaml.dump(doc, Dumper=_NoAliases, sort_keys=False, default_flow_style=False)
 
 
 def write_atomic(path: str, text: str) -> None:

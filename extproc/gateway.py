@@ -184,12 +184,44 @@ class Gateway:
                                             "application/json", status=415), MODERN)
             if end_of_stream:
                 return Local.error(RpcError(jsonrpc.PARSE_ERROR, "Parse error: empty body"), MODERN)
+            req.skip_response = await self._answer_needs_no_processing(req)
             return None
         if method == "DELETE":
             return await self._end_session(req)
         if method == "GET" and "last-event-id" in req.headers and "mcp-session-id" in req.headers:
             return self._resume(req)
         return Local(405, b"", {"allow": "POST, DELETE"}, details="muster_edge_method_not_allowed")
+
+    async def _answer_needs_no_processing(self, req: Request) -> bool:
+        """Whether this request's answer can bypass the processor (one ext_proc message fewer).
+
+        Known from the headers alone for a 2026-07-28 tools/call: Mcp-Name (and, for a family, the instance's
+        Mcp-Param-* header) names the upstream, and the body must agree or it is refused anyway. The answer needs
+        the processor for a handshake-era upstream (results to adapt), URIs to map back, or a renewable
+        credential (one retry after a 401).
+        """
+        if req.headers.get("mcp-method") != "tools/call" or \
+                req.headers.get("mcp-protocol-version") not in jsonrpc.MODERN_VERSIONS:
+            return False
+        name = jsonrpc.decode_header_value(req.headers.get("mcp-name", ""))
+        view = await self.current_view(req)
+        route = view.tool_routes.get(name or "")
+        if route is None:
+            return False
+        target = route.single
+        if target is None and route.instance_arg is not None:
+            token = next((t for p, t in route.header_map.items() if p == (route.instance_arg,)), None)
+            value = jsonrpc.decode_header_value(req.headers.get(f"mcp-param-{token.lower()}", "")) if token else None
+            target = route.targets.get(value or "")
+        if target is None:
+            return False
+        server = self.fleet.servers[target.server]
+        if self.broker.per_user(server):
+            return False
+        snap = self.fleet.state_for(target.server).snapshot
+        if snap is None or snap.era != MODERN:
+            return False
+        return not (target.server in view.uri_slug_of and (snap.resources or snap.templates))
 
     def _resume(self, req: Request) -> Local | Forward:
         """A legacy client resuming an SSE stream: the event id names the upstream session to resume on."""

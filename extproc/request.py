@@ -40,6 +40,7 @@ class Request:
     session_nonce: bytes = b""
     client_capabilities: dict[str, Any] | None = None
     log_level: str = ""
+    skip_response: bool = False
 
     @classmethod
     def from_headers(cls, pairs: Iterable[tuple[str, str]], caller: Caller) -> Request:

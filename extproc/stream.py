@@ -11,6 +11,7 @@ import asyncio
 import logging
 from typing import Any
 
+import orjson
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
@@ -30,6 +31,10 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _SLOW_AFTER_S = 0.3
 _EXTENDED = ep.ProcessingResponse()
 _EXTENDED.override_message_timeout.FromSeconds(60)
+METADATA_NAMESPACE = "muster_edge"
+_SKIP_RESPONSE = pm.ProcessingMode(response_header_mode=pm.ProcessingMode.SKIP,
+                                   request_body_mode=pm.ProcessingMode.BUFFERED,
+                                   response_body_mode=pm.ProcessingMode.NONE)
 
 
 def _pairs(headers: Any) -> list[tuple[str, str]]:
@@ -98,12 +103,19 @@ class Stream:
         return resp
 
     async def _patient(self, coro: Any) -> Any:
-        """Await a decision; if it needs upstream I/O, first tell Envoy to wait longer than message_timeout."""
-        task = asyncio.ensure_future(coro)
-        done, _ = await asyncio.wait({task}, timeout=_SLOW_AFTER_S)
-        if not done:
-            await self._write(_EXTENDED)
-        return await task
+        """Await a decision; if it takes long (upstream I/O), first tell Envoy to wait past message_timeout.
+
+        A timer, not a task per message: the common, immediate decision costs one call_later.
+        """
+        loop = asyncio.get_running_loop()
+        extended: list[asyncio.Task[None]] = []
+        timer = loop.call_later(_SLOW_AFTER_S, lambda: extended.append(loop.create_task(self._write(_EXTENDED))))
+        try:
+            return await coro
+        finally:
+            timer.cancel()
+            for task in extended:
+                await task  # the extension must reach Envoy before the answer does
 
     async def _request_headers(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
         self.req = Request.from_headers(_pairs(msg.request_headers.headers), caller_of(msg, self.gw.groups_claim))
@@ -118,6 +130,9 @@ class Stream:
             common.header_mutation.remove_headers.extend(decision.remove_headers)
             common.clear_route_cache = True
             return resp
+        if self.req.skip_response:
+            # Nothing in the answer needs the processor: one message fewer (Envoy maps its own 5xx replies).
+            resp.mode_override.CopyFrom(_SKIP_RESPONSE)
         if ROUTE_HEADER in self.req.headers:
             common.header_mutation.remove_headers.append(ROUTE_HEADER)
             common.clear_route_cache = True
@@ -138,6 +153,9 @@ class Stream:
         _set(common.header_mutation, decision.set_headers)
         common.header_mutation.remove_headers.extend(decision.remove_headers)
         common.clear_route_cache = True
+        routed = resp.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value
+        routed.fields["server"].string_value = decision.plan.server
+        routed.fields["rpc_id"].string_value = orjson.dumps(decision.plan.client_id).decode()
         return resp
 
     async def _response_headers(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
