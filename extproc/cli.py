@@ -132,7 +132,7 @@ def start_demo_fleet() -> list[subprocess.Popen[bytes]]:
     procs = []
     for entry in fleet:
         cmd = [sys.executable, str(DEMO_DIR / "servers.py"), entry["kind"], "--port", str(entry["port"]),
-               "--name", entry["name"], "--era", entry.get("era", "dual")]
+               "--name", entry["name"], "--era", entry.get("era", "dual"), *entry.get("args", [])]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
         procs.append(proc)
     for proc, entry in zip(procs, fleet, strict=True):

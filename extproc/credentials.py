@@ -345,7 +345,8 @@ class Broker:
         if server.auth.type == "oauth" and self.user_tokens is not None:
             token = await self.user_tokens.token_for(server, subject)
             if token is None:
-                raise CredentialError(server.name, "Auth Required: call core_auth_login with this server",
+                raise CredentialError(server.name,
+                                      f"no token of yours yet: call core_auth_login with server={server.name}",
                                       auth_required=True)
             headers["authorization"] = f"Bearer {token}"
             return Credential(headers, False, "oauth")
