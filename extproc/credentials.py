@@ -141,13 +141,19 @@ def expected_issuer(exchange: TokenExchange) -> str:
 
 
 class TokenStore(Protocol):
+    shared: bool
+
     async def get(self, key: str) -> bytes | None: ...
     async def set(self, key: str, value: bytes, ttl_s: float) -> None: ...
     async def delete(self, key: str) -> None: ...
+    async def lock(self, key: str, ttl_s: float) -> bool: ...
+    async def unlock(self, key: str) -> None: ...
 
 
 class MemoryStore:
     """Bounded, per-entry expiry; the default for one replica."""
+
+    shared = False
 
     def __init__(self, maxsize: int = 50_000) -> None:
         self._items: TLRUCache[str, tuple[float, bytes]] = TLRUCache(
@@ -163,9 +169,17 @@ class MemoryStore:
     async def delete(self, key: str) -> None:
         self._items.pop(key, None)
 
+    async def lock(self, key: str, ttl_s: float) -> bool:
+        return True
+
+    async def unlock(self, key: str) -> None:
+        return None
+
 
 class RedisStore:
     """Redis or Valkey, shared by every replica; values are sealed with the gateway's key."""
+
+    shared = True
 
     def __init__(self, url: str, sealer: Sealer, prefix: str = "muster-edge:") -> None:
         import redis.asyncio as redis
@@ -185,6 +199,13 @@ class RedisStore:
 
     async def delete(self, key: str) -> None:
         await self._redis.delete(self._prefix + key)
+
+    async def lock(self, key: str, ttl_s: float) -> bool:
+        """One replica at a time may fill `key` (SET NX with an expiry, so a crashed holder cannot block)."""
+        return bool(await self._redis.set(f"{self._prefix}lock:{key}", b"1", nx=True, px=int(ttl_s * 1000)))
+
+    async def unlock(self, key: str) -> None:
+        await self._redis.delete(f"{self._prefix}lock:{key}")
 
 
 @dataclass(frozen=True)
@@ -227,7 +248,7 @@ class Exchanger:
         if pending is None:
             pending = self._inflight[key] = asyncio.get_running_loop().create_future()
             try:
-                issued = await self._exchange(server, exchange, subject_token)
+                issued = await self._exchange_once(server, exchange, subject_token, key)
             except asyncio.CancelledError:
                 pending.cancel()
                 raise
@@ -239,12 +260,29 @@ class Exchanger:
                 self._inflight.pop(key, None)
             pending.set_result(issued)
             ttl = issued.expires_at - EXPIRY_BUFFER_S - time.time()
-            if ttl > 0:
-                raw = orjson.dumps({"access_token": issued.token, "expires_at": issued.expires_at})
-                await self._local.set(key, raw, ttl)
-                await self._store.set(key, raw, ttl)
+            try:
+                if ttl > 0:
+                    raw = orjson.dumps({"access_token": issued.token, "expires_at": issued.expires_at})
+                    await self._local.set(key, raw, ttl)
+                    await self._store.set(key, raw, ttl)
+            finally:
+                await self._store.unlock(key)
             return issued.token
         return (await asyncio.shield(pending)).token
+
+    async def _exchange_once(self, server: MCPServer, exchange: TokenExchange, subject_token: str,
+                             key: str) -> Issued:
+        """With a shared store, one replica exchanges and the others wait for its result (bounded)."""
+        if not self._store.shared or await self._store.lock(key, 10.0):
+            return await self._exchange(server, exchange, subject_token)
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            raw = await self._store.get(key)
+            if raw is not None:
+                cached = orjson.loads(raw)
+                return Issued(str(cached["access_token"]), float(cached["expires_at"]))
+        return await self._exchange(server, exchange, subject_token)
 
     async def evict(self, server: MCPServer, subject: str) -> None:
         exchange = server.auth.token_exchange
