@@ -314,7 +314,8 @@ def workdir(keep: str | None) -> Iterator[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="short windows, fewer cells (under 2 minutes)")
+    parser.add_argument("--quick", action="store_true",
+                        help="short windows, fewer cells (about 3 minutes with every section)")
     parser.add_argument("--no-two-workers", action="store_true", help="skip the 2-worker gateway (full run)")
     parser.add_argument("--json", metavar="PATH", help="also write every row as JSON")
     parser.add_argument("--workdir", metavar="DIR", help="keep configs and logs here instead of a temp dir")
@@ -333,7 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     from bench import edge_auth, exchange, families  # they import this module: not at its top
 
     started = time.monotonic()
-    say(header(settings, args.quick) + f"\nsections: {', '.join(only)}")
+    more = bench.section_settings
+    say(header(settings, args.quick) + f"\nsections: {', '.join(only)} (families and auth cells: warm-up"
+        f" {more.warmup_s}s, window {more.measure_s}s x {more.rounds} rounds in alternating order; exchange cells:"
+        " 1,000 measured calls per target in alternating rounds)")
     try:
         with workdir(args.workdir) as work:
             bench.work = work

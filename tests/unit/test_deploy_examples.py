@@ -1,0 +1,34 @@
+"""The Kubernetes examples in deploy/ hold manifests the catalog admits, and a CRD that names the same fields."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from catalog.config import parse_config
+from catalog.manifests import load_documents
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (DEPLOY / "examples").glob("*.yaml")))
+def test_example_catalogs_are_admitted(example: str) -> None:
+    config_map = yaml.safe_load((DEPLOY / "examples" / example).read_text())
+    files = [(name, text) for name, text in config_map["data"].items()]
+    result = load_documents(files)
+    assert result.servers and not result.errors, [str(e) for e in result.errors]
+
+
+def test_the_processor_config_in_the_deployment_parses() -> None:
+    docs = list(yaml.safe_load_all((DEPLOY / "processor.yaml").read_text()))
+    config = parse_config(docs[0]["data"]["gateway.yaml"], "/etc/muster-edge/gateway.yaml")
+    assert config.auth is not None and config.redis_url.startswith("redis://")
+
+
+def test_the_crd_knows_every_spec_field_the_catalog_reads() -> None:
+    crd = yaml.safe_load((DEPLOY / "crd-mcpserver.yaml").read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    assert set(spec) == {"type", "toolPrefix", "family", "description", "autoStart", "command", "args", "url", "env",
+                         "headers", "auth", "timeout"}
