@@ -144,29 +144,28 @@ def _not_found(msg: Message, uri: str) -> RpcError:
     return RpcError(code, f"Resource not found: {uri}", {"uri": uri})
 
 
-async def read_resource(gw: Gateway, req: Request, msg: Message) -> Forward | Local:
-    uri = _name(msg.params, "uri")
-    if uri == auth.AUTH_STATUS_URI and gw.offers_auth_status:
-        return await auth.read_status(gw, req, msg)
+async def _forward_by_uri(gw: Gateway, req: Request, msg: Message, uri: str) -> Forward:
+    """Route to the upstream whose URI this is, with the upstream's own URI in the body and Mcp-Name."""
     view = await gw.current_view(req)
     resolved = view.resolve_uri(uri)
     if resolved is None:
         raise _not_found(msg, uri)
     server, original = resolved
     return await gw.forward(req, msg, server, {**msg.params, "uri": original}, name=original)
+
+
+async def read_resource(gw: Gateway, req: Request, msg: Message) -> Forward | Local:
+    uri = _name(msg.params, "uri")
+    if uri == auth.AUTH_STATUS_URI and gw.offers_auth_status:
+        return await auth.read_status(gw, req, msg)
+    return await _forward_by_uri(gw, req, msg, uri)
 
 
 async def subscribe(gw: Gateway, req: Request, msg: Message) -> Forward:
     """resources/subscribe and unsubscribe (handshake era only) go to the session of the URI's upstream."""
     if msg.era == MODERN:
         raise RpcError(jsonrpc.METHOD_NOT_FOUND, f"Method not found: {msg.method} (removed in 2026-07-28)")
-    uri = _name(msg.params, "uri")
-    view = await gw.current_view(req)
-    resolved = view.resolve_uri(uri)
-    if resolved is None:
-        raise _not_found(msg, uri)
-    server, original = resolved
-    return await gw.forward(req, msg, server, {**msg.params, "uri": original}, name=original)
+    return await _forward_by_uri(gw, req, msg, _name(msg.params, "uri"))
 
 
 async def complete(gw: Gateway, req: Request, msg: Message) -> Forward:
