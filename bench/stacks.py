@@ -220,14 +220,13 @@ def _consecutive_free_ports(count: int) -> int:
 
 @contextlib.contextmanager
 def gateway(workdir: Path, upstreams: Sequence[Upstream], workers: int = 1,
-            extra: Mapping[str, Any] | None = None, *, specs: Mapping[str, Mapping[str, Any]] | None = None,
-            names: Mapping[str, str] | None = None) -> Iterator[GatewayStack]:
+            extra: Mapping[str, Any] | None = None, *,
+            specs: Mapping[str, Mapping[str, Any]] | None = None) -> Iterator[GatewayStack]:
     """`muster-edge run` in front of `upstreams`; returns once every worker has listed every upstream.
 
-    `names` gives an upstream another MCPServer name (upstream name -> manifest name), so two gateways can put
-    different catalogs in front of the same upstreams; `specs` adds manifest fields (`family`, `headers`,
-    `auth`, ...) per manifest name. Servers whose lists are per user (token exchange) count as ready when the
-    status says `Per user`: their lists are fetched on a caller's first request."""
+    `specs` adds manifest fields (`family`, `headers`, `auth`, ...) per upstream name. Servers whose lists are
+    per user (token exchange) count as ready when the status says `Per user`: their lists are fetched on a
+    caller's first request."""
     listen, status = _consecutive_free_ports(workers), _consecutive_free_ports(workers)
     config: dict[str, Any] = {
         "processor": {"listen": f"127.0.0.1:{listen}", "status": f"127.0.0.1:{status}", "workers": workers},
@@ -237,8 +236,7 @@ def gateway(workdir: Path, upstreams: Sequence[Upstream], workers: int = 1,
     }
     servers: dict[str, str | dict[str, Any]] = {}
     for u in upstreams:
-        name = (names or {}).get(u.name, u.name)
-        servers[name] = {"url": u.url, **(specs or {}).get(name, {})}
+        servers[u.name] = {"url": u.url, **(specs or {}).get(u.name, {})}
     with start_gateway(workdir, servers, **config) as gw:
         status_urls = [f"http://127.0.0.1:{status + i}/status" for i in range(workers)]
 
