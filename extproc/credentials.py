@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import logging
 import os
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import quote_plus, urlsplit
 
@@ -212,6 +213,12 @@ class RedisStore:
 class Issued:
     token: str
     expires_at: float  # unix time
+    issued_at: float = field(default_factory=time.time)
+
+
+def expiry_buffer(issued: Issued) -> float:
+    """How long before expiry a token is renewed: Muster's 30 s, or a quarter of a shorter lifetime."""
+    return min(EXPIRY_BUFFER_S, max(1.0, (issued.expires_at - issued.issued_at) / 4))
 
 
 class Exchanger:
@@ -226,7 +233,9 @@ class Exchanger:
         self.exchanges = 0
 
     @staticmethod
+    @functools.lru_cache(maxsize=65_536)
     def cache_key(exchange: TokenExchange, subject: str) -> str:
+        """Per (token endpoint, connector, subject, audience); hashed so a store never holds a subject in clear."""
         audience = exchange.audience or exchange.resource
         raw = "\0".join([exchange.dex_token_endpoint, exchange.connector_id, subject, audience])
         return "exchange:" + hashlib.sha256(raw.encode()).hexdigest()
@@ -240,9 +249,10 @@ class Exchanger:
             raw = await store.get(key)
             if raw is not None:
                 cached = orjson.loads(raw)
-                if cached["expires_at"] - EXPIRY_BUFFER_S > now:
+                if cached["expires_at"] - cached.get("buffer", EXPIRY_BUFFER_S) > now:
                     if store is not self._local:
-                        await self._local.set(key, raw, cached["expires_at"] - EXPIRY_BUFFER_S - now)
+                        await self._local.set(key, raw, cached["expires_at"] - cached.get("buffer", EXPIRY_BUFFER_S)
+                                              - now)
                     return str(cached["access_token"])
         pending = self._inflight.get(key)
         if pending is None:
@@ -259,10 +269,11 @@ class Exchanger:
             finally:
                 self._inflight.pop(key, None)
             pending.set_result(issued)
-            ttl = issued.expires_at - EXPIRY_BUFFER_S - time.time()
+            ttl = issued.expires_at - expiry_buffer(issued) - time.time()
             try:
                 if ttl > 0:
-                    raw = orjson.dumps({"access_token": issued.token, "expires_at": issued.expires_at})
+                    raw = orjson.dumps({"access_token": issued.token, "expires_at": issued.expires_at,
+                                        "buffer": expiry_buffer(issued)})
                     await self._local.set(key, raw, ttl)
                     await self._store.set(key, raw, ttl)
             finally:

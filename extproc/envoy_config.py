@@ -199,6 +199,8 @@ def jwt_filter(config: GatewayConfig) -> dict[str, Any]:
                 "payload_in_metadata": "jwt_payload",
                 "failed_status_in_metadata": "jwt_failure",
                 "clock_skew_seconds": auth.clock_skew_s,
+                # verified tokens are remembered (until they expire): no signature check per request
+                "jwt_cache_config": {"jwt_cache_size": 4096},
             }},
             # Envoy verifies; the processor turns the verdict into the MCP answer (401 with the metadata URL for
             # every failure, 403 for a missing scope) and refuses any request without a verified payload.

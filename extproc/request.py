@@ -41,6 +41,7 @@ class Request:
     client_capabilities: dict[str, Any] | None = None
     log_level: str = ""
     skip_response: bool = False
+    view_key: tuple[Any, ...] | None = None
 
     @classmethod
     def from_headers(cls, pairs: Iterable[tuple[str, str]], caller: Caller) -> Request:

@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 import orjson
+from cachetools import LRUCache
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
@@ -41,12 +42,27 @@ def _pairs(headers: Any) -> list[tuple[str, str]]:
     return [(h.key, h.raw_value.decode("latin-1") if h.raw_value else h.value) for h in headers.headers]
 
 
+_callers: LRUCache[tuple[bytes, str], Caller] = LRUCache(maxsize=4096)
+
+
 def caller_of(request: ep.ProcessingRequest, groups_claim: str = "groups") -> Caller:
-    """The verified claims Envoy's jwt_authn put in dynamic metadata (never the raw token)."""
+    """The verified claims Envoy's jwt_authn put in dynamic metadata (never the raw token).
+
+    Remembered by the metadata's bytes: the same token comes again and again, and converting a payload with
+    hundreds of groups is not free.
+    """
     fm = request.metadata_context.filter_metadata
     if JWT_NAMESPACE not in fm:
         return Caller()
-    data = json_format.MessageToDict(fm[JWT_NAMESPACE])
+    raw = fm[JWT_NAMESPACE].SerializeToString(deterministic=True)
+    cached = _callers.get((raw, groups_claim))
+    if cached is None:
+        cached = _callers[(raw, groups_claim)] = _parse_caller(fm[JWT_NAMESPACE], groups_claim)
+    return cached
+
+
+def _parse_caller(metadata: Any, groups_claim: str) -> Caller:
+    data = json_format.MessageToDict(metadata)
     payload = data.get("jwt_payload")
     if not isinstance(payload, dict):
         failure = data.get("jwt_failure")

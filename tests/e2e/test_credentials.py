@@ -66,7 +66,7 @@ def creds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Creds]:
                  "redirect_uris": [f"http://{listen}/oauth/callback"],
                  "scope": "openid offline_access mcp:tools"}]
     resources = [{"audience": resource, "scope": "mcp:tools", "accessTokenTTL": 600},
-                 {"audience": urls["exchange"], "scope": "mcp:tools", "accessTokenTTL": 33},
+                 {"audience": urls["exchange"], "scope": "mcp:tools", "accessTokenTTL": 8},
                  {"audience": urls["revoking"], "scope": "mcp:tools", "accessTokenTTL": 600},
                  {"audience": urls["oauth"], "scope": "mcp:tools", "accessTokenTTL": 33}]
     secrets = work / "secrets" / "default" / "exchanger-creds"
@@ -221,7 +221,7 @@ async def test_an_exchanged_token_is_renewed_shortly_before_it_expires(creds: Cr
     first = exchanges(creds)
     await whoami(creds, "dave", "exchange-srv")
     assert exchanges(creds) == first
-    time.sleep(4)  # 33 s tokens are kept until 30 s before they expire
+    time.sleep(7)  # 8 s tokens are renewed a quarter of their life before they expire
     await whoami(creds, "dave", "exchange-srv")
     assert exchanges(creds) == first + 1
 
