@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,9 +216,3 @@ def parse_policy(raw: Any, where: str = "policy") -> Policy:
             raise PolicyError(f"{where}.toolsets.{name}: must be a non-empty list of conditions")
         toolsets[str(name)] = tuple(_match(m, f"{where}.toolsets.{name}[{i}]") for i, m in enumerate(matches))
     return Policy(tuple(rules), frozenset(destructive), yolo, default == "allow", toolsets)
-
-
-def facts_for(exposed: str, targets: Sequence[tuple[str, str, Mapping[str, Any]]], family: str) -> list[ToolFacts]:
-    """Facts for each (server, original name, upstream definition) behind one exposed tool."""
-    return [ToolFacts(exposed, original, server, family, dict(defn.get("annotations") or {}))
-            for server, original, defn in targets]

@@ -54,17 +54,26 @@ class CredentialError(Exception):
 class SecretFiles:
     """Secrets as Kubernetes mounts them: `<dir>/<namespace>/<name>/<key>` (or `<dir>/<name>/<key>`)."""
 
+    RECHECK_S = 1.0
+
     def __init__(self, folder: str) -> None:
         self.folder = folder
-        self._cache: dict[str, tuple[int, str]] = {}
+        self._cache: dict[str, tuple[int, str, float]] = {}
 
     def read_file(self, path: str) -> str:
-        """A file's content (trailing newline removed), re-read only when it changes (rotated Secrets)."""
-        mtime = os.stat(path).st_mtime_ns
+        """A file's content (trailing newline removed), re-read when it changes (rotated Secrets).
+
+        Looked at at most once a second: a routed call with a file-backed header costs a dict lookup.
+        """
+        now = time.monotonic()
         cached = self._cache.get(path)
+        if cached is not None and now - cached[2] < self.RECHECK_S:
+            return cached[1]
+        mtime = os.stat(path).st_mtime_ns
         if cached is None or cached[0] != mtime:
             with open(path, encoding="utf-8") as fh:
-                cached = self._cache[path] = (mtime, fh.read().rstrip("\r\n"))
+                cached = (mtime, fh.read().rstrip("\r\n"), now)
+        self._cache[path] = (cached[0], cached[1], now)
         return cached[1]
 
     def secret(self, namespace: str, name: str, key: str) -> str:

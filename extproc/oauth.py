@@ -246,7 +246,3 @@ class UserTokens:
         existed = await self._store.get(_key(subject, found.issuer)) is not None
         await self._store.delete(_key(subject, found.issuer))
         return existed
-
-    async def signed_in(self, server: MCPServer, subject: str) -> bool:
-        found = self._servers.get(server.name)
-        return found is not None and await self._store.get(_key(subject, found.issuer)) is not None
