@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+from extproc.envoy_config import http_connection_manager
+
 _ROUTER = {"name": "envoy.filters.http.router",
            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
 
@@ -51,22 +52,8 @@ def cluster(backend: Backend) -> dict[str, Any]:
 
 
 def _hcm(stat_prefix: str, routes: list[dict[str, Any]], filters: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "name": "envoy.filters.network.http_connection_manager",
-        "typed_config": {
-            "@type": _HCM,
-            "stat_prefix": stat_prefix,
-            "codec_type": "AUTO",
-            "max_request_headers_kb": 96,
-            "request_timeout": "0s",
-            "stream_idle_timeout": "300s",
-            "normalize_path": True,
-            "merge_slashes": True,
-            "route_config": {"name": f"{stat_prefix}_routes",
-                             "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
-            "http_filters": filters,
-        },
-    }
+    """The gateway's own HTTP connection manager settings, so plain Envoy differs from it only by the filters."""
+    return http_connection_manager(stat_prefix, {"name": "all", "domains": ["*"], "routes": routes}, filters)
 
 
 def _listener(name: str, host: str, port: int, hcm: dict[str, Any]) -> dict[str, Any]:

@@ -281,8 +281,9 @@ def local_replies(config: GatewayConfig) -> dict[str, Any]:
                         mapper(challenge, unauthorized)]}
 
 
-def _hcm(stat_prefix: str, virtual_host: dict[str, Any], filters: list[dict[str, Any]],
-         local_reply: dict[str, Any] | None = None) -> dict[str, Any]:
+def http_connection_manager(stat_prefix: str, virtual_host: dict[str, Any], filters: list[dict[str, Any]],
+                            local_reply: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The HTTP connection manager every listener here uses (and bench/'s plain Envoy, for a fair comparison)."""
     hcm = {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
@@ -319,7 +320,7 @@ def public_listeners(config: GatewayConfig) -> list[dict[str, Any]]:
         "name": "muster_edge_public",
         "address": _socket(config.listen.host, config.listen.port),
         "per_connection_buffer_limit_bytes": 1 << 20,
-        "filter_chains": [{"filters": [_hcm("muster_edge", vhost, filters, replies)]}],
+        "filter_chains": [{"filters": [http_connection_manager("muster_edge", vhost, filters, replies)]}],
     }]
     if config.tls is not None:
         folder = os.path.dirname(config.tls.cert_file)
@@ -337,7 +338,7 @@ def public_listeners(config: GatewayConfig) -> list[dict[str, Any]]:
                                               "private_key": {"filename": config.tls.key_file},
                                               "watched_directory": {"path": folder or "."}}],
                     }}},
-                "filters": [_hcm("muster_edge_https", vhost, filters, replies)],
+                "filters": [http_connection_manager("muster_edge_https", vhost, filters, replies)],
             }],
         })
     return out
@@ -355,7 +356,7 @@ def internal_listener(config: GatewayConfig) -> dict[str, Any]:
     return {
         "name": "muster_edge_internal",
         "address": _socket(config.internal_listen.host, config.internal_listen.port),
-        "filter_chains": [{"filters": [_hcm("muster_edge_internal", vhost, [_ROUTER])]}],
+        "filter_chains": [{"filters": [http_connection_manager("muster_edge_internal", vhost, [_ROUTER])]}],
     }
 
 
