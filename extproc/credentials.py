@@ -387,6 +387,12 @@ class Broker:
         te = server.auth.token_exchange
         return server.auth.forward_token or (te is not None and te.enabled) or server.auth.type == "oauth"
 
+    @staticmethod
+    def renewable(server: MCPServer) -> bool:
+        """Credentials the gateway obtains and may renew after an upstream's 401 (exchange, per-user OAuth)."""
+        te = server.auth.token_exchange
+        return (te is not None and te.enabled) or (server.auth.type == "oauth" and not server.auth.forward_token)
+
     async def credential(self, server: MCPServer, subject: str, bearer: str) -> Credential:
         headers = self.static_headers(server)
         te = server.auth.token_exchange

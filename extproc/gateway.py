@@ -229,9 +229,9 @@ class Gateway:
         if target is None:
             return False
         server = self.fleet.servers[target.server]
-        if self.broker.per_user(server):
+        if self.broker.renewable(server):
             return False
-        snap = self.fleet.state_for(target.server).snapshot
+        snap = self.fleet.state_for(target.server, req.caller.subject).snapshot
         if snap is None or snap.era != MODERN:
             return False
         return not (target.server in view.uri_slug_of and (snap.resources or snap.templates))
