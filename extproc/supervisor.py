@@ -109,12 +109,11 @@ def client_snippet(config: GatewayConfig) -> str:
     return json.dumps({"mcpServers": {"muster-edge": {"type": "http", "url": config.public_url}}}, indent=2)
 
 
-def run(config: GatewayConfig, *, extra_env: dict[str, str] | None = None, announce: bool = True,
-        on_ready: Callable[[], None] | None = None) -> int:
+def run(config: GatewayConfig, *, on_ready: Callable[[], None] | None = None) -> int:
     """Run Envoy and the processor workers until SIGINT/SIGTERM; keeps the CDS file following the catalog."""
     paths = Paths(config.state_dir)
     render(config, paths)
-    env = {**os.environ, **(extra_env or {})}
+    env = dict(os.environ)
     if not (config.session_key_file or config.session_key_env or env.get(SESSION_KEY_ENV)):
         env[SESSION_KEY_ENV] = base64.b64encode(secrets.token_bytes(32)).decode()
     children = Children()
@@ -134,11 +133,10 @@ def run(config: GatewayConfig, *, extra_env: dict[str, str] | None = None, annou
                         "--disable-hot-restart", "--concurrency", str(max(1, min(os.cpu_count() or 1, 4))),
                         "--log-level", "warn"], env)
         wait_ready(config, children)
-        if announce:
-            print(f"muster-edge is ready. MCP endpoint: {config.public_url}", flush=True)
-            print(f"MCP client config:\n{client_snippet(config)}", flush=True)
-            print(f"Processor status: http://{config.status_listen}/status   Envoy admin: http://{config.envoy_admin}",
-                  flush=True)
+        print(f"muster-edge is ready. MCP endpoint: {config.public_url}", flush=True)
+        print(f"MCP client config:\n{client_snippet(config)}", flush=True)
+        print(f"Processor status: http://{config.status_listen}/status   Envoy admin: http://{config.envoy_admin}",
+              flush=True)
         if on_ready is not None:
             on_ready()
         last = signature(config.catalog_dir)
