@@ -122,7 +122,16 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
     await fleet.client.aclose()
 
 
+def audit_to_file(path: str) -> None:
+    """Audit lines also go to a file of their own (one JSON object per line), for a log shipper."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("muster_edge.audit").addHandler(handler)
+
+
 def run_processor(config: GatewayConfig, *, port: int, status_port: int | None) -> None:
+    if config.audit_log:
+        audit_to_file(config.audit_log)
     try:
         import uvloop
 

@@ -97,7 +97,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
                 "resource": resource, "requiredScopes": ["mcp:tools"], "scopesSupported": ["mcp:tools", "mcp:admin"],
                 "clockSkewSeconds": 1}
         gateway = stack.enter_context(start_gateway(work / "gw", servers, listen=listen, auth=auth, policy=POLICY,
-                                                    listTtlFloorMs=600_000))
+                                                    listTtlFloorMs=600_000, audit=str(work / "audit.jsonl")))
         tokens = {c["client_id"]: idp.client_credentials(c["client_id"], c["client_secret"], resource=resource,
                                                          scope="mcp:tools")
                   for c in clients}
@@ -389,6 +389,9 @@ async def test_every_call_decision_is_one_audit_line_and_a_counter(secured: Secu
             "server": "vendor", "decision": "allow", "rule": "default", "toolset": "full"} in lines
     assert any(line["tool"] == "x_kubernetes_kubectl_delete" and line["decision"] == "deny"
                and line["rule"] == "default-deny" and line["subject"] == "dev" for line in lines)
+    audit_file = secured.gateway.config_path.parent.parent / "audit.jsonl"
+    in_file = [json.loads(line) for line in audit_file.read_text().splitlines()]
+    assert in_file == lines
     async with httpx2.AsyncClient(timeout=5) as http:
         metrics = (await http.get(secured.gateway.status_url.replace("/status", "/metrics"))).text
     assert re.search(r'muster_edge_policy_decisions_total\{decision="deny",rule="default-deny",'
