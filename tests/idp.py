@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urljoin, urlsplit
+from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
 
 import httpx2
 import jwt
@@ -208,20 +208,8 @@ class Idp:
         }
         if "offline_access" in scope.split():
             params["prompt"] = "consent"
-        with httpx2.Client(timeout=10, follow_redirects=False) as browser:
-            response = browser.get(self.authorization_endpoint, params=params)
-            for _ in range(12):
-                if response.is_redirect:
-                    location = urljoin(str(response.url), response.headers["location"])
-                    if location.startswith(redirect_uri):
-                        return self._code_from_redirect(location, state)
-                    response = browser.get(location)
-                elif response.status_code == 200 and (form := _FORM_ACTION.search(response.text)):
-                    action = urljoin(str(response.url), form.group(1))
-                    response = browser.post(action, data={"login": user, "password": password})
-                else:
-                    raise IdpError.from_response(response)
-        raise IdpError(0, {}, "the login flow did not reach the redirect_uri")
+        url = f"{self.authorization_endpoint}?{urlencode(params)}"
+        return self._code_from_redirect(self.browse(url, redirect_uri, user=user, password=password), state)
 
     def browse(self, url: str, until: str, *, user: str, password: str) -> str:
         """Open `url` as a browser would, sign in as `user`, and return the first redirect that starts with
