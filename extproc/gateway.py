@@ -221,12 +221,16 @@ class Gateway:
         route = view.tool_routes.get(name or "")
         if route is None:
             return False
-        target = route.single
-        if target is None and route.instance_arg is not None:
-            token = next((t for p, t in route.header_map.items() if p == (route.instance_arg,)), None)
-            value = jsonrpc.decode_header_value(req.headers.get(f"mcp-param-{token.lower()}", "")) if token else None
-            target = route.targets.get(value or "")
-        if target is None:
+        arguments: dict[str, Any] = {}
+        if route.instance_arg is not None:
+            token = route.header_map.get((route.instance_arg,))
+            if token is None:
+                return False
+            arguments[route.instance_arg] = jsonrpc.decode_header_value(req.headers.get(f"mcp-param-{token.lower()}",
+                                                                                        ""))
+        try:
+            target = calls.select_target(route, arguments)[0]
+        except RpcError:
             return False
         server = self.fleet.servers[target.server]
         if self.broker.renewable(server):
