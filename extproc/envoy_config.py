@@ -19,6 +19,7 @@ import yaml
 
 from catalog.config import GatewayConfig
 from catalog.manifests import MCPServer
+from extproc import answer
 from extproc.upstream import ROUTE_HEADER, cluster_name
 
 CDS_FILE = "cds.yaml"
@@ -73,35 +74,115 @@ def cds(servers: Sequence[MCPServer]) -> dict[str, Any]:
     return {"resources": [upstream_cluster(s) for s in sorted(servers, key=lambda s: s.name)]}
 
 
+_EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+
+
+def _ext_proc_common() -> dict[str, Any]:
+    return {
+        "@type": _EXT_PROC,
+        "grpc_service": {"envoy_grpc": {"cluster_name": "muster_edge_processor"}, "timeout": "5s"},
+        "failure_mode_allow": False,
+        "message_timeout": "2s",
+        "max_message_timeout": "90s",
+        "mutation_rules": {"allow_all_routing": True, "allow_envoy": True, "disallow_is_error": True},
+        "status_on_error": {"code": "ServiceUnavailable"},
+    }
+
+
 def ext_proc_filter(config: GatewayConfig) -> dict[str, Any]:
-    full = {"response_header_mode": "SEND", "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
-            "request_body_mode": "NONE"}
+    """The request filter: headers and the whole body, never the answer (the answer filter takes those)."""
     return {
         "name": "envoy.filters.http.ext_proc",
         "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": {"envoy_grpc": {"cluster_name": "muster_edge_processor"}, "timeout": "5s"},
-            "failure_mode_allow": False,
+            **_ext_proc_common(),
             "processing_mode": {
                 "request_header_mode": "SEND", "request_body_mode": "BUFFERED",
-                "response_header_mode": "SEND", "response_body_mode": "NONE",
+                "response_header_mode": "SKIP", "response_body_mode": "NONE",
                 "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
             },
-            "allow_mode_override": True,
-            # Compared with the whole effective override: every field spelled out (DESIGN.md, traps).
-            "allowed_override_modes": [
-                {**full, "response_body_mode": "NONE"},
-                {**full, "response_body_mode": "STREAMED"},
-                {**full, "response_body_mode": "BUFFERED"},
-                # from a request-headers reply: no response processing at all for this request
-                {**full, "response_header_mode": "SKIP", "request_body_mode": "BUFFERED", "response_body_mode": "NONE"},
-            ],
-            "message_timeout": "2s",
-            "max_message_timeout": "90s",
             "metadata_options": {"forwarding_namespaces": {"untyped": ["envoy.filters.http.jwt_authn"]},
-                                 "receiving_namespaces": {"untyped": ["muster_edge"]}},
-            "mutation_rules": {"allow_all_routing": True, "allow_envoy": True, "disallow_is_error": True},
-            "status_on_error": {"code": "ServiceUnavailable"},
+                                 "receiving_namespaces": {"untyped": [answer.NAMESPACE]}},
+        },
+    }
+
+
+def _metadata_is(key: str, matcher: dict[str, Any]) -> dict[str, Any]:
+    return {"single_predicate": {
+        "input": {"name": f"metadata_{key}", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.DynamicMetadataInput",
+            "filter": answer.NAMESPACE, "path": [{"key": key}]}},
+        "custom_match": {"name": "metadata", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.matching.input_matchers.metadata.v3.Metadata",
+            "value": matcher}}}}
+
+
+def _status(code: str) -> dict[str, Any]:
+    return {"single_predicate": {
+        "input": {"name": "status", "typed_config": {
+            "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpResponseStatusCodeMatchInput"}},
+        "value_match": {"exact": code}}}
+
+
+def _content_type(contains: str) -> dict[str, Any]:
+    return {"single_predicate": {
+        "input": {"name": "content_type", "typed_config": {
+            "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpResponseHeaderMatchInput",
+            "header_name": "content-type"}},
+        "value_match": {"contains": contains, "ignore_case": True}}}
+
+
+def _status_class(value: str) -> dict[str, Any]:
+    return {"single_predicate": {
+        "input": {"name": "status_class", "typed_config": {
+            "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpResponseStatusCodeClassMatchInput"}},
+        "value_match": {"exact": value}}}
+
+
+def _all(*predicates: dict[str, Any]) -> dict[str, Any]:
+    return {"and_matcher": {"predicate": list(predicates)}}
+
+
+_FLAG = {"string_match": {"exact": "1"}}
+# When an answer needs the processor, from the flags the request's stream left (extproc/answer.py) and the
+# response itself. The three cases never overlap, so at most one answer filter runs for a response.
+ANSWER_CASES: dict[str, dict[str, Any]] = {
+    # a refused renewable credential, a lost upstream session, an upstream failure: decided on the status
+    "status": {"or_matcher": {"predicate": [
+        _all(_metadata_is(answer.ON_401, _FLAG), _status("401")),
+        _all(_metadata_is(answer.ON_404, _FLAG), _status("404")),
+        _all(_metadata_is("server", {"present_match": True}), _status_class("5xx")),
+    ]}},
+    # a JSON answer to rewrite: the whole body in one message, no headers message
+    "json": _all(_metadata_is(answer.ON_JSON, _FLAG), _status_class("2xx"), _content_type("json")),
+    # an SSE answer to rewrite: each chunk as it comes, no headers message
+    "sse": _all(_metadata_is(answer.ON_SSE, _FLAG), _status_class("2xx"), _content_type("event-stream")),
+}
+_ANSWER_MODES = {
+    "status": {"response_header_mode": "SEND", "response_body_mode": "NONE"},
+    "json": {"response_header_mode": "SKIP", "response_body_mode": "BUFFERED"},
+    "sse": {"response_header_mode": "SKIP", "response_body_mode": "STREAMED"},
+}
+
+
+def answer_filter(case: str) -> dict[str, Any]:
+    """One answer filter: an ext_proc that Envoy skips unless ANSWER_CASES[case] holds, so a call whose answer
+    needs nothing costs two ext_proc messages (request headers and body) and none for its answer."""
+    processor = {
+        **_ext_proc_common(),
+        "processing_mode": {"request_header_mode": "SKIP", "request_body_mode": "NONE",
+                            "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP", **_ANSWER_MODES[case]},
+        "metadata_options": {"forwarding_namespaces": {"untyped": ["envoy.filters.http.jwt_authn", answer.NAMESPACE]}},
+    }
+    return {
+        "name": f"muster_edge.answer_{case}",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "xds_matcher": {"matcher_list": {"matchers": [{
+                "predicate": {"not_matcher": ANSWER_CASES[case]},
+                "on_match": {"action": {"name": "skip", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter"}}},
+            }]}},
+            "extension_config": {"name": "envoy.filters.http.ext_proc", "typed_config": processor},
         },
     }
 
@@ -308,7 +389,7 @@ def http_connection_manager(stat_prefix: str, virtual_host: dict[str, Any], filt
 
 def http_filters(config: GatewayConfig) -> list[dict[str, Any]]:
     auth = [jwt_filter(config)] if config.auth is not None else []
-    return [body_size_filter(config), *auth, ext_proc_filter(config)]
+    return [body_size_filter(config), *auth, ext_proc_filter(config), *map(answer_filter, ANSWER_CASES)]
 
 
 def public_listeners(config: GatewayConfig) -> list[dict[str, Any]]:

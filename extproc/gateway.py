@@ -19,6 +19,7 @@ from catalog.config import GatewayConfig
 from catalog.policy import Decision, ToolFacts
 from catalog.view import Route, Target, View, restrict
 from extproc import jsonrpc
+from extproc.answer import Resend
 from extproc.credentials import Broker, CredentialError
 from extproc.fleet import Fleet
 from extproc.handlers import auth, calls, lifecycle, lists
@@ -197,48 +198,12 @@ class Gateway:
                                             "application/json", status=415), MODERN)
             if end_of_stream:
                 return Local.error(RpcError(jsonrpc.PARSE_ERROR, "Parse error: empty body"), MODERN)
-            req.skip_response = await self._answer_needs_no_processing(req)
             return None
         if method == "DELETE":
             return await self._end_session(req)
         if method == "GET" and "last-event-id" in req.headers and "mcp-session-id" in req.headers:
             return self._resume(req)
         return Local(405, b"", {"allow": "POST, DELETE"}, details="muster_edge_method_not_allowed")
-
-    async def _answer_needs_no_processing(self, req: Request) -> bool:
-        """Whether this request's answer can bypass the processor (one ext_proc message fewer).
-
-        Known from the headers alone for a 2026-07-28 tools/call: Mcp-Name (and, for a family, the instance's
-        Mcp-Param-* header) names the upstream, and the body must agree or it is refused anyway. The answer needs
-        the processor for a handshake-era upstream (results to adapt), URIs to map back, or a renewable
-        credential (one retry after a 401).
-        """
-        if req.headers.get("mcp-method") != "tools/call" or \
-                req.headers.get("mcp-protocol-version") not in jsonrpc.MODERN_VERSIONS:
-            return False
-        name = jsonrpc.decode_header_value(req.headers.get("mcp-name", ""))
-        view = await self.current_view(req)
-        route = view.tool_routes.get(name or "")
-        if route is None:
-            return False
-        arguments: dict[str, Any] = {}
-        if route.instance_arg is not None:
-            token = route.header_map.get((route.instance_arg,))
-            if token is None:
-                return False
-            arguments[route.instance_arg] = jsonrpc.decode_header_value(req.headers.get(f"mcp-param-{token.lower()}",
-                                                                                        ""))
-        try:
-            target = calls.select_target(route, arguments)[0]
-        except RpcError:
-            return False
-        server = self.fleet.servers[target.server]
-        if self.broker.renewable(server):
-            return False
-        snap = self.fleet.state_for(target.server, req.caller.subject).snapshot
-        if snap is None or snap.era != MODERN:
-            return False
-        return not (target.server in view.uri_slug_of and (snap.resources or snap.templates))
 
     def _resume(self, req: Request) -> Local | Forward:
         """A legacy client resuming an SSE stream: the event id names the upstream session to resume on."""
@@ -421,26 +386,33 @@ class Gateway:
         if plan.upstream_session_owner:
             self.fleet.forget_session(plan.server, plan.upstream_session_owner, plan.subject)
 
-    async def retry_refused(self, req: Request, fwd: Forward) -> Local:
-        """The upstream refused a renewable credential (401): forget it, get a new one, and send the call once
-        more from the processor (through Envoy's internal listener); its answer goes back as it came."""
-        plan = fwd.plan
-        server = self.fleet.servers[plan.server]
-        await self.broker.evict(server, plan.subject)
-        try:
-            credential = await self.broker.credential(server, plan.subject, req.bearer)
-        except CredentialError as exc:
-            return Local.error(RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}': {exc.reason}",
-                                        {"server": plan.server}, status=502), MODERN, plan.client_id)
+    def resend_for(self, req: Request, fwd: Forward) -> Resend | None:
+        """What a resend after a 401 needs, for a call whose credential can be renewed (else None)."""
+        if not fwd.plan.renewable:
+            return None
         hop = {"content-length", "host", "connection", "transfer-encoding", "keep-alive", "upgrade", "te"}
         headers = {k: v for k, v in req.headers.items()
                    if not k.startswith(":") and k not in fwd.remove_headers and k not in hop and
                    not k.startswith("x-envoy-") and k != "x-forwarded-proto" and k != "x-request-id"}
         headers.update({k: v for k, v in fwd.set_headers.items()
                         if not k.startswith(":") and k not in (ROUTE_HEADER, "content-length")})
-        headers.update(credential.headers)
+        return Resend(fwd.body, headers, req.bearer)
+
+    async def retry_refused(self, plan: ResponsePlan, resend: Resend) -> Local:
+        """The upstream refused a renewable credential (401): forget it, get a new one, and send the call once
+        more from the processor (through Envoy's internal listener); its answer goes back as it came."""
+        server = self.fleet.servers.get(plan.server)
+        if server is None:
+            return self.error_for_upstream_status(plan, 401, "upstream refused the credential")
+        await self.broker.evict(server, plan.subject)
         try:
-            status, ctype, body = await self.fleet.client.raw_post(server, fwd.body, headers)
+            credential = await self.broker.credential(server, plan.subject, resend.bearer)
+        except CredentialError as exc:
+            return Local.error(RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}': {exc.reason}",
+                                        {"server": plan.server}, status=502), MODERN, plan.client_id)
+        headers = {**resend.headers, **credential.headers}
+        try:
+            status, ctype, body = await self.fleet.client.raw_post(server, resend.body, headers)
         except UpstreamError as exc:
             return Local.error(RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}' is unavailable: "
                                         f"{exc}", {"server": plan.server}, status=502), MODERN, plan.client_id)
@@ -449,7 +421,7 @@ class Gateway:
                                         "renewed credential", {"server": plan.server}, status=502), MODERN,
                                plan.client_id)
         if plan.rewrite_sse or plan.rewrite_body:
-            view = self.view_for(req)
+            view = self.fleet.view()
             if "event-stream" in ctype:
                 body = SseRewriter(plan, view, self.server_info).feed(body, True)
             elif "json" in ctype:

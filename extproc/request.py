@@ -40,7 +40,6 @@ class Request:
     session_nonce: bytes = b""
     client_capabilities: dict[str, Any] | None = None
     log_level: str = ""
-    skip_response: bool = False
     view_key: tuple[Any, ...] | None = None
 
     @classmethod

@@ -62,8 +62,8 @@ class Sealer:
         sealed = nonce + self._aead.encrypt(nonce, payload, aad)
         return base64.urlsafe_b64encode(sealed).rstrip(b"=").decode()
 
-    def open(self, token: str, aad: bytes) -> bytes | None:
-        if not token or len(token) > 4096 or not _URLSAFE.fullmatch(token):
+    def open(self, token: str, aad: bytes, max_len: int = 4096) -> bytes | None:
+        if not token or len(token) > max_len or not _URLSAFE.fullmatch(token):
             return None
         try:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
@@ -100,7 +100,7 @@ class Sessions:
     """Mints and checks gateway session ids; remembers what each one set (bounded)."""
 
     def __init__(self, sealer: Sealer, *, max_age_s: int = 86_400, max_sessions: int = 100_000) -> None:
-        self._sealer = sealer
+        self.sealer = sealer
         self._max_age = max_age_s
         self._records: TTLCache[bytes, SessionRecord] = TTLCache(maxsize=max_sessions, ttl=max_age_s)
         self._ended = _Ended(maxsize=max_sessions, ttl=max_age_s)
@@ -110,11 +110,11 @@ class Sessions:
                                         issued_at=int(time.time()), protocol_version=version,
                                         capabilities=capabilities)
         self._records[token.nonce] = SessionRecord()
-        return self._sealer.seal(token.SerializeToString(), _SESSION_AAD), token.nonce
+        return self.sealer.seal(token.SerializeToString(), _SESSION_AAD), token.nonce
 
     def open(self, session_id: str, subject: str) -> sealed_pb2.SessionToken | None:
         """The session, if the id is ours, unexpired, not ended, and bound to this caller."""
-        payload = self._sealer.open(session_id, _SESSION_AAD)
+        payload = self.sealer.open(session_id, _SESSION_AAD)
         if payload is None:
             return None
         token = sealed_pb2.SessionToken.FromString(payload)
@@ -142,14 +142,14 @@ class Cursors:
     """Opaque, integrity-protected cursors over a merged list."""
 
     def __init__(self, sealer: Sealer) -> None:
-        self._sealer = sealer
+        self.sealer = sealer
 
     def make(self, method: str, view: int, offset: int) -> str:
         payload = sealed_pb2.ListCursor(method=method, view=view, offset=offset).SerializeToString()
-        return self._sealer.seal(payload, _CURSOR_AAD)
+        return self.sealer.seal(payload, _CURSOR_AAD)
 
     def read(self, method: str, cursor: str) -> sealed_pb2.ListCursor | None:
-        payload = self._sealer.open(cursor, _CURSOR_AAD)
+        payload = self.sealer.open(cursor, _CURSOR_AAD)
         if payload is None:
             return None
         parsed = sealed_pb2.ListCursor.FromString(payload)

@@ -1,8 +1,10 @@
-"""The ext_proc state machine for one HTTP request: Envoy's messages in, the gateway's decisions out.
+"""The ext_proc state machine for one stream: Envoy's messages in, the gateway's decisions out.
 
-Envoy sends request headers, then the whole request body (BUFFERED), then response headers; the response body
-only when the answer must be rewritten (mode_override: BUFFERED for JSON, STREAMED for SSE). This module only
-translates between protobuf and the gateway's `Local` / `Forward` decisions.
+The request filter's stream carries request headers, then the whole request body (BUFFERED), and ends there.
+An answer filter's stream (only when Envoy's matcher finds the answer needs the processor) carries, with the
+plan in dynamic metadata (extproc/answer.py), either the response headers (a status to act on: 401, 404, 5xx)
+or the response body to rewrite: BUFFERED for JSON, STREAMED for SSE. This module only translates
+between protobuf and the gateway's `Local` / `Forward` decisions.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import asyncio
 import logging
 from typing import Any
 
-import orjson
 from cachetools import LRUCache
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
@@ -19,6 +20,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import json_format
 
 from catalog.policy import Claims
+from extproc import answer
 from extproc.gateway import Gateway
 from extproc.replies import Forward, Local, ResponsePlan
 from extproc.request import Caller, Request
@@ -32,10 +34,6 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _SLOW_AFTER_S = 0.3
 _EXTENDED = ep.ProcessingResponse()
 _EXTENDED.override_message_timeout.FromSeconds(60)
-METADATA_NAMESPACE = "muster_edge"
-_SKIP_RESPONSE = pm.ProcessingMode(response_header_mode=pm.ProcessingMode.SKIP,
-                                   request_body_mode=pm.ProcessingMode.BUFFERED,
-                                   response_body_mode=pm.ProcessingMode.NONE)
 
 
 def _pairs(headers: Any) -> list[tuple[str, str]]:
@@ -98,6 +96,7 @@ class Stream:
         self.plan: ResponsePlan | None = None
         self.forward: Forward | None = None
         self.sse: SseRewriter | None = None
+        self.resend: answer.Resend | None = None
 
     async def handle(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse | None:
         kind = msg.WhichOneof("request")
@@ -141,14 +140,8 @@ class Stream:
         resp = ep.ProcessingResponse()
         common = resp.request_headers.response
         if isinstance(decision, Forward):
-            self.plan = decision.plan
-            _set(common.header_mutation, decision.set_headers)
-            common.header_mutation.remove_headers.extend(decision.remove_headers)
-            common.clear_route_cache = True
+            self._route(resp, common, decision)
             return resp
-        if self.req.skip_response:
-            # Nothing in the answer needs the processor: one message fewer (Envoy maps its own 5xx replies).
-            resp.mode_override.CopyFrom(_SKIP_RESPONSE)
         if ROUTE_HEADER in self.req.headers:
             common.header_mutation.remove_headers.append(ROUTE_HEADER)
             common.clear_route_cache = True
@@ -161,21 +154,28 @@ class Stream:
         if isinstance(decision, Local):
             return immediate(decision)
         assert isinstance(decision, Forward)
-        self.plan = decision.plan
-        self.forward = decision
         resp = ep.ProcessingResponse()
         common = resp.request_body.response
         common.body_mutation.body = decision.body
+        self._route(resp, common, decision)
+        return resp
+
+    def _route(self, resp: ep.ProcessingResponse, common: Any, decision: Forward) -> None:
+        """Headers for the upstream, a new route, and what the answer filter will need (dynamic metadata)."""
+        self.plan = decision.plan
+        self.forward = decision
         _set(common.header_mutation, decision.set_headers)
         common.header_mutation.remove_headers.extend(decision.remove_headers)
         common.clear_route_cache = True
-        routed = resp.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value
-        routed.fields["server"].string_value = decision.plan.server
-        routed.fields["rpc_id"].string_value = orjson.dumps(decision.plan.client_id).decode()
-        return resp
+        fields = resp.dynamic_metadata.fields[answer.NAMESPACE].struct_value.fields
+        resend = self.gw.resend_for(self.req, decision)
+        for key, value in answer.metadata(decision, resend, self.gw.sessions.sealer).items():
+            fields[key].string_value = value
 
     async def _response_headers(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
         resp = ep.ProcessingResponse()
+        if self.plan is None:
+            self.plan, self.resend = self._answer_context(msg)
         plan = self.plan
         if plan is None:
             resp.response_headers.SetInParent()
@@ -183,34 +183,33 @@ class Stream:
         headers = dict(_pairs(msg.response_headers.headers))
         status = int(headers.get(":status", "200"))
         ctype = headers.get("content-type", "")
-        if status == 401 and plan.renewable and self.forward is not None:
-            return immediate(await self._patient(self.gw.retry_refused(self.req, self.forward)))
+        if status == 401 and plan.renewable and self.resend is not None:
+            return immediate(await self._patient(self.gw.retry_refused(plan, self.resend)))
         if status == 404 and plan.upstream_session_owner:
             self.gw.upstream_session_lost(plan)
             return immediate(self.gw.error_for_upstream_status(plan, status, "upstream session not found"))
         if status >= 500 and "json" not in ctype and "event-stream" not in ctype:
             details = headers.get("x-envoy-upstream-service-time", "") and "upstream answered"
             return immediate(self.gw.error_for_upstream_status(plan, status, details or "no upstream answer"))
-        common = resp.response_headers.response
-        sse = "text/event-stream" in ctype
-        if (plan.rewrite_sse if sse else plan.rewrite_body) and 200 <= status < 300:
-            if sse:
-                self.sse = SseRewriter(plan, self.gw.fleet.view(), self.gw.server_info)
-                resp.mode_override.response_body_mode = pm.ProcessingMode.STREAMED
-            elif "json" in ctype:
-                resp.mode_override.response_body_mode = pm.ProcessingMode.BUFFERED
-            else:
-                resp.response_headers.SetInParent()
-                return resp
-            common.header_mutation.remove_headers.append("content-length")
-        else:
-            resp.response_headers.SetInParent()
+        resp.response_headers.SetInParent()
         return resp
+
+    def _answer_context(self, msg: ep.ProcessingRequest) -> tuple[Any, answer.Resend | None]:
+        fm = msg.metadata_context.filter_metadata
+        if answer.NAMESPACE not in fm:
+            return None, None
+        fields = {k: v.string_value for k, v in fm[answer.NAMESPACE].fields.items()}
+        return answer.read(fields, self.gw.sessions.sealer)
 
     def _response_body(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
         resp = ep.ProcessingResponse()
         common = resp.response_body.response
         body = msg.response_body
+        if self.plan is None:
+            # the answer filter's first message: SSE comes STREAMED (chunk by chunk), JSON BUFFERED (whole)
+            self.plan, self.resend = self._answer_context(msg)
+            if self.plan is not None and msg.protocol_config.response_body_mode == pm.ProcessingMode.STREAMED:
+                self.sse = SseRewriter(self.plan, self.gw.fleet.view(), self.gw.server_info)
         plan = self.plan
         if plan is None:
             resp.response_body.SetInParent()

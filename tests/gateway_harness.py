@@ -56,6 +56,14 @@ class Gateway:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def processor_traffic(self) -> tuple[int, int, int]:
+        """(HTTP requests, ext_proc streams, ext_proc messages) on the plain listener, from Envoy's admin stats."""
+        with urllib.request.urlopen(f"{self.admin_url}/stats?filter=^http\\.muster_edge\\.", timeout=5) as resp:
+            stats = dict(line.split(": ", 1) for line in resp.read().decode().splitlines() if ": " in line)
+        prefix = "http.muster_edge."
+        return (int(stats[prefix + "downstream_rq_total"]), int(stats[prefix + "ext_proc.streams_started"]),
+                int(stats[prefix + "ext_proc.stream_msgs_sent"]))
+
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 15, what: str = "condition") -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -14,7 +14,7 @@ import pytest
 from mcp.shared.exceptions import MCPError
 
 from tests.e2e.conftest import connect
-from tests.gateway_harness import Gateway, manifest, start_gateway
+from tests.gateway_harness import manifest, start_gateway
 from tests.procs import free_port, start_demo_server
 
 MODERN = "2026-07-28"
@@ -172,29 +172,28 @@ async def test_list_changed_from_an_upstream_refreshes_its_cached_list(tmp_path:
         assert "x_vendor_beta_feature" not in await names_until(gw.url, lambda n: "x_vendor_beta_feature" not in n)
 
 
-def ext_proc_stats(gw: Gateway) -> tuple[int, int]:
-    """(streams, messages Envoy sent to the processor) on the plain listener."""
-    import urllib.request
-
-    with urllib.request.urlopen(f"{gw.admin_url}/stats?filter=muster_edge.ext_proc", timeout=5) as resp:
-        stats = dict(line.split(": ", 1) for line in resp.read().decode().splitlines() if ": " in line)
-    prefix = "http.muster_edge.ext_proc."
-    return int(stats[prefix + "streams_started"]), int(stats[prefix + "stream_msgs_sent"])
-
-
-async def test_a_plain_modern_call_costs_two_ext_proc_messages_and_envoy_names_a_failed_upstream(
+async def test_a_call_whose_answer_needs_nothing_costs_two_ext_proc_messages_and_envoy_names_a_failed_upstream(
         tmp_path: Path) -> None:
-    """With nothing to rewrite, the processor sees request headers and body only; Envoy's own 5xx reply for
-    that call still becomes a JSON-RPC error naming the server."""
+    """The processor sees request headers and body; an answer only when Envoy's matcher finds it must change
+    (a handshake-era client's SSE answer, whose event ids are namespaced), on a stream of its own. Envoy's own
+    5xx reply for a call still becomes a JSON-RPC error naming the server."""
     with start_demo_server("vendor", name="vendor") as vendor, \
-            start_gateway(tmp_path, {"vendor": {"url": vendor.url, "timeout": 1}}, prefixMode="never") as gw:
-        async with connect(gw.url, MODERN) as client:
-            await client.call_tool("echo", {"text": "warm"})
-            streams, messages = ext_proc_stats(gw)
-            for _ in range(10):
-                await client.call_tool("echo", {"text": "x"})
-            after = ext_proc_stats(gw)
-        assert (after[0] - streams, after[1] - messages) == (10, 20)  # request headers + body, no response
+            start_demo_server("prometheus", name="prom", json_response=True) as prom, \
+            start_gateway(tmp_path, {"vendor": {"url": vendor.url, "timeout": 1}, "prom": prom.url},
+                          prefixMode="conditional") as gw:
+        for mode in (MODERN, "legacy"):
+            async with connect(gw.url, mode) as client:
+                for tool, args in (("echo", {"text": "x"}), ("list_alerts", {})):  # SSE from vendor, JSON from prom
+                    await client.call_tool(tool, args)
+                    before = gw.processor_traffic()
+                    for _ in range(5):
+                        await client.call_tool(tool, args)
+                    requests, streams, messages = (b - a for a, b in zip(before, gw.processor_traffic(), strict=True))
+                    assert requests == 5
+                    if mode == "legacy" and tool == "echo":
+                        assert streams == 10 and messages >= 15, (streams, messages)  # + its body chunk(s)
+                    else:
+                        assert (streams, messages) == (5, 10), (mode, tool)
         with pytest.raises(BaseException) as caught:
             async with connect(gw.url, MODERN) as client:
                 await client.call_tool("slow_count", {"n": 60})

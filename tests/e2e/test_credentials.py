@@ -189,9 +189,15 @@ async def test_token_exchange_gives_the_upstream_its_own_token(creds: Creds) -> 
 async def test_exchanged_tokens_are_cached_per_user_and_never_shared(creds: Creds) -> None:
     await whoami(creds, "bob", "exchange-srv")
     before = exchanges(creds)
-    for _ in range(5):
-        await whoami(creds, "bob", "exchange-srv")
+    cost = {}
+    for server in ("exchange-srv", "static-srv"):
+        traffic = creds.gateway.processor_traffic()
+        for _ in range(5):
+            await whoami(creds, "bob", server)
+        cost[server] = tuple(b - a for a, b in zip(traffic, creds.gateway.processor_traffic(), strict=True))
     assert exchanges(creds) == before
+    # requests, ext_proc streams and messages: a cached exchanged token costs what a static header costs
+    assert cost["exchange-srv"] == cost["static-srv"], cost
     subjects = {jwt_claims(t)["sub"] for t in bearers(creds, "exchange")}
     assert {"alice", "bob"} <= subjects
     alice_tokens = {t for t in bearers(creds, "exchange") if jwt_claims(t)["sub"] == "alice"}
