@@ -99,6 +99,18 @@ def _verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
+def free_processor_bound(envoy: Row, gateway: Row) -> float | None:
+    """The best throughput ratio any processor could give, from CPU per call with the CPUs saturated: what Envoy
+    alone, the upstream and the driver spend per call, over what they spend through the gateway (Envoy's own
+    ext_proc work included) with the processor's share taken out."""
+    parts = ("envoy_us", "upstream_us", "driver_us")
+    base = [getattr(envoy, p) for p in parts]
+    through = [getattr(gateway, p) for p in parts]
+    if None in base or None in through or not sum(through):
+        return None
+    return float(sum(base) / sum(through))
+
+
 def ratios(rows: Sequence[Row], upstreams: Sequence[str], gateways: Sequence[str]) -> list[str]:
     """The figures the targets are stated in, each with its verdict, for every upstream and gateway shape."""
     out = []
@@ -117,6 +129,10 @@ def ratios(rows: Sequence[Row], upstreams: Sequence[str], gateways: Sequence[str
                     ratio = g16.rps / base16.rps
                     out.append(f"[{up:4}] {gw} {wire:10} req/s / envoy at c=16  = {ratio:6.2f}"
                                f"      target >= 0.8: {_verdict(ratio >= 0.8)}")
+                    bound = free_processor_bound(base16, g16)
+                    if bound is not None:
+                        out.append(f"[{up:4}] {gw} {wire:10} same, if the processor cost nothing <= {bound:4.2f}"
+                                   "      (CPU per call with the CPUs saturated: Envoy, upstream and driver only)")
             c1, c16 = find(rows, up, "contender", wire, 1), find(rows, up, "contender", wire, 16)
             if c1 and base1 and c1.p50_ms is not None and base1.p50_ms is not None:
                 out.append(f"[{up:4}] contender  {wire:10} p50 - envoy p50 at c=1   = "
