@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
@@ -199,25 +198,6 @@ class GatewayStack:
     config_path: Path
 
 
-def _consecutive_free_ports(count: int) -> int:
-    """A port P with P .. P+count-1 all free a moment ago (the processor's workers use consecutive ports)."""
-    for _ in range(200):
-        base = free_port()
-        if base + count > 65535:
-            continue
-        ok = True
-        for offset in range(1, count):
-            with contextlib.closing(socket.socket()) as sock:
-                try:
-                    sock.bind(("127.0.0.1", base + offset))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no run of free consecutive ports")
-
-
 @contextlib.contextmanager
 def gateway(workdir: Path, upstreams: Sequence[Upstream], workers: int = 1,
             extra: Mapping[str, Any] | None = None, *,
@@ -227,9 +207,8 @@ def gateway(workdir: Path, upstreams: Sequence[Upstream], workers: int = 1,
     `specs` adds manifest fields (`family`, `headers`, `auth`, ...) per upstream name. Servers whose lists are
     per user (token exchange) count as ready when the status says `Per user`: their lists are fetched on a
     caller's first request."""
-    listen, status = _consecutive_free_ports(workers), _consecutive_free_ports(workers)
     config: dict[str, Any] = {
-        "processor": {"listen": f"127.0.0.1:{listen}", "status": f"127.0.0.1:{status}", "workers": workers},
+        "processor": {"workers": workers},  # start_gateway gives the workers consecutive free ports
         "listTtlMs": 3_600_000,  # no list refresh may land inside a measurement
         "listTtlFloorMs": 3_600_000,
         **(extra or {}),
@@ -238,6 +217,7 @@ def gateway(workdir: Path, upstreams: Sequence[Upstream], workers: int = 1,
     for u in upstreams:
         servers[u.name] = {"url": u.url, **(specs or {}).get(u.name, {})}
     with start_gateway(workdir, servers, **config) as gw:
+        listen, status = (int(gw.config["processor"][key].rsplit(":", 1)[1]) for key in ("listen", "status"))
         status_urls = [f"http://127.0.0.1:{status + i}/status" for i in range(workers)]
 
         def connected() -> bool:

@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -61,6 +62,14 @@ def _accepts(accept: str) -> tuple[bool, bool]:
     wildcard = "*/*" in types
     return (wildcard or "application/json" in types or "application/*" in types,
             wildcard or "text/event-stream" in types or "text/*" in types)
+
+
+KNOWN_METHODS = frozenset((*HANDLERS, "notifications/initialized", "notifications/cancelled",
+                           "notifications/progress", "notifications/roots/list_changed"))
+
+
+def _retry_failed(outcome: str, answer: Local) -> Local:
+    return replace(answer, details=f"muster_edge_retry_{outcome}")
 
 
 class Gateway:
@@ -236,6 +245,16 @@ class Gateway:
 
     # ---- body ---------------------------------------------------------------------------------------------
     async def on_body(self, req: Request, body: bytes) -> Local | Forward:
+        decision = await self._on_body(req, body)
+        method = req.message.method if req.message is not None else ""
+        outcome = "routed" if isinstance(decision, Forward) else \
+            "error" if decision.details.startswith("muster_edge_error") else "answered"
+        # only methods the gateway knows become label values: client input must not grow the metric
+        self.metrics.inc("muster_edge_requests_total", method=method if method in KNOWN_METHODS else "other",
+                         outcome=outcome)
+        return decision
+
+    async def _on_body(self, req: Request, body: bytes) -> Local | Forward:
         era = MODERN if req.headers.get("mcp-protocol-version", "") not in ("", *jsonrpc.HANDSHAKE_VERSIONS) \
             else LEGACY
         msg_id: Any = None
@@ -401,25 +420,35 @@ class Gateway:
     async def retry_refused(self, plan: ResponsePlan, resend: Resend) -> Local:
         """The upstream refused a renewable credential (401): forget it, get a new one, and send the call once
         more from the processor (through Envoy's internal listener); its answer goes back as it came."""
+        answer = await self._resend(plan, resend)
+        outcome = "ok" if answer.details == "muster_edge_retried_after_401" else answer.details.removeprefix(
+            "muster_edge_retry_")
+        self.metrics.inc("muster_edge_upstream_retries_total", server=plan.server, outcome=outcome)
+        return answer
+
+    async def _resend(self, plan: ResponsePlan, resend: Resend) -> Local:
         server = self.fleet.servers.get(plan.server)
         if server is None:
-            return self.error_for_upstream_status(plan, 401, "upstream refused the credential")
+            return replace(self.error_for_upstream_status(plan, 401, "upstream refused the credential"),
+                           details="muster_edge_retry_server_gone")
         await self.broker.evict(server, plan.subject)
         try:
             credential = await self.broker.credential(server, plan.subject, resend.bearer)
         except CredentialError as exc:
-            return Local.error(RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}': {exc.reason}",
-                                        {"server": plan.server}, status=502), MODERN, plan.client_id)
+            return _retry_failed("credential_failed", Local.error(RpcError(
+                jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}': {exc.reason}", {"server": plan.server},
+                status=502), MODERN, plan.client_id))
         headers = {**resend.headers, **credential.headers}
         try:
             status, ctype, body = await self.fleet.client.raw_post(server, resend.body, headers)
         except UpstreamError as exc:
-            return Local.error(RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}' is unavailable: "
-                                        f"{exc}", {"server": plan.server}, status=502), MODERN, plan.client_id)
+            return _retry_failed("unavailable", Local.error(RpcError(
+                jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}' is unavailable: {exc}",
+                {"server": plan.server}, status=502), MODERN, plan.client_id))
         if status in (401, 403):
-            return Local.error(RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}' refused the "
-                                        "renewed credential", {"server": plan.server}, status=502), MODERN,
-                               plan.client_id)
+            return _retry_failed("refused_again", Local.error(RpcError(
+                jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}' refused the renewed credential",
+                {"server": plan.server}, status=502), MODERN, plan.client_id))
         if plan.rewrite_sse or plan.rewrite_body:
             view = self.fleet.view()
             if "event-stream" in ctype:
@@ -429,6 +458,7 @@ class Gateway:
         return Local(status, body, {"content-type": ctype}, details="muster_edge_retried_after_401")
 
     def error_for_upstream_status(self, plan: ResponsePlan, status: int, details: str) -> Local:
+        self.metrics.inc("muster_edge_upstream_errors_total", server=plan.server, status=str(status))
         if status >= 500:
             self.fleet.suspect(plan.server)
         why = {503: "is unavailable", 504: "timed out", 502: "answered with an invalid response",

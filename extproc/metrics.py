@@ -8,6 +8,8 @@ _HELP = {
     "muster_edge_policy_decisions_total": "Tool policy decisions on tools/call, by decision, rule and server.",
     "muster_edge_requests_total": "JSON-RPC requests handled by the processor, by method and outcome.",
     "muster_edge_upstream_errors_total": "Routed calls that failed at the upstream, by server and HTTP status.",
+    "muster_edge_upstream_retries_total": "Calls sent once more after an upstream refused a renewable credential "
+                                          "(401), by server and outcome.",
 }
 
 

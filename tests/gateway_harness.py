@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from tests.procs import ROOT, Spawned, free_port, spawn
+from tests.procs import ROOT, Spawned, free_port, free_port_block, spawn
 
 MUSTER_EDGE = ROOT / ".venv" / "bin" / "muster-edge"
 
@@ -85,13 +85,18 @@ def start_gateway(workdir: Path, servers: Mapping[str, str | dict[str, Any]] | N
         spec = {"url": value} if isinstance(value, str) else dict(value)
         url = spec.pop("url")
         (catalog / f"{name}.yaml").write_text(yaml.safe_dump(manifest(name, url, **spec)))
-    status_port = free_port()
-    admin_port = free_port()
+    singles = [free_port() for _ in range(3)]
+    if isinstance(config.get("listen"), str):
+        singles.append(int(config["listen"].rsplit(":", 1)[1]))
+    workers = int(config.get("processor", {}).get("workers", 1))
+    processor_port = free_port_block(workers, avoid=singles)
+    status_port = free_port_block(workers, avoid=[*singles, *range(processor_port, processor_port + workers)])
+    admin_port = singles[2]
     cfg: dict[str, Any] = {
-        "listen": f"127.0.0.1:{free_port()}",
-        "internalListen": f"127.0.0.1:{free_port()}",
+        "listen": f"127.0.0.1:{singles[0]}",
+        "internalListen": f"127.0.0.1:{singles[1]}",
         "envoyAdmin": f"127.0.0.1:{admin_port}",
-        "processor": {"listen": f"127.0.0.1:{free_port()}", "status": f"127.0.0.1:{status_port}"},
+        "processor": {"listen": f"127.0.0.1:{processor_port}", "status": f"127.0.0.1:{status_port}"},
         "catalog": "./servers",
         "stateDir": "./state",
         "listTtlFloorMs": 1000,

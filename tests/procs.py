@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,25 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def free_port_block(count: int, avoid: Collection[int] = (), host: str = "127.0.0.1") -> int:
+    """The first of `count` consecutive ports that were all free a moment ago and are not in `avoid` (processor
+    workers listen on port, port + 1, ...; the kernel hands out neighbouring ports to consecutive free_port calls)."""
+    for _ in range(200):
+        first = free_port(host)
+        block = range(first, first + count)
+        if block[-1] > 65535 or any(p in avoid for p in block):
+            continue
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in block[1:]:
+                    sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    sock.bind((host, port))
+            except OSError:
+                continue
+        return first
+    raise RuntimeError(f"no {count} consecutive free ports on {host}")
 
 
 @dataclass

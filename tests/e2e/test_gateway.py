@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 from typing import Any
 
 import httpx2
@@ -262,3 +263,17 @@ async def test_warm_lists_do_not_touch_upstreams(fleet: Fleet) -> None:
             await client.list_tools(cache_mode="bypass")
     after = {name: sum(r["method"] == "POST" for r in records(fleet, name)) for name in fleet.records}
     assert after == before
+
+
+async def test_requests_are_counted_by_known_method_and_outcome(fleet: Fleet) -> None:
+    gw = fleet.gateway
+    async with connect(gw.url, MODERN) as client:
+        await client.call_tool("x_prometheus_whoami", {})
+    async with httpx2.AsyncClient(timeout=10) as http:
+        odd = await http.post(gw.url, json=modern_body("nonsense/made-up"), headers=modern_headers("nonsense/made-up"))
+        assert odd.json()["error"]["code"] == -32601
+        metrics = (await http.get(gw.status_url.replace("/status", "/metrics"))).text
+    assert re.search(r'muster_edge_requests_total\{method="tools/call",outcome="routed"\} [1-9]', metrics), metrics
+    assert re.search(r'muster_edge_requests_total\{method="tools/list",outcome="answered"\} [1-9]', metrics)
+    assert re.search(r'muster_edge_requests_total\{method="other",outcome="error"\} [1-9]', metrics)
+    assert "made-up" not in metrics  # a client's method name never becomes a label value

@@ -9,14 +9,16 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
 import redis
 
-from tests.gateway_harness import start_gateway
-from tests.idp import GRANT_TOKEN_EXCHANGE, start_idp
+from tests.gateway_harness import Gateway, start_gateway
+from tests.idp import GRANT_TOKEN_EXCHANGE, Idp, start_idp
 from tests.procs import ROOT, free_port, start_demo_server, stop
 
 MODERN = "2026-07-28"
@@ -47,7 +49,29 @@ def start_redis(workdir: Path) -> Iterator[str]:
         stop(proc)
 
 
-async def test_two_workers_share_one_sealed_exchanged_token(tmp_path: Path) -> None:
+@dataclass
+class Shared:
+    gateway: Gateway
+    idp: Idp
+    redis_url: str
+    token: str
+
+    def call(self, msg_id: int) -> dict[str, Any]:
+        meta = {"io.modelcontextprotocol/protocolVersion": MODERN, "io.modelcontextprotocol/clientCapabilities": {}}
+        headers = {"accept": "application/json, text/event-stream", "content-type": "application/json",
+                   "authorization": f"Bearer {self.token}", "mcp-protocol-version": MODERN,
+                   "mcp-method": "tools/call", "mcp-name": "x_k8s_whoami"}
+        return {"url": self.gateway.url, "headers": headers, "json": {
+            "jsonrpc": "2.0", "id": msg_id, "method": "tools/call",
+            "params": {"name": "x_k8s_whoami", "arguments": {}, "_meta": meta}}}
+
+    def exchanges(self) -> int:
+        return sum(r["grant_type"] == GRANT_TOKEN_EXCHANGE for r in self.idp.recent_requests())
+
+
+@contextlib.contextmanager
+def two_workers_with_redis(tmp_path: Path, max_token_uses: int = 0) -> Iterator[Shared]:
+    """Two processor workers sharing a real Redis, in front of an upstream that checks its exchanged tokens."""
     listen = f"127.0.0.1:{free_port()}"
     resource = f"http://{listen}/mcp"
     upstream_port = free_port()
@@ -65,25 +89,27 @@ async def test_two_workers_share_one_sealed_exchanged_token(tmp_path: Path) -> N
                       "grant_types": ["client_credentials", GRANT_TOKEN_EXCHANGE]}],
             resources=[{"audience": resource, "scope": "mcp:tools"}, {"audience": audience, "scope": "mcp:tools"}]))
         stack.enter_context(start_demo_server("kubernetes", port=upstream_port, name="k8s", require_jwt=idp.issuer,
-                                              audience=audience))
+                                              audience=audience, max_token_uses=max_token_uses))
         exchange = {"enabled": True, "dexTokenEndpoint": idp.token_endpoint, "connectorId": "central-dex",
                     "audience": audience, "scopes": "mcp:tools", "clientCredentialsSecretRef": {"name": "exchanger"}}
         gw = stack.enter_context(start_gateway(
             tmp_path / "gw", {"k8s": {"url": audience, "auth": {"tokenExchange": exchange}}}, listen=listen,
             processor={"workers": 2}, store={"redis": url}, secretsDir=str(tmp_path / "secrets"),
             auth={"issuer": idp.issuer, "jwksUri": idp.jwks_uri, "resource": resource}))
-        token = idp.client_credentials("zoe", "z", resource=resource)
-        meta = {"io.modelcontextprotocol/protocolVersion": MODERN, "io.modelcontextprotocol/clientCapabilities": {}}
-        headers = {"accept": "application/json, text/event-stream", "content-type": "application/json",
-                   "authorization": f"Bearer {token}", "mcp-protocol-version": MODERN, "mcp-method": "tools/call",
-                   "mcp-name": "x_k8s_whoami"}
+        yield Shared(gw, idp, url, idp.client_credentials("zoe", "z", resource=resource))
+
+
+def served_by_k8s(answer: httpx2.Response) -> bool:
+    return answer.status_code == 200 and '\\"server\\": \\"k8s\\"' in answer.text
+
+
+async def test_two_workers_share_one_sealed_exchanged_token(tmp_path: Path) -> None:
+    with two_workers_with_redis(tmp_path) as shared:
+        gw, idp, url, token = shared.gateway, shared.idp, shared.redis_url, shared.token
         async with httpx2.AsyncClient(timeout=60, limits=httpx2.Limits(max_connections=30)) as http:
-            answers = await asyncio.gather(*(http.post(gw.url, headers=headers, json={
-                "jsonrpc": "2.0", "id": i, "method": "tools/call",
-                "params": {"name": "x_k8s_whoami", "arguments": {}, "_meta": meta}}) for i in range(30)))
-        assert all(a.status_code == 200 and '\\"server\\": \\"k8s\\"' in a.text for a in answers), answers[0].text
-        exchanges = [r for r in idp.recent_requests() if r["grant_type"] == GRANT_TOKEN_EXCHANGE]
-        assert len(exchanges) == 1, exchanges
+            answers = await asyncio.gather(*(http.post(**shared.call(i)) for i in range(30)))
+        assert all(served_by_k8s(a) for a in answers), answers[0].text
+        assert shared.exchanges() == 1, idp.recent_requests()
         status_port = int(gw.status_url.rsplit(":", 1)[1].split("/")[0])
         async with httpx2.AsyncClient(timeout=5) as http:
             for worker in (0, 1):  # both workers served zoe, with the one token
@@ -94,3 +120,22 @@ async def test_two_workers_share_one_sealed_exchanged_token(tmp_path: Path) -> N
         assert len(keys) == 1
         stored = client.get(keys[0])
         assert stored is not None and b"eyJ" not in stored and token.encode() not in stored
+
+
+async def test_a_refused_token_is_renewed_whichever_worker_sees_the_401(tmp_path: Path) -> None:
+    """The answer's own ext_proc stream may reach the other worker: what the resend needs travels sealed in
+    Envoy's metadata, so every call still gets its answer (the upstream refuses each token after 6 uses; the
+    processor's own list calls take 5 of the first token's)."""
+    with two_workers_with_redis(tmp_path, max_token_uses=6) as shared:
+        async with httpx2.AsyncClient(timeout=60) as http:
+            answers = [await http.post(**shared.call(i)) for i in range(80)]
+            assert all(served_by_k8s(a) for a in answers), [a.text for a in answers if not served_by_k8s(a)][:1]
+            status_port = int(shared.gateway.status_url.rsplit(":", 1)[1].split("/")[0])
+            retried = [sum(int(line.rsplit(" ", 1)[1]) for line in
+                           (await http.get(f"http://127.0.0.1:{status_port + worker}/metrics")).text.splitlines()
+                           if line.startswith('muster_edge_upstream_retries_total{outcome="ok",server="k8s"}'))
+                       for worker in (0, 1)]
+        # about one call in six met a refused token; both workers resent some of them
+        assert sum(retried) >= 5 and all(retried), retried
+        assert shared.exchanges() >= sum(retried)
+        assert shared.token not in shared.gateway.log()
