@@ -101,7 +101,7 @@ def ext_proc_filter(config: GatewayConfig) -> dict[str, Any]:
                 "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
             },
             "metadata_options": {"forwarding_namespaces": {"untyped": ["envoy.filters.http.jwt_authn"]},
-                                 "receiving_namespaces": {"untyped": [answer.NAMESPACE]}},
+                                 "receiving_namespaces": {"untyped": [answer.NAMESPACE, answer.RESEND_NAMESPACE]}},
         },
     }
 
@@ -145,6 +145,9 @@ def _all(*predicates: dict[str, Any]) -> dict[str, Any]:
 _FLAG = {"string_match": {"exact": "1"}}
 # When an answer needs the processor, from the flags the request's stream left (extproc/answer.py) and the
 # response itself. The three cases never overlap, so at most one answer filter runs for a response.
+# The flags are written in the request filter's reply to the request body; the answer filters' matchers first
+# run when their own request callbacks do, which the request filter holds back until that reply because the
+# body is BUFFERED (keep it so: with a streamed request body the matchers would see no flags and skip).
 ANSWER_CASES: dict[str, dict[str, Any]] = {
     # a refused renewable credential, a lost upstream session, an upstream failure: decided on the status
     "status": {"or_matcher": {"predicate": [
@@ -171,7 +174,9 @@ def answer_filter(case: str) -> dict[str, Any]:
         **_ext_proc_common(),
         "processing_mode": {"request_header_mode": "SKIP", "request_body_mode": "NONE",
                             "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP", **_ANSWER_MODES[case]},
-        "metadata_options": {"forwarding_namespaces": {"untyped": ["envoy.filters.http.jwt_authn", answer.NAMESPACE]}},
+        # the sealed resend (it holds the caller's bearer) goes only where a 401 is acted on
+        "metadata_options": {"forwarding_namespaces": {"untyped": [
+            answer.NAMESPACE, *([answer.RESEND_NAMESPACE] if case == "status" else [])]}},
     }
     return {
         "name": f"muster_edge.answer_{case}",

@@ -399,7 +399,8 @@ class Gateway:
             renewable=credential.kind in ("exchanged", "oauth"), subject=req.caller.subject,
         )
         plan.rewrite_body = shared_session or map_uris or (msg.era == MODERN and hs.era == LEGACY)
-        return Forward(cluster_name(server_name), body, set_headers, remove, plan)
+        return Forward(cluster_name(server_name), body, set_headers, remove, plan,
+                       credential_keys=tuple(k.lower() for k in credential.headers))
 
     def upstream_session_lost(self, plan: ResponsePlan) -> None:
         if plan.upstream_session_owner:
@@ -409,20 +410,23 @@ class Gateway:
         """What a resend after a 401 needs, for a call whose credential can be renewed (else None)."""
         if not fwd.plan.renewable:
             return None
-        hop = {"content-length", "host", "connection", "transfer-encoding", "keep-alive", "upgrade", "te"}
+        # the refused credential (and the caller's bearer where it stood) is replaced on the resend, never carried
+        skip = {ROUTE_HEADER, "content-length", *fwd.credential_keys}
+        hop = {"host", "connection", "transfer-encoding", "keep-alive", "upgrade", "te", "x-forwarded-proto",
+               "x-request-id", *skip}
         headers = {k: v for k, v in req.headers.items()
-                   if not k.startswith(":") and k not in fwd.remove_headers and k not in hop and
-                   not k.startswith("x-envoy-") and k != "x-forwarded-proto" and k != "x-request-id"}
-        headers.update({k: v for k, v in fwd.set_headers.items()
-                        if not k.startswith(":") and k not in (ROUTE_HEADER, "content-length")})
+                   if not k.startswith((":", "x-envoy-")) and k not in fwd.remove_headers and k not in hop}
+        headers.update({k: v for k, v in fwd.set_headers.items() if not k.startswith(":") and k.lower() not in skip})
         return Resend(fwd.body, headers, req.bearer)
 
     async def retry_refused(self, plan: ResponsePlan, resend: Resend) -> Local:
         """The upstream refused a renewable credential (401): forget it, get a new one, and send the call once
         more from the processor (through Envoy's internal listener); its answer goes back as it came."""
         answer = await self._resend(plan, resend)
-        outcome = "ok" if answer.details == "muster_edge_retried_after_401" else answer.details.removeprefix(
-            "muster_edge_retry_")
+        if answer.details == "muster_edge_retried_after_401":
+            outcome = "ok" if answer.status < 400 else f"upstream_{answer.status}"
+        else:
+            outcome = answer.details.removeprefix("muster_edge_retry_")
         self.metrics.inc("muster_edge_upstream_retries_total", server=plan.server, outcome=outcome)
         return answer
 
@@ -450,17 +454,21 @@ class Gateway:
                 jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}' refused the renewed credential",
                 {"server": plan.server}, status=502), MODERN, plan.client_id))
         if plan.rewrite_sse or plan.rewrite_body:
-            view = self.fleet.view()
+            view = self.fleet.view(plan.subject)
             if "event-stream" in ctype:
                 body = SseRewriter(plan, view, self.server_info).feed(body, True)
             elif "json" in ctype:
                 body = rewrite_json(body, plan, view, self.server_info) or body
         return Local(status, body, {"content-type": ctype}, details="muster_edge_retried_after_401")
 
-    def error_for_upstream_status(self, plan: ResponsePlan, status: int, details: str) -> Local:
+    def upstream_failed(self, plan: ResponsePlan, status: int) -> None:
+        """Count a routed call the upstream failed; a 5xx also makes the fleet check that server again."""
         self.metrics.inc("muster_edge_upstream_errors_total", server=plan.server, status=str(status))
         if status >= 500:
             self.fleet.suspect(plan.server)
+
+    def error_for_upstream_status(self, plan: ResponsePlan, status: int, details: str) -> Local:
+        self.upstream_failed(plan, status)
         why = {503: "is unavailable", 504: "timed out", 502: "answered with an invalid response",
                404: "lost its session; retry the call"}.get(status, f"failed with HTTP {status}")
         err = RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}' {why}",

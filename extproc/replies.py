@@ -66,3 +66,4 @@ class Forward:
     set_headers: dict[str, str]
     remove_headers: list[str]
     plan: ResponsePlan
+    credential_keys: tuple[str, ...] = ()  # which of set_headers carry the upstream credential

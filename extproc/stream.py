@@ -22,6 +22,7 @@ from google.protobuf import json_format
 from catalog.policy import Claims
 from extproc import answer
 from extproc.gateway import Gateway
+from extproc.jsonrpc import INTERNAL_ERROR, MODERN, RpcError
 from extproc.replies import Forward, Local, ResponsePlan
 from extproc.request import Caller, Request
 from extproc.rewrite import SseRewriter, rewrite_json
@@ -78,6 +79,13 @@ def _set(mutation: Any, headers: dict[str, str]) -> None:
         opt.append_action = _OVERWRITE
 
 
+def unreadable_context(exc: Exception) -> Local:
+    """An answer the processor was asked to handle but cannot: an error, never the answer unprocessed."""
+    log.error("answer context unreadable (%s): the call is answered with an error", exc)
+    return Local.error(RpcError(INTERNAL_ERROR, "muster-edge could not process the upstream's answer",
+                                status=502), MODERN)
+
+
 def immediate(local: Local) -> ep.ProcessingResponse:
     resp = ep.ProcessingResponse()
     ir = resp.immediate_response
@@ -96,7 +104,6 @@ class Stream:
         self.plan: ResponsePlan | None = None
         self.forward: Forward | None = None
         self.sse: SseRewriter | None = None
-        self.resend: answer.Resend | None = None
 
     async def handle(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse | None:
         kind = msg.WhichOneof("request")
@@ -167,15 +174,19 @@ class Stream:
         _set(common.header_mutation, decision.set_headers)
         common.header_mutation.remove_headers.extend(decision.remove_headers)
         common.clear_route_cache = True
-        fields = resp.dynamic_metadata.fields[answer.NAMESPACE].struct_value.fields
         resend = self.gw.resend_for(self.req, decision)
-        for key, value in answer.metadata(decision, resend, self.gw.sessions.sealer).items():
-            fields[key].string_value = value
+        for namespace, values in answer.metadata(decision, resend, self.gw.sessions.sealer).items():
+            fields = resp.dynamic_metadata.fields[namespace].struct_value.fields
+            for key, value in values.items():
+                fields[key].string_value = value
 
     async def _response_headers(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
         resp = ep.ProcessingResponse()
         if self.plan is None:
-            self.plan, self.resend = self._answer_context(msg)
+            try:
+                self.plan = self._answer_plan(msg)
+            except answer.UnreadableAnswerContext as exc:
+                return immediate(unreadable_context(exc))
         plan = self.plan
         if plan is None:
             resp.response_headers.SetInParent()
@@ -183,23 +194,33 @@ class Stream:
         headers = dict(_pairs(msg.response_headers.headers))
         status = int(headers.get(":status", "200"))
         ctype = headers.get("content-type", "")
-        if status == 401 and plan.renewable and self.resend is not None:
-            return immediate(await self._patient(self.gw.retry_refused(plan, self.resend)))
+        if status == 401 and plan.renewable:
+            fm = msg.metadata_context.filter_metadata
+            sealed = {k: v.string_value for k, v in fm[answer.RESEND_NAMESPACE].fields.items()} \
+                if answer.RESEND_NAMESPACE in fm else {}
+            resend = answer.read_resend(sealed, plan, self.gw.sessions.sealer)
+            if resend is None:  # never the upstream's own 401 to the client
+                return immediate(self.gw.error_for_upstream_status(plan, status, "the call could not be resent"))
+            return immediate(await self._patient(self.gw.retry_refused(plan, resend)))
         if status == 404 and plan.upstream_session_owner:
             self.gw.upstream_session_lost(plan)
             return immediate(self.gw.error_for_upstream_status(plan, status, "upstream session not found"))
-        if status >= 500 and "json" not in ctype and "event-stream" not in ctype:
-            details = headers.get("x-envoy-upstream-service-time", "") and "upstream answered"
-            return immediate(self.gw.error_for_upstream_status(plan, status, details or "no upstream answer"))
+        if status >= 500:
+            answered = "x-envoy-upstream-service-time" in headers
+            if "json" not in ctype and "event-stream" not in ctype:
+                why = "upstream answered" if answered else "no upstream answer"
+                return immediate(self.gw.error_for_upstream_status(plan, status, why))
+            if not answered:  # Envoy's own reply, already a JSON-RPC error (local_reply_config): count it
+                self.gw.upstream_failed(plan, status)
         resp.response_headers.SetInParent()
         return resp
 
-    def _answer_context(self, msg: ep.ProcessingRequest) -> tuple[Any, answer.Resend | None]:
+    @staticmethod
+    def _answer_plan(msg: ep.ProcessingRequest) -> ResponsePlan | None:
         fm = msg.metadata_context.filter_metadata
         if answer.NAMESPACE not in fm:
-            return None, None
-        fields = {k: v.string_value for k, v in fm[answer.NAMESPACE].fields.items()}
-        return answer.read(fields, self.gw.sessions.sealer)
+            return None
+        return answer.read_plan({k: v.string_value for k, v in fm[answer.NAMESPACE].fields.items()})
 
     def _response_body(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
         resp = ep.ProcessingResponse()
@@ -207,9 +228,12 @@ class Stream:
         body = msg.response_body
         if self.plan is None:
             # the answer filter's first message: SSE comes STREAMED (chunk by chunk), JSON BUFFERED (whole)
-            self.plan, self.resend = self._answer_context(msg)
+            try:
+                self.plan = self._answer_plan(msg)
+            except answer.UnreadableAnswerContext as exc:
+                return immediate(unreadable_context(exc))
             if self.plan is not None and msg.protocol_config.response_body_mode == pm.ProcessingMode.STREAMED:
-                self.sse = SseRewriter(self.plan, self.gw.fleet.view(), self.gw.server_info)
+                self.sse = SseRewriter(self.plan, self.gw.fleet.view(self.plan.subject), self.gw.server_info)
         plan = self.plan
         if plan is None:
             resp.response_body.SetInParent()
@@ -221,7 +245,7 @@ class Stream:
             else:
                 common.body_mutation.clear_body = True
             return resp
-        new = rewrite_json(body.body, plan, self.gw.fleet.view(), self.gw.server_info)
+        new = rewrite_json(body.body, plan, self.gw.fleet.view(plan.subject), self.gw.server_info)
         if new is None:
             resp.response_body.SetInParent()
         else:

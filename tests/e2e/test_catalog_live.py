@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -200,3 +201,6 @@ async def test_a_call_whose_answer_needs_nothing_costs_two_ext_proc_messages_and
         err = mcp_error(caught.value)
         assert err is not None and err.message == "Upstream server 'vendor' timed out", caught.value
         assert err.data["server"] == "vendor" and err.data["status"] == 504
+        with urllib.request.urlopen(gw.status_url.replace("/status", "/metrics"), timeout=5) as resp:
+            metrics = resp.read().decode()
+        assert 'muster_edge_upstream_errors_total{server="vendor",status="504"} 1' in metrics, metrics

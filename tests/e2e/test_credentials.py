@@ -241,6 +241,7 @@ async def test_a_401_from_the_upstream_evicts_exchanges_again_and_retries_once(c
             if jwt_claims(r["headers"]["authorization"].split()[1])["sub"] == "eve"]
     tokens = {r["headers"]["authorization"] for r in eves}
     assert len(tokens) >= 2 and exchanges(creds) - before >= 2
+    assert f"Bearer {creds.tokens['eve']}" not in tokens  # the resend carries a new exchanged token, never hers
 
 
 async def test_an_idp_that_fails_gives_a_clear_error_without_a_token(creds: Creds) -> None:
