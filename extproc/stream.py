@@ -102,7 +102,6 @@ class Stream:
         self._write = write
         self.req = Request()
         self.plan: ResponsePlan | None = None
-        self.forward: Forward | None = None
         self.sse: SseRewriter | None = None
 
     async def handle(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse | None:
@@ -170,7 +169,6 @@ class Stream:
     def _route(self, resp: ep.ProcessingResponse, common: Any, decision: Forward) -> None:
         """Headers for the upstream, a new route, and what the answer filter will need (dynamic metadata)."""
         self.plan = decision.plan
-        self.forward = decision
         _set(common.header_mutation, decision.set_headers)
         common.header_mutation.remove_headers.extend(decision.remove_headers)
         common.clear_route_cache = True
