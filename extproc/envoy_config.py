@@ -116,26 +116,24 @@ def _metadata_is(key: str, matcher: dict[str, Any]) -> dict[str, Any]:
             "value": matcher}}}}
 
 
+def _response_is(name: str, input_type: str, value_match: dict[str, Any], **input_fields: str) -> dict[str, Any]:
+    return {"single_predicate": {
+        "input": {"name": name, "typed_config": {
+            "@type": f"type.googleapis.com/envoy.type.matcher.v3.{input_type}", **input_fields}},
+        "value_match": value_match}}
+
+
 def _status(code: str) -> dict[str, Any]:
-    return {"single_predicate": {
-        "input": {"name": "status", "typed_config": {
-            "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpResponseStatusCodeMatchInput"}},
-        "value_match": {"exact": code}}}
-
-
-def _content_type(contains: str) -> dict[str, Any]:
-    return {"single_predicate": {
-        "input": {"name": "content_type", "typed_config": {
-            "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpResponseHeaderMatchInput",
-            "header_name": "content-type"}},
-        "value_match": {"contains": contains, "ignore_case": True}}}
+    return _response_is("status", "HttpResponseStatusCodeMatchInput", {"exact": code})
 
 
 def _status_class(value: str) -> dict[str, Any]:
-    return {"single_predicate": {
-        "input": {"name": "status_class", "typed_config": {
-            "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpResponseStatusCodeClassMatchInput"}},
-        "value_match": {"exact": value}}}
+    return _response_is("status_class", "HttpResponseStatusCodeClassMatchInput", {"exact": value})
+
+
+def _content_type(contains: str) -> dict[str, Any]:
+    return _response_is("content_type", "HttpResponseHeaderMatchInput", {"contains": contains, "ignore_case": True},
+                        header_name="content-type")
 
 
 def _all(*predicates: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,6 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -66,10 +65,6 @@ def _accepts(accept: str) -> tuple[bool, bool]:
 
 KNOWN_METHODS = frozenset((*HANDLERS, "notifications/initialized", "notifications/cancelled",
                            "notifications/progress", "notifications/roots/list_changed"))
-
-
-def _retry_failed(outcome: str, answer: Local) -> Local:
-    return replace(answer, details=f"muster_edge_retry_{outcome}")
 
 
 class Gateway:
@@ -422,44 +417,41 @@ class Gateway:
     async def retry_refused(self, plan: ResponsePlan, resend: Resend) -> Local:
         """The upstream refused a renewable credential (401): forget it, get a new one, and send the call once
         more from the processor (through Envoy's internal listener); its answer goes back as it came."""
-        answer = await self._resend(plan, resend)
-        if answer.details == "muster_edge_retried_after_401":
-            outcome = "ok" if answer.status < 400 else f"upstream_{answer.status}"
-        else:
-            outcome = answer.details.removeprefix("muster_edge_retry_")
+        outcome, answer = await self._resend(plan, resend)
         self.metrics.inc("muster_edge_upstream_retries_total", server=plan.server, outcome=outcome)
         return answer
 
-    async def _resend(self, plan: ResponsePlan, resend: Resend) -> Local:
+    async def _resend(self, plan: ResponsePlan, resend: Resend) -> tuple[str, Local]:
+        """(outcome for the retries counter, the answer)."""
         server = self.fleet.servers.get(plan.server)
         if server is None:
-            return replace(self.error_for_upstream_status(plan, 401, "upstream refused the credential"),
-                           details="muster_edge_retry_server_gone")
+            return "server_gone", self.error_for_upstream_status(plan, 401, "upstream refused the credential")
         await self.broker.evict(server, plan.subject)
         try:
             credential = await self.broker.credential(server, plan.subject, resend.bearer)
         except CredentialError as exc:
-            return _retry_failed("credential_failed", Local.error(RpcError(
+            return "credential_failed", Local.error(RpcError(
                 jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}': {exc.reason}", {"server": plan.server},
-                status=502), MODERN, plan.client_id))
+                status=502), MODERN, plan.client_id)
         headers = {**resend.headers, **credential.headers}
         try:
             status, ctype, body = await self.fleet.client.raw_post(server, resend.body, headers)
         except UpstreamError as exc:
-            return _retry_failed("unavailable", Local.error(RpcError(
+            return "unavailable", Local.error(RpcError(
                 jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}' is unavailable: {exc}",
-                {"server": plan.server}, status=502), MODERN, plan.client_id))
+                {"server": plan.server}, status=502), MODERN, plan.client_id)
         if status in (401, 403):
-            return _retry_failed("refused_again", Local.error(RpcError(
+            return "refused_again", Local.error(RpcError(
                 jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}' refused the renewed credential",
-                {"server": plan.server}, status=502), MODERN, plan.client_id))
+                {"server": plan.server}, status=502), MODERN, plan.client_id)
         if plan.rewrite_sse or plan.rewrite_body:
             view = self.fleet.view(plan.subject)
             if "event-stream" in ctype:
                 body = SseRewriter(plan, view, self.server_info).feed(body, True)
             elif "json" in ctype:
                 body = rewrite_json(body, plan, view, self.server_info) or body
-        return Local(status, body, {"content-type": ctype}, details="muster_edge_retried_after_401")
+        outcome = "ok" if status < 400 else f"upstream_{status}"
+        return outcome, Local(status, body, {"content-type": ctype}, details="muster_edge_retried_after_401")
 
     def upstream_failed(self, plan: ResponsePlan, status: int) -> None:
         """Count a routed call the upstream failed; a 5xx also makes the fleet check that server again."""

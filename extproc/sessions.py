@@ -142,14 +142,14 @@ class Cursors:
     """Opaque, integrity-protected cursors over a merged list."""
 
     def __init__(self, sealer: Sealer) -> None:
-        self.sealer = sealer
+        self._sealer = sealer
 
     def make(self, method: str, view: int, offset: int) -> str:
         payload = sealed_pb2.ListCursor(method=method, view=view, offset=offset).SerializeToString()
-        return self.sealer.seal(payload, _CURSOR_AAD)
+        return self._sealer.seal(payload, _CURSOR_AAD)
 
     def read(self, method: str, cursor: str) -> sealed_pb2.ListCursor | None:
-        payload = self.sealer.open(cursor, _CURSOR_AAD)
+        payload = self._sealer.open(cursor, _CURSOR_AAD)
         if payload is None:
             return None
         parsed = sealed_pb2.ListCursor.FromString(payload)

@@ -71,6 +71,12 @@ def _parse_caller(metadata: Any, groups_claim: str) -> Caller:
     return Caller(subject=claims.subject, claims=claims, verified=True)
 
 
+def _strings(msg: ep.ProcessingRequest, namespace: str) -> dict[str, str]:
+    """One namespace of the dynamic metadata Envoy forwarded (empty when it sent none)."""
+    fm = msg.metadata_context.filter_metadata
+    return {k: v.string_value for k, v in fm[namespace].fields.items()} if namespace in fm else {}
+
+
 def _set(mutation: Any, headers: dict[str, str]) -> None:
     for key, value in headers.items():
         opt = mutation.set_headers.add()
@@ -193,10 +199,7 @@ class Stream:
         status = int(headers.get(":status", "200"))
         ctype = headers.get("content-type", "")
         if status == 401 and plan.renewable:
-            fm = msg.metadata_context.filter_metadata
-            sealed = {k: v.string_value for k, v in fm[answer.RESEND_NAMESPACE].fields.items()} \
-                if answer.RESEND_NAMESPACE in fm else {}
-            resend = answer.read_resend(sealed, plan, self.gw.sessions.sealer)
+            resend = answer.read_resend(_strings(msg, answer.RESEND_NAMESPACE), plan, self.gw.sessions.sealer)
             if resend is None:  # never the upstream's own 401 to the client
                 return immediate(self.gw.error_for_upstream_status(plan, status, "the call could not be resent"))
             return immediate(await self._patient(self.gw.retry_refused(plan, resend)))
@@ -215,10 +218,7 @@ class Stream:
 
     @staticmethod
     def _answer_plan(msg: ep.ProcessingRequest) -> ResponsePlan | None:
-        fm = msg.metadata_context.filter_metadata
-        if answer.NAMESPACE not in fm:
-            return None
-        return answer.read_plan({k: v.string_value for k, v in fm[answer.NAMESPACE].fields.items()})
+        return answer.read_plan(_strings(msg, answer.NAMESPACE))
 
     def _response_body(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
         resp = ep.ProcessingResponse()

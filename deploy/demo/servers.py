@@ -537,16 +537,21 @@ def add_client_request_fixtures(server: MCPServer) -> None:
 NAME_FORM = {"name": {"type": "string"}}
 
 
+def greet_after_asking(ctx: Context) -> str | types.InputRequiredResult:
+    """Ask for the user's name through an InputRequiredResult; greet once it comes back."""
+    got = answered(ctx, "user_name")
+    if got is None:
+        return ask({"user_name": form("What is your name?", NAME_FORM, ["name"])})
+    return f"Hello, {elicited(got['user_name'], 'name')}!"
+
+
 def add_input_required_fixtures(server: MCPServer) -> None:
     """2026-07-28 multi-round-trip tools: they return InputRequiredResult instead of calling the client."""
 
     @server.tool(structured_output=False)
     def test_input_required_result_elicitation(ctx: Context) -> str | types.InputRequiredResult:
         """Asks for a name, then greets."""
-        got = answered(ctx, "user_name")
-        if got is None:
-            return ask({"user_name": form("What is your name?", NAME_FORM, ["name"])})
-        return f"Hello, {elicited(got['user_name'], 'name')}!"
+        return greet_after_asking(ctx)
 
     @server.tool(structured_output=False)
     def test_input_required_result_sampling(ctx: Context) -> str | types.InputRequiredResult:
@@ -607,10 +612,7 @@ def add_input_required_fixtures(server: MCPServer) -> None:
     @server.tool(structured_output=False)
     def test_streaming_elicitation(ctx: Context) -> str | types.InputRequiredResult:
         """Needs the user's name; on 2026-07-28 it asks through an InputRequiredResult, never a request."""
-        got = answered(ctx, "user_name")
-        if got is None:
-            return ask({"user_name": form("What is your name?", NAME_FORM, ["name"])})
-        return f"Hello, {elicited(got['user_name'], 'name')}!"
+        return greet_after_asking(ctx)
 
     @server.tool(structured_output=False)
     def test_input_required_result_capabilities(ctx: Context) -> str | types.InputRequiredResult:
