@@ -19,7 +19,7 @@ _KNOWN = {
     "apiVersion", "kind", "listen", "path", "internalListen", "envoyAdmin", "processor", "catalog",
     "prefix", "prefixMode", "maxRequestBytes", "sessionKey", "stateDir", "listPageSize", "serverName",
     "instructions", "listTtlMs", "listTtlFloorMs", "allowedOrigins", "listWaitMs", "allowedHosts", "tls",
-    "auth", "policy", "audit", "secretsDir", "store", "upstreamOAuth",
+    "auth", "policy", "audit", "secretsDir", "store", "upstreamOAuth", "restart",
 }
 
 
@@ -113,6 +113,8 @@ class GatewayConfig:
     secrets_dir: str = ""
     redis_url: str = ""
     upstream_oauth: UpstreamOAuthConfig | None = None
+    restart_max_crashes: int = 5
+    restart_window_s: int = 60
 
     @property
     def callback_url(self) -> str:
@@ -284,8 +286,21 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
         secrets_dir=path_of(str(raw.get("secretsDir", "secrets"))),
         redis_url=_store(raw.get("store"), source),
         upstream_oauth=_upstream_oauth(raw.get("upstreamOAuth"), source, path_of),
+        **_restart(raw.get("restart"), source),
     )
     return cfg
+
+
+def _restart(raw: Any, source: str) -> dict[str, int]:
+    """`muster-edge run` restarts a crashed child; it gives up on one that crashed maxCrashes times in
+    windowSeconds."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or set(raw) - {"maxCrashes", "windowSeconds"}:
+        raise ConfigError(f"{source}: restart: expected {{maxCrashes: N, windowSeconds: S}}")
+    where = f"{source}: restart"
+    return {"restart_max_crashes": _int(raw, "maxCrashes", 5, 1, 1000, where),
+            "restart_window_s": _int(raw, "windowSeconds", 60, 1, 86_400, where)}
 
 
 def _store(raw: Any, source: str) -> str:

@@ -77,10 +77,22 @@ def cds(servers: Sequence[MCPServer]) -> dict[str, Any]:
 _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 
 
+# A stream that could not reach a worker (it just died: connection refused or reset before the stream began)
+# is opened once more on another worker, so only the streams a dead worker had already taken fail.
+_PROCESSOR_RETRY = {
+    "retry_on": "connect-failure,refused-stream,reset-before-request,reset", "num_retries": 2,
+    "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.05s"},
+    "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+    "host_selection_retry_max_attempts": 3,
+}
+
+
 def _ext_proc_common() -> dict[str, Any]:
     return {
         "@type": _EXT_PROC,
-        "grpc_service": {"envoy_grpc": {"cluster_name": "muster_edge_processor"}, "timeout": "5s"},
+        "grpc_service": {"envoy_grpc": {"cluster_name": "muster_edge_processor"}, "timeout": "5s",
+                         "retry_policy": _PROCESSOR_RETRY},
         "failure_mode_allow": False,
         "message_timeout": "2s",
         "max_message_timeout": "90s",
@@ -343,6 +355,64 @@ def upstream_failure_mappers() -> list[dict[str, Any]]:
     return [mapper("EQ", 504, "timed out"), mapper("EQ", 503, "is unavailable"), mapper("GE", 500, "failed")]
 
 
+def _cel(expression: str) -> dict[str, Any]:
+    return {"extension_filter": {"name": "envoy.access_loggers.extension_filters.cel", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+        "expression": expression}}}
+
+
+# Envoy's own failures, told apart by their response code details: the processor's answers say muster_edge*,
+# a route's direct_response says so, everything else at 5xx is Envoy's (ext_proc_error_*, no_healthy_upstream, ...).
+_PROCESSOR_FAILED = "response.code >= 500 && response.code_details.startsWith('ext_proc')"
+_ENVOY_FAILED = ("response.code >= 500 && !response.code_details.startsWith('muster_edge')"
+                 " && response.code_details != 'direct_response'")
+
+
+def envoy_failure_mappers() -> list[dict[str, Any]]:
+    """Envoy's own 5xx replies that no processor shaped become JSON-RPC errors naming what failed: the processor
+    dead, frozen or unreachable (status_on_error 503, message timeout 504), or no healthy upstream / a refused
+    connection. When the processor never read the body the id is null; when it did (it routed the call and
+    left the client's id in metadata) the client's own id."""
+    routed = {"metadata_filter": {"matcher": {"filter": "muster_edge", "path": [{"key": "rpc_id"}],
+                                              "value": {"present_match": True}},
+                                  "match_if_key_not_found": False}}
+
+    def unrouted(expr: str, message: str) -> dict[str, Any]:
+        body = {"jsonrpc": "2.0", "id": None, "error": {"code": -32603, "message": message, "data": {
+            "status": "%RESPONSE_CODE%", "details": "%RESPONSE_CODE_DETAILS%"}}}
+        return {"filter": _cel(expr),
+                "body_format_override": {"json_format": body, "content_type": "application/json"}}
+
+    def with_client_id(expr: str, message: str) -> dict[str, Any]:
+        # the id is JSON already (the processor wrote it so); the details can hold any text, so they stay out
+        body = ('{"jsonrpc":"2.0","id":%DYNAMIC_METADATA(muster_edge:rpc_id)%,"error":{"code":-32603,'
+                f'"message":"{message}","data":{{"status":%RESPONSE_CODE%}}}}}}')
+        return {"filter": {"and_filter": {"filters": [_cel(expr), routed]}},
+                "body_format_override": {"text_format_source": {"inline_string": body},
+                                         "content_type": "application/json"}}
+
+    timed_out = _PROCESSOR_FAILED + " && response.code == 504"
+    out = []
+    for expr, what in ((timed_out, "muster-edge: the request processor did not answer in time"),
+                       (_PROCESSOR_FAILED, "muster-edge: the request processor is unavailable")):
+        out += [with_client_id(expr, what), unrouted(expr, what)]
+    return out
+
+
+def envoy_fallback_mapper() -> dict[str, Any]:
+    """Any other 5xx Envoy made itself on the public listener (after the upstream mappers, which name a server)."""
+    body = {"jsonrpc": "2.0", "id": None, "error": {"code": -32603, "message":
+            "muster-edge: Envoy could not serve the request (%RESPONSE_CODE_DETAILS%)",
+            "data": {"status": "%RESPONSE_CODE%", "details": "%RESPONSE_CODE_DETAILS%"}}}
+    return {"filter": _cel(_ENVOY_FAILED),
+            "body_format_override": {"json_format": body, "content_type": "application/json"}}
+
+
+def public_reply_mappers() -> list[dict[str, Any]]:
+    """Every 5xx mapper of the public listeners, most specific first."""
+    return [*envoy_failure_mappers(), *upstream_failure_mappers(), envoy_fallback_mapper()]
+
+
 def local_replies(config: GatewayConfig) -> dict[str, Any]:
     """Every 401 points the client at the protected resource metadata (MCP authorization, RFC 9728)."""
     challenge = f'Bearer resource_metadata="{config.prm_url}"'
@@ -360,7 +430,7 @@ def local_replies(config: GatewayConfig) -> dict[str, Any]:
                                                      "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}
 
     invalid = f'Bearer error="invalid_token", {challenge[len("Bearer "):]}'
-    return {"mappers": [*upstream_failure_mappers(),
+    return {"mappers": [*public_reply_mappers(),
                         mapper(invalid, {"and_filter": {"filters": [unauthorized, has_token]}}),
                         mapper(challenge, unauthorized)]}
 
@@ -399,7 +469,7 @@ def public_listeners(config: GatewayConfig) -> list[dict[str, Any]]:
     """The plain listener (`listen`, for local tools) and, with `tls`, the HTTPS one: the same chain on both."""
     vhost = {"name": "mcp", "domains": ["*"], "routes": routes(config)}
     filters = [*http_filters(config), _ROUTER]
-    replies = local_replies(config) if config.auth is not None else {"mappers": upstream_failure_mappers()}
+    replies = local_replies(config) if config.auth is not None else {"mappers": public_reply_mappers()}
     out = [{
         "name": "muster_edge_public",
         "address": _socket(config.listen.host, config.listen.port),
@@ -460,6 +530,19 @@ def processor_cluster(config: GatewayConfig, ports: Sequence[int]) -> dict[str, 
         }},
         "load_assignment": {"cluster_name": "muster_edge_processor", "endpoints": [
             {"lb_endpoints": [{"endpoint": {"address": _socket(host, p)}} for p in ports]}]},
+        # A frozen worker (SIGSTOP, a stuck event loop) still accepts TCP: only an answer proves it alive. Each
+        # worker serves grpc.health.v1; two missed checks a second apart take it out of the balancing.
+        "health_checks": [{
+            "timeout": "1s", "interval": "1s", "no_traffic_interval": "1s", "unhealthy_interval": "1s",
+            "unhealthy_threshold": 2, "healthy_threshold": 1, "grpc_health_check": {},
+        }],
+        # A dead worker refuses connections: Envoy ejects it at the first refused stream, before the next check.
+        "outlier_detection": {
+            "split_external_local_origin_errors": True, "consecutive_local_origin_failure": 1,
+            "enforcing_consecutive_local_origin_failure": 100, "consecutive_5xx": 0, "enforcing_consecutive_5xx": 0,
+            "consecutive_gateway_failure": 0, "enforcing_consecutive_gateway_failure": 0,
+            "interval": "1s", "base_ejection_time": "2s", "max_ejection_percent": 50,
+        },
     }
 
 

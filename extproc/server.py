@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
 import httpx2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from catalog.config import GatewayConfig
 from catalog.manifests import MCPServer
@@ -29,6 +31,7 @@ from extproc.upstream import UpstreamClient
 log = logging.getLogger(__name__)
 
 SESSION_KEY_ENV = "MUSTER_EDGE_SESSION_KEY"
+SUPERVISOR_STATE_ENV = "MUSTER_EDGE_SUPERVISOR_STATE"
 
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 80 << 20),
@@ -94,8 +97,12 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
     gateway = build_gateway(config)
     server = grpc.aio.server(options=GRPC_OPTIONS, maximum_concurrent_rpcs=20_000)
     epg.add_ExternalProcessorServicer_to_server(Processor(gateway), server)
+    # grpc.health.v1 for Envoy's health checks on the processor cluster: a frozen worker misses them.
+    healthy = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(healthy, server)
     server.add_insecure_port(f"{config.processor_listen.host}:{port}")
     await server.start()
+    await healthy.set("", health_pb2.HealthCheckResponse.SERVING)
     fleet = gateway.fleet
     first = read_catalog(config.catalog_dir)
     fleet.set_catalog(first.servers, first.errors)
@@ -104,7 +111,7 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
         watch(config.catalog_dir, lambda result: fleet.set_catalog(result.servers, result.errors)))
     status_server = None
     if status_port is not None:
-        status_server = await serve_status(config.status_listen.host, status_port, fleet.status,
+        status_server = await serve_status(config.status_listen.host, status_port, with_supervisor(fleet.status),
                                            gateway.metrics.render)
     log.info("processor listening on %s:%d", config.processor_listen.host, port)
     stop = asyncio.Event()
@@ -113,13 +120,52 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    watcher.cancel()
-    maintainer.cancel()
+    await shutdown(server, healthy, fleet, [watcher, maintainer], status_server)
+
+
+async def shutdown(server: grpc.aio.Server, healthy: Any, fleet: Fleet, tasks: list[asyncio.Task[None]],
+                   status_server: asyncio.Server | None) -> None:
+    """Stop in dependency order, so nothing runs against a closed part: say NOT_SERVING (Envoy moves new streams
+    away), stop the background loops, finish the in-flight streams, end the upstream sessions and wait for those
+    DELETEs, and only then close the HTTP client they go out on."""
+    await healthy.enter_graceful_shutdown()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     if status_server is not None:
         status_server.close()
     await server.stop(1.0)
     await fleet.aclose()
+    await _drain(timeout=3.0)
     await fleet.client.aclose()
+
+
+async def _drain(timeout: float) -> None:
+    """Let the tasks still running (upstream session DELETEs, refreshes) end, then cancel what is left."""
+    current = asyncio.current_task()
+    pending = {t for t in asyncio.all_tasks() if t is not current and not t.done()}
+    if not pending:
+        return
+    _, late = await asyncio.wait(pending, timeout=timeout)
+    for task in late:
+        task.cancel()
+    await asyncio.gather(*late, return_exceptions=True)
+
+
+def with_supervisor(status: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    """Under `muster-edge run`, /status also shows what the supervisor did: each process's state, restarts and
+    recent crashes, and the ones it gave up on (it writes them to a small file in the state folder)."""
+    path = os.environ.get(SUPERVISOR_STATE_ENV, "")
+    if not path:
+        return status
+
+    def combined() -> dict[str, Any]:
+        out = status()
+        with contextlib.suppress(OSError, ValueError), open(path, encoding="utf-8") as fh:
+            out["supervisor"] = json.load(fh)
+        return out
+
+    return combined
 
 
 def audit_to_file(path: str) -> None:

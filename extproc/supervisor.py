@@ -14,13 +14,15 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from catalog.config import GatewayConfig
 from extproc import envoy_config
 from extproc.catalog_files import read_catalog, signature
-from extproc.server import SESSION_KEY_ENV
+from extproc.server import SESSION_KEY_ENV, SUPERVISOR_STATE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +61,72 @@ def render(config: GatewayConfig, paths: Paths) -> None:
     envoy_config.write_atomic(paths.bootstrap, envoy_config.dump(envoy_config.bootstrap(config, ports, paths.cds_dir)))
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: the kernel sends SIGTERM if the supervisor itself dies (even by SIGKILL)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass
+class Child:
+    """One supervised process and its recent crashes."""
+
+    name: str
+    cmd: list[str]
+    env: dict[str, str] | None
+    proc: subprocess.Popen[bytes] | None = None
+    crashes: deque[float] = field(default_factory=deque)
+    restarts: int = 0
+    restart_at: float | None = None
+    given_up: bool = False
+    last_exit: int | None = None
+
+    @property
+    def state(self) -> str:
+        if self.given_up:
+            return "GaveUp"
+        if self.proc is not None and self.proc.poll() is None:
+            return "Running"
+        return "Restarting"
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "state": self.state, "pid": self.proc.pid if self.proc is not None else None,
+                "restarts": self.restarts, "recentCrashes": len(self.crashes), "lastExitCode": self.last_exit}
+
+
+def backoff(crashes: int) -> float:
+    """Seconds before restarting a child after its n-th recent crash: 0.1, 0.3, 0.9, 2.7, ... at most 10."""
+    return float(min(0.1 * 3 ** max(0, crashes - 1), 10.0))
+
+
 @dataclass
 class Children:
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    """The gateway's children. A child that crashes is restarted with backoff while the others keep serving;
+    after max_crashes crashes within window_s seconds the supervisor gives up on it (and says so)."""
 
-    def start(self, cmd: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(list(cmd), env=env)
-        self.procs.append(proc)
-        return proc
+    max_crashes: int = 5
+    window_s: float = 60.0
+    state_file: str = ""
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    children: list[Child] = field(default_factory=list)
+
+    def start(self, cmd: Sequence[str], env: dict[str, str] | None = None, name: str = "") -> subprocess.Popen[bytes]:
+        child = Child(name or os.path.basename(str(cmd[0])), list(cmd), env)
+        self.children.append(child)
+        return self._spawn(child)
+
+    def _spawn(self, child: Child) -> subprocess.Popen[bytes]:
+        child.proc = subprocess.Popen(child.cmd, env=child.env, preexec_fn=_die_with_parent)
+        child.restart_at = None
+        self.procs.append(child.proc)
+        return child.proc
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -81,7 +141,62 @@ class Children:
                 proc.wait()
 
     def failed(self) -> subprocess.Popen[bytes] | None:
-        return next((p for p in self.procs if p.poll() is not None), None)
+        return next((c.proc for c in self.children if c.proc is not None and c.proc.poll() is not None), None)
+
+    def supervise(self, now: float) -> str | None:
+        """One round: note crashes, restart what is due. Returns why the gateway must stop, or None."""
+        changed = False
+        for child in self.children:
+            if child.given_up:
+                continue
+            proc = child.proc
+            if proc is not None and child.restart_at is None and proc.poll() is not None:
+                changed = True
+                child.last_exit = proc.returncode
+                child.crashes.append(now)
+                while child.crashes and child.crashes[0] < now - self.window_s:
+                    child.crashes.popleft()
+                n = len(child.crashes)
+                if n >= self.max_crashes:
+                    child.given_up = True
+                    log.error("giving up on %s: it crashed %d times within %g s (last exit code %s); "
+                              "it stays down", child.name, n, self.window_s, proc.returncode)
+                    continue
+                delay = backoff(n)
+                child.restart_at = now + delay
+                log.error("%s (pid %d) exited with code %s; restarting it in %.1f s (crash %d of %d allowed "
+                          "within %g s)", child.name, proc.pid, proc.returncode, delay, n, self.max_crashes - 1,
+                          self.window_s)
+            if child.restart_at is not None and child.restart_at <= now:
+                changed = True
+                child.restarts += 1
+                self._spawn(child)
+                log.warning("%s restarted (pid %d)", child.name, child.proc.pid if child.proc else -1)
+        if changed:
+            self.write_state()
+        return self.fatal()
+
+    def fatal(self) -> str | None:
+        """The gateway cannot serve without Envoy or without any processor worker."""
+        gone = [c for c in self.children if c.given_up]
+        if any(c.name == "envoy" for c in gone):
+            return "gave up on envoy"
+        workers = [c for c in self.children if c.name.startswith("processor")]
+        if workers and all(c.given_up for c in workers):
+            return "gave up on every processor worker"
+        return None
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "maxCrashes": self.max_crashes, "windowSeconds": self.window_s,
+                "processes": [c.describe() for c in self.children],
+                "gaveUp": [c.name for c in self.children if c.given_up]}
+
+    def write_state(self) -> None:
+        if self.state_file:
+            try:
+                envoy_config.write_atomic(self.state_file, json.dumps(self.snapshot(), indent=2))
+            except OSError as exc:
+                log.warning("cannot write %s: %s", self.state_file, exc)
 
 
 def wait_ready(config: GatewayConfig, children: Children, timeout: float = 30.0) -> None:
@@ -116,7 +231,9 @@ def run(config: GatewayConfig, *, on_ready: Callable[[], None] | None = None) ->
     env = dict(os.environ)
     if not (config.session_key_file or config.session_key_env or env.get(SESSION_KEY_ENV)):
         env[SESSION_KEY_ENV] = base64.b64encode(secrets.token_bytes(32)).decode()
-    children = Children()
+    state_file = os.path.join(paths.root, "supervisor.json")
+    env[SUPERVISOR_STATE_ENV] = state_file
+    children = Children(config.restart_max_crashes, float(config.restart_window_s), state_file)
     stopping = False
 
     def stop(signum: int, _frame: object) -> None:
@@ -128,10 +245,12 @@ def run(config: GatewayConfig, *, on_ready: Callable[[], None] | None = None) ->
     try:
         for i, port in enumerate(envoy_config.processor_ports(config)):
             children.start([sys.executable, "-m", "extproc.cli", "processor", "-c", config.source,
-                            "--port", str(port), "--status-port", str(config.status_listen.port + i)], env)
+                            "--port", str(port), "--status-port", str(config.status_listen.port + i)], env,
+                           name=f"processor {i}")
         children.start([envoy_binary(), "-c", paths.bootstrap, "--reject-unknown-dynamic-fields",
                         "--disable-hot-restart", "--concurrency", str(max(1, min(os.cpu_count() or 1, 4))),
-                        "--log-level", "warn"], env)
+                        "--log-level", "warn"], env, name="envoy")
+        children.write_state()
         wait_ready(config, children)
         print(f"muster-edge is ready. MCP endpoint: {config.public_url}", flush=True)
         print(f"MCP client config:\n{client_snippet(config)}", flush=True)
@@ -140,14 +259,20 @@ def run(config: GatewayConfig, *, on_ready: Callable[[], None] | None = None) ->
         if on_ready is not None:
             on_ready()
         last = signature(config.catalog_dir)
+        next_catalog_check = 0.0
         while not stopping:
-            time.sleep(0.3)
+            time.sleep(0.05)
             if stopping:
                 break
-            dead = children.failed()
-            if dead is not None:
-                log.error("%r exited with code %s; stopping", dead.args, dead.returncode)
+            now = time.monotonic()
+            why = children.supervise(now)
+            if why is not None:
+                log.error("muster-edge: %s; stopping", why)
+                print(f"muster-edge: {why}; stopping", flush=True)
                 return 1
+            if now < next_catalog_check:
+                continue
+            next_catalog_check = now + 0.3
             sig = signature(config.catalog_dir)
             if sig != last:
                 last = sig
