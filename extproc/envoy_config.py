@@ -80,8 +80,8 @@ _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.Exter
 # A stream that could not reach a worker (it just died: connection refused or reset before the stream began)
 # is opened once more on another worker, so only the streams a dead worker had already taken fail.
 _PROCESSOR_RETRY = {
-    "retry_on": "connect-failure,refused-stream,reset-before-request,reset", "num_retries": 2,
-    "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.05s"},
+    "retry_on": "connect-failure,refused-stream,reset-before-request,reset", "num_retries": 10,
+    "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.1s"},
     "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
     "host_selection_retry_max_attempts": 3,
@@ -522,7 +522,7 @@ def processor_cluster(config: GatewayConfig, ports: Sequence[int]) -> dict[str, 
         "connect_timeout": "1s",
         "lb_policy": "LEAST_REQUEST",
         "circuit_breakers": {"thresholds": [{"max_requests": 100000, "max_pending_requests": 100000,
-                                             "max_connections": 1000}]},
+                                             "max_connections": 1000, "max_retries": 100000}]},
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
             "explicit_http_config": {"http2_protocol_options": {

@@ -129,11 +129,18 @@ class Children:
         return child.proc
 
     def stop(self) -> None:
-        for proc in self.procs:
+        """The workers first (their last upstream session DELETEs go out through Envoy), then Envoy."""
+        envoy = {c.proc for c in self.children if c.name == "envoy"}
+        self._stop([p for p in self.procs if p not in envoy])
+        self._stop([p for p in self.procs if p in envoy])
+
+    @staticmethod
+    def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+        for proc in procs:
             if proc.poll() is None:
                 proc.terminate()
         deadline = time.monotonic() + 10
-        for proc in self.procs:
+        for proc in procs:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
