@@ -573,7 +573,7 @@ def mesh_pieces(config: GatewayConfig, ports: Sequence[int], cds_dir: str) -> di
         "http_filters": http_filters(config),
         "routes": routes(config),
         "clusters": [processor_cluster(config, ports), *([idp_cluster(config)] if config.auth else [])],
-        **({"local_reply_config": local_replies(config)} if config.auth else {}),
+        "local_reply_config": local_replies(config) if config.auth else {"mappers": public_reply_mappers()},
         "listeners": [internal_listener(config)],
         "cds_config": bootstrap(config, ports, cds_dir)["dynamic_resources"]["cds_config"],
     }
