@@ -1,5 +1,6 @@
 """`muster-edge run`: the standalone gateway. Renders Envoy's config, keeps the CDS file in step with the
-catalog, and runs Envoy and the processor workers as children that all stop together."""
+catalog, and runs Envoy and the processor workers as children: one that crashes is restarted with backoff
+while the others keep serving (given up on after repeated crashes), and all stop together."""
 
 from __future__ import annotations
 
