@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,8 +101,11 @@ class Tally:
     # (time, server, outcome) of every call that did not succeed, and the last ok time per server
     failures: list[tuple[float, str, str]] = field(default_factory=list)
     ok_times: dict[str, list[float]] = field(default_factory=dict)
+    messages: Counter[str] = field(default_factory=Counter)
 
     def record(self, server: str, outcome: str, detail: str = "") -> None:
+        if outcome == "clean":
+            self.messages[detail] += 1
         now = time.monotonic()
         if outcome == "ok":
             self.ok += 1
@@ -138,10 +142,15 @@ def classify(resp: httpx2.Response, msg_id: Any) -> tuple[str, str]:
     if not isinstance(doc, dict):
         return "unclean", f"HTTP {resp.status_code} no JSON-RPC answer {resp.text[:120]!r}"
     if "result" in doc and doc.get("id") == msg_id:
-        return ("clean" if doc["result"].get("isError") else "ok"), ""
+        result = doc["result"]
+        if result.get("isError"):
+            text = next((c.get("text", "") for c in result.get("content", []) if isinstance(c, dict)), "")
+            return "clean", f"tool result isError: {text[:100]}"
+        return "ok", ""
     error = doc.get("error")
     if isinstance(error, dict) and error.get("message") and doc.get("id") in (msg_id, None):
-        return "clean", ""
+        who = "id null" if doc.get("id") is None else "own id"
+        return "clean", f"HTTP {resp.status_code} {error['message'][:100]} ({who})"
     return "unclean", f"HTTP {resp.status_code} {resp.text[:160]!r}"
 
 
@@ -192,7 +201,7 @@ class Client:
                 except Exception as exc:
                     self.tally.record(server, "unclean", f"{server}: {exc!r}")
                     continue
-                if self.era != MODERN and resp.status_code == 404:
+                if self.era != MODERN and resp.status_code in (400, 404) and "session" in resp.text.lower():
                     self.session = ""  # the session is gone (an answer the client must act on)
                 outcome, detail = classify(resp, msg_id)
                 self.tally.record(server, outcome, detail)
@@ -230,10 +239,10 @@ class Fault:
 
 
 def settle(faults: list[Fault], tally: Tally, window_s: float = 10.0) -> None:
-    """Calls ok again after a fault: the time from the fault to the last failure in its window (0 if none),
-    for an upstream to the first ok call to it after its last failure."""
-    for fault in faults:
-        end = fault.at + window_s
+    """Calls ok again after a fault: the time from the fault to the last failure in its window (10 s, or up to
+    the next fault; 0 if none), for an upstream to the first ok call to it after its last failure."""
+    for i, fault in enumerate(faults):
+        end = min([fault.at + window_s, *(f.at for f in faults[i + 1:i + 2])])
         hits = [t for t, server, _ in tally.failures if fault.at <= t < end
                 and (fault.kind != "upstream" or server == fault.target)]
         fault.failures = len(hits)
@@ -260,7 +269,8 @@ async def chaos(minutes: float, work: Path) -> int:
         end = start + minutes * 60
         faults: list[Fault] = []
         rss: dict[str, list[tuple[float, int]]] = {"processor 0": [], "processor 1": []}
-        next_kill, next_upstream, next_edit, next_rss = start + 60, start + 90, start + 30, start
+        # every 60 s / 90 s / 30 s, offset so that no two faults ever land together (50+60k, 90k, 15+30k)
+        next_kill, next_upstream, next_edit, next_rss = start + 50, start + 90, start + 15, start
         kills = edits = restarts = 0
         pending: list[Fault] = []
         while time.monotonic() < end:
@@ -320,6 +330,8 @@ def report(tally: Tally, faults: list[Fault], rss: dict[str, list[tuple[float, i
           f"failed uncleanly {tally.unclean}")
     for sample in tally.unclean_samples:
         print(f"  unclean: {sample}")
+    for message, count in tally.messages.most_common(8):
+        print(f"  clean x{count}: {message}")
     print("\nfault                      failed calls  part back after  calls ok again after")
     for f in faults:
         back = f"{f.back_after:.2f} s" if f.back_after is not None else "-"

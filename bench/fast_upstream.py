@@ -125,8 +125,11 @@ class Upstream:
                 return 202, [], b""
             if modern:
                 self._check_modern(method, params, headers)
+            elif method != "initialize" and not headers.get("mcp-session-id"):
+                raise RpcFailure(-32600, "Bad Request: Missing session ID", 400, "legacy-without-session")
             elif method != "initialize" and headers.get("mcp-session-id") not in self.sessions:
-                raise RpcFailure(-32600, "Bad Request: missing or unknown session", 400, "legacy-without-session")
+                # as the mcp SDK server (and the spec) answer a session they do not know, e.g. after a restart
+                raise RpcFailure(-32600, "Session not found", 404, "legacy-unknown-session")
             return self._answer(method, msg_id, params, modern)
         except RpcFailure as err:
             self.counts[f"rejected:{err.tag}"] += 1
