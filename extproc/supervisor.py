@@ -5,6 +5,7 @@ while the others keep serving (given up on after repeated crashes), and all stop
 from __future__ import annotations
 
 import base64
+import ctypes
 import json
 import logging
 import os
@@ -63,16 +64,16 @@ def render(config: GatewayConfig, paths: Paths) -> None:
 
 
 _PR_SET_PDEATHSIG = 1
+try:  # resolved here, not in the forked child (no import or dlopen between fork and exec)
+    _PRCTL: Any = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _PRCTL = None
 
 
 def _die_with_parent() -> None:
     """In the child, before exec: the kernel sends SIGTERM if the supervisor itself dies (even by SIGKILL)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 @dataclass
