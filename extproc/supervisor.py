@@ -208,25 +208,47 @@ class Children:
                 log.warning("cannot write %s: %s", self.state_file, exc)
 
 
+def workers_healthy_in_envoy(config: GatewayConfig) -> bool:
+    """Envoy's health checks have passed for every worker (until then it sends every stream to the others)."""
+    with urllib.request.urlopen(f"http://{config.envoy_admin}/clusters", timeout=1) as resp:
+        flags = [line.rsplit("::", 1)[1] for line in resp.read().decode().splitlines()
+                 if line.startswith("muster_edge_processor::") and "::health_flags::" in line]
+    return len(flags) == config.workers and all(f == "healthy" for f in flags)
+
+
 def wait_ready(config: GatewayConfig, children: Children, timeout: float = 30.0) -> None:
-    """Ready means Envoy answers /ready and every processor worker answers /healthz."""
-    pending = [f"http://{config.envoy_admin}/ready"] + [
-        f"http://{config.status_listen.host}:{config.status_listen.port + i}/healthz" for i in range(config.workers)]
+    """Ready means Envoy answers /ready, every processor worker answers /healthz, and Envoy counts every
+    worker healthy."""
+    pending: list[str | Callable[[], bool]] = [f"http://{config.envoy_admin}/ready"]
+    pending += [f"http://{config.status_listen.host}:{config.status_listen.port + i}/healthz"
+                for i in range(config.workers)]
+    pending.append(lambda: workers_healthy_in_envoy(config))
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         dead = children.failed()
         if dead is not None:
             raise SystemExit(f"muster-edge: {dead.args!r} exited with code {dead.returncode}")
+        check = pending[0]
         try:
-            with urllib.request.urlopen(pending[0], timeout=1) as resp:
-                if resp.status == 200:
+            if callable(check):
+                if check():
                     pending.pop(0)
                     continue
+            else:
+                with urllib.request.urlopen(check, timeout=1) as resp:
+                    if resp.status == 200:
+                        pending.pop(0)
+                        continue
         except OSError:
             pass
         time.sleep(0.1)
+    if not pending:
+        # Envoy balances over a worker only about a second after its admin shows it healthy (measured on 1.40:
+        # earlier, every stream went to the worker that passed its first check first)
+        time.sleep(1.0)
     if pending:
-        raise SystemExit(f"muster-edge: not ready in time ({pending[0]} did not answer)")
+        what = "Envoy's health checks of the processor workers" if callable(pending[0]) else pending[0]
+        raise SystemExit(f"muster-edge: not ready in time ({what} did not pass)")
 
 
 def client_snippet(config: GatewayConfig) -> str:
