@@ -294,6 +294,8 @@ class Fleet:
         if state.down:
             return state.down
         snap = state.snapshot
+        if snap is None:  # never answered: unavailable once a list gave up waiting for it
+            return "no answer yet (still connecting)" if state.waited else None
         if snap is not None and not snap.ok and not state.auth_required:
             return snap.error
         return None
