@@ -37,6 +37,9 @@ RETRY_FAILED_AFTER_S = 2.0
 # it is retried this often, for up to FIRST_FETCH_S, and stays unlisted ("Connecting") rather than "Failed"
 FIRST_RETRY_S = 0.2
 FIRST_FETCH_S = 5.0
+# every worker reads the catalog folder every 0.5 s (catalog_files.watch): a server added later is listed only
+# once the other workers have read it too, so a call that lands on another worker finds it in its catalog
+CATALOG_SETTLE_S = 0.75
 MAX_POOLED = 20_000
 MAX_USER_STATES = 20_000
 
@@ -70,6 +73,7 @@ class UpstreamState:
     waited: bool = False  # a list already waited for this upstream's first fetch: never again
     down: str = ""  # a routed call just failed (503/504): calls fail fast until a refresh succeeds
     created: float = field(default_factory=time.monotonic)
+    settle_until: float = 0.0
 
     @property
     def fresh(self) -> bool:
@@ -113,9 +117,10 @@ class Fleet:
         for key in list(self.user_states):
             if key[0] not in new or new[key[0]] != self.user_states[key].server:
                 self._drop(self.user_states.pop(key))
+        settle = time.monotonic() + CATALOG_SETTLE_S if self.catalog_generation else 0.0
         for name, server in new.items():
             if name not in self.states and not self.per_user(server):
-                self.states[name] = UpstreamState(server)
+                self.states[name] = UpstreamState(server, settle_until=settle)
         for err in errors:
             if err not in self.errors:
                 log.error("catalog: refused %s", err)
@@ -170,6 +175,8 @@ class Fleet:
                 self._refresh_failed(state, exc)
                 return
             await asyncio.sleep(FIRST_RETRY_S)
+        if state.snapshot is None and state.settle_until > time.monotonic():
+            await asyncio.sleep(state.settle_until - time.monotonic())
         self._refreshed(state, hs, results)
 
     @staticmethod
