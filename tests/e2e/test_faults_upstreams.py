@@ -140,6 +140,8 @@ def test_down_or_frozen_upstream_is_unavailable_not_unknown(tmp_path: Path) -> N
             "kubernetes": k8s.url, "kube": kube.url, "prom": {"url": prom.url, "timeout": 2}}))
         names = tools(gw)
         assert {"x_kube_get_pods", "x_prom_query"} <= names and "x_kube_kubectl_delete" not in names
+        _, listed = rpc(gw.url, "resources/list", msg_id="resources")
+        targets = next(r["uri"] for r in listed["result"]["resources"] if r["uri"].endswith("prom://prom/targets"))
 
         # killed: its tools stay listed (stale), calls to them, its prompts and resources are "unavailable"
         stop(kube.process.proc)
@@ -171,7 +173,8 @@ def test_down_or_frozen_upstream_is_unavailable_not_unknown(tmp_path: Path) -> N
             assert_unavailable(status, answer, "prom", "prom-1")
             for method, params in (("tools/call", {"name": "x_prom_query", "arguments": {"promql": "up"}}),
                                    ("prompts/get", {"name": "x_prom_investigate_alert",
-                                                    "arguments": {"alert": "a"}})):
+                                                    "arguments": {"alert": "a"}}),
+                                   ("resources/read", {"uri": targets})):
                 started = time.monotonic()
                 status, answer = rpc(gw.url, method, params, f"prom-{method}")
                 assert_unavailable(status, answer, "prom", f"prom-{method}")
@@ -216,7 +219,7 @@ class DroppingProxy:
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.armed = 0
+        self.armed: bytes | None = None  # drop the next request on a reused connection that holds these bytes
         self.dropped = 0
         self.lock = threading.Lock()
         self.srv = socket.socket()
@@ -233,10 +236,14 @@ class DroppingProxy:
                 return
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
-    def _take_drop(self) -> bool:
+    def arm(self, marker: bytes = b"") -> None:
         with self.lock:
-            if self.armed > 0:
-                self.armed -= 1
+            self.armed = marker
+
+    def _take_drop(self, request: bytes) -> bool:
+        with self.lock:
+            if self.armed is not None and self.armed in request:
+                self.armed = None
                 self.dropped += 1
                 return True
             return False
@@ -257,7 +264,7 @@ class DroppingProxy:
         head = b""
         try:
             while data := down.recv(65536, socket.MSG_PEEK):
-                if body_left == 0 and not head and requests >= 1 and self._take_drop():
+                if body_left == 0 and not head and requests >= 1 and self._take_drop(data):
                     down.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
                     down.close()
                     up.close()
@@ -308,9 +315,35 @@ def test_request_lost_on_closed_keepalive_connection_is_retried(tmp_path: Path) 
         assert "x_prom_query" in tools(gw)
         for i in range(40):
             if i % 4 == 0:
-                with proxy.lock:
-                    proxy.armed = 1
-            ok_call(gw, "x_prom_query", {"promql": f"up{i}"}, f"prom-{i}")
+                proxy.arm()
+            ok_call(gw, "x_prom_query", {"promql": f"up{i}"}, f"prom-{i}")  # read-only: resent once
             ok_call(gw, "x_kubernetes_get_pods", {}, f"k8s-{i}")
         assert proxy.dropped >= 3, proxy.dropped
         assert envoy_stat(gw, "cluster.mcp.prom.upstream_rq_retry_success") >= 1
+
+
+def test_a_call_that_may_have_run_is_not_resent(tmp_path: Path) -> None:
+    """toggle_beta declares no hints (not read-only, not idempotent): lost on a reset connection, it is not sent
+    again; the client gets an error naming the server, with its own id."""
+    with contextlib.ExitStack() as stack:
+        k8s = stack.enter_context(start_demo_server("kubernetes", name="kubernetes"))
+        vendor = stack.enter_context(start_demo_server("vendor", name="vendor", json_response=True))
+        proxy = DroppingProxy(vendor.port)
+        stack.callback(proxy.close)
+        gw = stack.enter_context(start_gateway(tmp_path, {"kubernetes": k8s.url,
+                                                          "vendor": f"http://127.0.0.1:{proxy.port}/mcp"}))
+        assert "x_vendor_toggle_beta" in tools(gw)
+        proxy.arm(b"toggle_beta")
+        failed: list[tuple[int, dict[str, Any]]] = []
+        for i in range(30):
+            status, answer = rpc(gw.url, "tools/call", {"name": "x_vendor_toggle_beta", "arguments": {}}, f"t-{i}")
+            if "error" in answer:
+                assert_unavailable(status, answer, "vendor", f"t-{i}")
+                failed.append((status, answer))
+            ok_call(gw, "x_kubernetes_get_pods", {}, f"k8s-{i}")
+            if proxy.dropped:
+                break
+        assert proxy.dropped == 1 and len(failed) == 1, (proxy.dropped, failed)
+        assert envoy_stat(gw, "cluster.mcp.vendor.upstream_rq_retry") == 0
+        poll(lambda: "result" in rpc(gw.url, "tools/call", {"name": "x_vendor_echo", "arguments": {"text": "a"}},
+                                     "after")[1], 10, "vendor to answer again")
