@@ -26,7 +26,7 @@ from catalog.manifests import AdmissionError, MCPServer
 from catalog.view import UpstreamSnapshot, View, build_view, x_mcp_header_problem
 from extproc.credentials import CredentialError
 from extproc.jsonrpc import LEGACY
-from extproc.upstream import Handshake, UpstreamAuthError, UpstreamClient, UpstreamError
+from extproc.upstream import Handshake, UpstreamAuthError, UpstreamClient, UpstreamError, UpstreamRpcError
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class Fleet:
     def _first_fetch_again(state: UpstreamState, exc: UpstreamError) -> bool:
         """A server never fetched whose fetch failed without an answer from it (Envoy may not route to it yet:
         the supervisor's CDS write and this worker's catalog read race) is retried soon, still unlisted."""
-        return (state.snapshot is None and not isinstance(exc, UpstreamAuthError)
+        return (state.snapshot is None and not isinstance(exc, (UpstreamAuthError, UpstreamRpcError))
                 and time.monotonic() - state.created < FIRST_FETCH_S and "timed out" not in str(exc))
 
     def _refresh_failed(self, state: UpstreamState, exc: Exception) -> None:
@@ -291,7 +291,8 @@ class Fleet:
 
     def unavailable(self, name: str, subject: str = "") -> str | None:
         """Why calls to this cataloged upstream cannot be served now (down, frozen, failing), else None.
-        Refused credentials are not "unavailable": they have their own errors."""
+        Credential problems are not "unavailable": they have their own errors (so a per-user server is only
+        unavailable when a call just found it down)."""
         server = self.servers.get(name)
         if server is None:
             return None
@@ -300,10 +301,12 @@ class Fleet:
             return None
         if state.down:
             return state.down
+        if state.owner:
+            return None
         snap = state.snapshot
         if snap is None:  # never answered: unavailable once a list gave up waiting for it
             return "no answer yet (still connecting)" if state.waited else None
-        if snap is not None and not snap.ok and not state.auth_required:
+        if not snap.ok and not state.auth_required:
             return snap.error
         return None
 
