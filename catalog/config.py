@@ -101,7 +101,7 @@ class GatewayConfig:
     list_page_size: int = 0
     list_ttl_ms: int = 60_000
     list_ttl_floor_ms: int = 5_000
-    list_wait_ms: int = 10_000
+    list_wait_ms: int = 5_000
     server_name: str = "muster-edge"
     instructions: str = ""
     allowed_origins: tuple[str, ...] = ()
@@ -274,7 +274,7 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
         list_page_size=_int(raw, "listPageSize", 0, 0, 100_000, source),
         list_ttl_ms=_int(raw, "listTtlMs", 60_000, 0, 86_400_000, source),
         list_ttl_floor_ms=_int(raw, "listTtlFloorMs", 5_000, 0, 86_400_000, source),
-        list_wait_ms=_int(raw, "listWaitMs", 10_000, 100, 300_000, source),
+        list_wait_ms=_int(raw, "listWaitMs", 5_000, 100, 300_000, source),
         server_name=str(raw.get("serverName", "muster-edge")),
         instructions=str(raw.get("instructions", "")),
         allowed_origins=tuple(origins),

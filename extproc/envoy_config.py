@@ -20,7 +20,7 @@ import yaml
 from catalog.config import GatewayConfig
 from catalog.manifests import MCPServer
 from extproc import answer
-from extproc.upstream import ROUTE_HEADER, cluster_name
+from extproc.upstream import RETRY_HEADER, ROUTE_HEADER, cluster_name
 
 CDS_FILE = "cds.yaml"
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -229,6 +229,30 @@ def protected_resource_metadata(config: GatewayConfig) -> dict[str, Any]:
     return doc
 
 
+# A request lost before the upstream could have read it (the connection failed, was refused, or was reset
+# before a byte was sent) is retried once. A reset after the request was sent (an upstream closing a kept-alive
+# connection as the request arrives looks the same as one crashing mid-call) is retried only for requests the
+# processor marked safe to repeat (RETRY_HEADER): reads, and tools the upstream declares read-only or idempotent.
+_RETRY_ALWAYS = "reset-before-request,connect-failure,refused-stream"
+
+
+def retry_policy(repeatable: bool) -> dict[str, Any]:
+    return {"retry_on": _RETRY_ALWAYS + (",reset" if repeatable else ""), "num_retries": 1}
+
+
+def _routed(name: str, route: dict[str, Any], extra: dict[str, Any]) -> list[dict[str, Any]]:
+    """The route by the processor's cluster header, twice: for requests marked safe to repeat, and for others."""
+    def one(repeatable: bool) -> dict[str, Any]:
+        headers = [{"name": ROUTE_HEADER, "present_match": True}]
+        if repeatable:
+            headers.append({"name": RETRY_HEADER, "string_match": {"exact": "1"}})
+        return {"name": f"{name}_repeatable" if repeatable else name,
+                "match": {"prefix": "/", "headers": headers},
+                "route": {**route, "retry_policy": retry_policy(repeatable)},
+                "request_headers_to_remove": [ROUTE_HEADER, RETRY_HEADER], **extra}
+    return [one(True), one(False)]
+
+
 def routes(config: GatewayConfig) -> list[dict[str, Any]]:
     """The public routes: protected resource metadata; routed calls by the processor's header; the MCP path."""
     not_routed = ('{"jsonrpc":"2.0","id":null,"error":{"code":-32603,'
@@ -249,14 +273,10 @@ def routes(config: GatewayConfig) -> list[dict[str, Any]]:
         callback.append({"name": "muster_edge_oauth_callback", "match": {"path": config.upstream_oauth.callback_path},
                          "direct_response": {"status": 500, "body": {"inline_string": "not handled\n"}}})
     return [*prm, *callback,
-        {
-            "name": "muster_edge_routed",
-            "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "present_match": True}]},
-            "route": {"cluster_header": ROUTE_HEADER, "timeout": "0s", "idle_timeout": "300s",
-                      "cluster_not_found_response_code": "SERVICE_UNAVAILABLE"},
-            "request_headers_to_remove": [ROUTE_HEADER],
-            "response_headers_to_remove": ["mcp-session-id"],
-        },
+        *_routed("muster_edge_routed",
+                 {"cluster_header": ROUTE_HEADER, "timeout": "0s", "idle_timeout": "300s",
+                  "cluster_not_found_response_code": "SERVICE_UNAVAILABLE"},
+                 {"response_headers_to_remove": ["mcp-session-id"]}),
         {
             "name": "muster_edge_mcp",
             "match": {"path": config.path},
@@ -501,10 +521,9 @@ def public_listeners(config: GatewayConfig) -> list[dict[str, Any]]:
 def internal_listener(config: GatewayConfig) -> dict[str, Any]:
     """Where the processor's own upstream calls enter Envoy: no ext_proc, routed by the same header."""
     vhost = {"name": "upstreams", "domains": ["*"], "routes": [
-        {"match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "present_match": True}]},
-         "route": {"cluster_header": ROUTE_HEADER, "timeout": "0s",
-                   "cluster_not_found_response_code": "SERVICE_UNAVAILABLE"},
-         "request_headers_to_remove": [ROUTE_HEADER]},
+        *_routed("muster_edge_internal_routed",
+                 {"cluster_header": ROUTE_HEADER, "timeout": "0s",
+                  "cluster_not_found_response_code": "SERVICE_UNAVAILABLE"}, {}),
         {"match": {"prefix": "/"}, "direct_response": {"status": 404}},
     ]}
     return {

@@ -1,10 +1,12 @@
 """The fleet as the processor knows it: admitted servers, each upstream's cached lists, and its health.
 
 Lists are fetched concurrently, cached per upstream, and refreshed on the upstream's list_changed, on its
-ttlMs, and on catalog changes; a warm list never touches an upstream. A failed upstream is left out of the
-view and shown in the status until a later refresh succeeds. Servers whose answers depend on the caller's
-credential (token forwarding, token exchange, per-user OAuth) are fetched per user, with that user's
-credential, and only that user's view holds them.
+ttlMs, and on catalog changes; a warm list never touches an upstream. A list waits (at most list_wait_s) only
+for an upstream never fetched, and only once: an upstream known to be slow or down is probed in the
+background while its last good lists stay in the view (stale, shown in the status), and calls to it fail fast
+with "unavailable". An upstream that never answered is left out of the view. Servers whose answers depend
+on the caller's credential (token forwarding, token exchange, per-user OAuth) are fetched per user, with that
+user's credential, and only that user's view holds them.
 """
 
 from __future__ import annotations
@@ -24,13 +26,20 @@ from catalog.manifests import AdmissionError, MCPServer
 from catalog.view import UpstreamSnapshot, View, build_view, x_mcp_header_problem
 from extproc.credentials import CredentialError
 from extproc.jsonrpc import LEGACY
-from extproc.upstream import Handshake, UpstreamAuthError, UpstreamClient, UpstreamError
+from extproc.upstream import Handshake, UpstreamAuthError, UpstreamClient, UpstreamError, UpstreamRpcError
 
 log = logging.getLogger(__name__)
 
 _LISTS = (("tools/list", "tools", "tools"), ("prompts/list", "prompts", "prompts"),
           ("resources/list", "resources", "resources"), ("resources/templates/list", "resourceTemplates", "resources"))
 RETRY_FAILED_AFTER_S = 2.0
+# a new server's first fetch also proves that Envoy has its cluster (the fetch goes through Envoy): until then
+# it is retried this often, for up to FIRST_FETCH_S, and stays unlisted ("Connecting") rather than "Failed"
+FIRST_RETRY_S = 0.2
+FIRST_FETCH_S = 5.0
+# every worker reads the catalog folder every 0.5 s (catalog_files.watch): a server added later is listed only
+# once the other workers have read it too, so a call that lands on another worker finds it in its catalog
+CATALOG_SETTLE_S = 0.75
 MAX_POOLED = 20_000
 MAX_USER_STATES = 20_000
 
@@ -60,6 +69,11 @@ class UpstreamState:
     listener: asyncio.Task[None] | None = None
     pooled: LRUCache[str, Handshake] = field(default_factory=lambda: LRUCache(maxsize=MAX_POOLED))
     modern_only: bool = False
+    last_good: UpstreamSnapshot | None = None  # listed (stale) while the upstream is down
+    waited: bool = False  # a list already waited for this upstream's first fetch: never again
+    down: str = ""  # a routed call just failed (503/504): calls fail fast until a refresh succeeds
+    created: float = field(default_factory=time.monotonic)
+    settle_until: float = 0.0
 
     @property
     def fresh(self) -> bool:
@@ -73,7 +87,7 @@ class UpstreamState:
 
 class Fleet:
     def __init__(self, client: UpstreamClient, *, prefix: str, mode: str, default_ttl_ms: int,
-                 ttl_floor_ms: int = 5_000, list_wait_s: float = 10.0, auth: AuthSource = _no_auth,
+                 ttl_floor_ms: int = 5_000, list_wait_s: float = 5.0, auth: AuthSource = _no_auth,
                  per_user: Callable[[MCPServer], bool] = lambda _s: False,
                  renew: Callable[[MCPServer, str], Awaitable[None]] | None = None) -> None:
         self.client = client
@@ -103,9 +117,10 @@ class Fleet:
         for key in list(self.user_states):
             if key[0] not in new or new[key[0]] != self.user_states[key].server:
                 self._drop(self.user_states.pop(key))
+        settle = time.monotonic() + CATALOG_SETTLE_S if self.catalog_generation else 0.0
         for name, server in new.items():
             if name not in self.states and not self.per_user(server):
-                self.states[name] = UpstreamState(server)
+                self.states[name] = UpstreamState(server, settle_until=settle)
         for err in errors:
             if err not in self.errors:
                 log.error("catalog: refused %s", err)
@@ -139,43 +154,65 @@ class Fleet:
         return hs, list(results)
 
     async def _refresh(self, state: UpstreamState) -> None:
-        server = state.server
-        state.last_attempt = time.monotonic()
-        try:
+        while True:
+            server = state.server
+            state.last_attempt = time.monotonic()
             try:
-                hs, results = await self._fetch(state)
-            except UpstreamAuthError:
-                if not state.owner:
-                    raise
-                await self.renew(server, state.owner)  # a per-user credential the upstream refused: once more
-                state.handshake = None
-                hs, results = await self._fetch(state)
-        except CredentialError as exc:
+                try:
+                    hs, results = await self._fetch(state)
+                except UpstreamAuthError:
+                    if not state.owner:
+                        raise
+                    await self.renew(server, state.owner)  # a per-user credential the upstream refused: once more
+                    state.handshake = None
+                    hs, results = await self._fetch(state)
+                break
+            except UpstreamError as exc:
+                if not self._first_fetch_again(state, exc):
+                    self._refresh_failed(state, exc)
+                    return
+            except Exception as exc:
+                self._refresh_failed(state, exc)
+                return
+            await asyncio.sleep(FIRST_RETRY_S)
+        if state.snapshot is None and state.settle_until > time.monotonic():
+            await asyncio.sleep(state.settle_until - time.monotonic())
+        self._refreshed(state, hs, results)
+
+    @staticmethod
+    def _first_fetch_again(state: UpstreamState, exc: UpstreamError) -> bool:
+        """A server never fetched whose fetch failed without an answer from it (Envoy may not route to it yet:
+        the supervisor's CDS write and this worker's catalog read race) is retried soon, still unlisted."""
+        return (state.snapshot is None and not isinstance(exc, (UpstreamAuthError, UpstreamRpcError))
+                and time.monotonic() - state.created < FIRST_FETCH_S and "timed out" not in str(exc))
+
+    def _refresh_failed(self, state: UpstreamState, exc: Exception) -> None:
+        if isinstance(exc, CredentialError):
             self._fail(state, exc.reason, auth_required=exc.auth_required)
-            return
-        except UpstreamAuthError as exc:
+        elif isinstance(exc, UpstreamAuthError):
             self._fail(state, str(exc), auth_required=True)
-            return
-        except UpstreamError as exc:
+        elif isinstance(exc, UpstreamError):
             self._fail(state, str(exc))
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.exception("upstream %s: refresh crashed", server.name)
+        else:
+            log.error("upstream %s: refresh crashed", state.server.name, exc_info=exc)
             self._fail(state, f"internal error: {type(exc).__name__}")
-            return
+
+    def _refreshed(self, state: UpstreamState, hs: Handshake,
+                   results: list[tuple[list[dict[str, Any]], int | None]]) -> None:
+        server = state.server
         (tools, t1), (prompts, t2), (resources, t3), (templates, t4) = results
         ttls = [t for t in (t1, t2, t3, t4, hs.ttl_ms) if isinstance(t, int)]
         ttl = min(ttls) if ttls else None
         tools = self._valid_tools(server.name, tools)
         self._generation += 1
-        previously_failed = state.snapshot is not None and not state.snapshot.ok
+        previously_failed = (state.snapshot is not None and not state.snapshot.ok) or bool(state.down)
         state.auth_required = False
+        state.down = ""
         state.snapshot = UpstreamSnapshot(
             server=server.name, ok=True, era=hs.era, protocol_version=hs.version, capabilities=hs.capabilities,
             instructions=hs.instructions, tools=tuple(tools), prompts=tuple(prompts), resources=tuple(resources),
             templates=tuple(templates), ttl_ms=ttl, generation=self._generation)
+        state.last_good = state.snapshot
         life_ms = max(ttl if ttl is not None else self.default_ttl_ms, self.ttl_floor_ms)
         state.expires_at = time.monotonic() + life_ms / 1000.0 * random.uniform(0.9, 1.0)
         if previously_failed:
@@ -242,6 +279,37 @@ class Fleet:
         state.expires_at = 0.0
         self._schedule(state)
 
+    def down(self, name: str, reason: str, owner: str = "") -> None:
+        """A routed call found this upstream down or frozen (Envoy answered 503/504): calls to it fail fast
+        until a refresh (started now) succeeds; its lists stay in the view."""
+        state = self.user_states.get((name, owner)) if owner else self.states.get(name)
+        if state is not None:
+            if not state.down:
+                log.warning("upstream %s: %s; checking it", name, reason)
+            state.down = reason
+            self._suspect_state(state)
+
+    def unavailable(self, name: str, subject: str = "") -> str | None:
+        """Why calls to this cataloged upstream cannot be served now (down, frozen, failing), else None.
+        Credential problems are not "unavailable": they have their own errors (so a per-user server is only
+        unavailable when a call just found it down)."""
+        server = self.servers.get(name)
+        if server is None:
+            return None
+        state = self.user_states.get((name, subject)) if self.per_user(server) else self.states.get(name)
+        if state is None:
+            return None
+        if state.down:
+            return state.down
+        if state.owner:
+            return None
+        snap = state.snapshot
+        if snap is None:  # never answered: unavailable once a list gave up waiting for it
+            return "no answer yet (still connecting)" if state.waited else None
+        if not snap.ok and not state.auth_required:
+            return snap.error
+        return None
+
     def suspect(self, name: str, owner: str = "") -> None:
         """Something went wrong talking to this upstream: check it again now (a failure marks it Failed)."""
         state = self.user_states.get((name, owner)) if owner else self.states.get(name)
@@ -269,16 +337,29 @@ class Fleet:
         return states
 
     async def ready(self, subject: str = "", bearer: str = "") -> None:
-        """Make the view current: wait (bounded) for upstreams never fetched, refresh stale ones behind."""
-        waits = []
+        """Make the view current: wait (at most list_wait_s, once per upstream) for upstreams never fetched,
+        refresh stale and failed ones behind. A refused credential is the one failure still waited for (it is
+        answered fast, and a new token may fix it: a login must show its server on the next list)."""
+        waits: dict[asyncio.Task[None], UpstreamState] = {}
         now = time.monotonic()
         for state in self.caller_states(subject, bearer):
-            if state.snapshot is None or (not state.snapshot.ok and now - state.last_attempt > RETRY_FAILED_AFTER_S):
-                waits.append(self._schedule(state))
-            elif state.snapshot.ok and not state.fresh:
+            snap = state.snapshot
+            if snap is None:
+                task = self._schedule(state)
+                if not state.waited:
+                    waits[task] = state
+            elif not snap.ok and now - state.last_attempt > RETRY_FAILED_AFTER_S:
+                task = self._schedule(state)
+                if state.auth_required and not state.waited:
+                    waits[task] = state
+            elif snap.ok and (not state.fresh or state.down):
                 self._schedule(state)
         if waits:
-            await asyncio.wait([asyncio.shield(w) for w in waits], timeout=self.list_wait_s)
+            _, pending = await asyncio.wait([asyncio.shield(w) for w in waits], timeout=self.list_wait_s)
+            if pending:
+                for task, state in waits.items():
+                    if not task.done():
+                        state.waited = True  # slow: the next lists do not wait for it again
 
     async def maintain(self, every_s: float = 2.0) -> None:
         """Retry failed upstreams in the background, so the status recovers without client traffic."""
@@ -286,12 +367,22 @@ class Fleet:
             await asyncio.sleep(every_s)
             now = time.monotonic()
             for state in list(self.states.values()):
-                if state.snapshot is not None and not state.snapshot.ok and now - state.last_attempt > every_s:
+                failing = state.snapshot is not None and (not state.snapshot.ok or bool(state.down))
+                if failing and now - state.last_attempt > every_s:
                     self._schedule(state)
 
+    @staticmethod
+    def listed(state: UpstreamState) -> UpstreamSnapshot | None:
+        """The lists this upstream contributes: the current ones, or the last good ones (stale) while it is
+        down; none while it never answered or refuses the credential."""
+        snap = state.snapshot
+        if snap is None or snap.ok:
+            return snap
+        return None if state.auth_required else state.last_good
+
     def view(self, subject: str = "") -> View:
-        states = [s for s in self.caller_states(subject) if s.snapshot is not None and s.snapshot.ok]
-        snapshots = {s.server.name: s.snapshot for s in states if s.snapshot is not None}
+        snapshots = {s.server.name: snap for s in self.caller_states(subject)
+                     if (snap := self.listed(s)) is not None}
         key = (self.catalog_generation, tuple(sorted((n, s.generation) for n, s in snapshots.items())))
         view = self._views.get(key)
         if view is None:
@@ -371,9 +462,15 @@ class Fleet:
             entry.update(state="Connected", era=snap.era, protocolVersion=snap.protocol_version,
                          tools=len(snap.tools), prompts=len(snap.prompts), resources=len(snap.resources),
                          resourceTemplates=len(snap.templates))
+            if state is not None and state.down:
+                entry.update(unavailable=state.down)
         else:
             entry.update(state="Auth Required" if state is not None and state.auth_required else "Failed",
                          error=snap.error)
+            stale = Fleet.listed(state) if state is not None else None
+            if stale is not None:
+                entry.update(stale=True, tools=len(stale.tools), prompts=len(stale.prompts),
+                             resources=len(stale.resources), resourceTemplates=len(stale.templates))
         return entry
 
     def status(self) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from extproc.replies import JSON, Forward, Local, ResponsePlan
 from extproc.request import Request
 from extproc.rewrite import SseRewriter, original_request_id, rewrite_json, split_namespaced
 from extproc.sessions import Cursors, Sessions
-from extproc.upstream import CLIENT_INFO, ROUTE_HEADER, UpstreamError, cluster_name
+from extproc.upstream import CLIENT_INFO, REPEATABLE, RETRY_HEADER, ROUTE_HEADER, UpstreamError, cluster_name
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("muster_edge.audit")
@@ -53,7 +53,7 @@ HANDLERS: dict[str, Handler] = {
     "resources/unsubscribe": calls.subscribe,
 }
 
-_DROP_UPSTREAM = ("last-event-id", "cookie", "origin", "x-envoy-original-path")
+_DROP_UPSTREAM = ("last-event-id", "cookie", "origin", "x-envoy-original-path", RETRY_HEADER)
 
 
 def _accepts(accept: str) -> tuple[bool, bool]:
@@ -341,10 +341,15 @@ class Gateway:
     # ---- forwarding ---------------------------------------------------------------------------------------
     async def forward(self, req: Request, msg: Message, server_name: str, params: dict[str, Any], *,
                       name: str | None = None, header_map: Mapping[tuple[str, ...], str] | None = None,
-                      arguments: Mapping[str, Any] | None = None) -> Forward:
-        """Re-originate the request for one upstream: body, routing headers and credentials recomputed."""
+                      arguments: Mapping[str, Any] | None = None, repeatable: bool | None = None) -> Forward:
+        """Re-originate the request for one upstream: body, routing headers and credentials recomputed.
+        `repeatable` (default: reads are) lets Envoy resend it once after a connection reset."""
         owner = req.session_nonce.hex() if req.session_nonce else req.caller.key
         server = self.fleet.servers[server_name]
+        why = self.fleet.unavailable(server_name, req.caller.subject)
+        if why is not None:  # known down or frozen: fail fast, naming it; a background probe brings it back
+            raise RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{server_name}' is unavailable",
+                           {"server": server_name, "reason": why}, status=502)
         try:
             credential = await self.broker.credential(server, req.caller.subject, req.bearer)
         except CredentialError as exc:
@@ -374,6 +379,8 @@ class Gateway:
         body = jsonrpc.dumps({"jsonrpc": "2.0", "id": upstream_id, "method": msg.method, "params": params})
         set_headers = self._upstream_headers(server_name, hs.version, body)
         set_headers.update(credential.headers)
+        if repeatable or (repeatable is None and msg.method in REPEATABLE):
+            set_headers[RETRY_HEADER] = "1"
         if hs.era == MODERN:
             set_headers["mcp-method"] = msg.method
             if name is not None:
@@ -456,8 +463,12 @@ class Gateway:
     def upstream_failed(self, plan: ResponsePlan, status: int) -> None:
         """Count a routed call the upstream failed; a 5xx also makes the fleet check that server again."""
         self.metrics.inc("muster_edge_upstream_errors_total", server=plan.server, status=str(status))
-        if status >= 500:
-            self.fleet.suspect(plan.server)
+        server = self.fleet.servers.get(plan.server)
+        owner = plan.subject if server is not None and self.broker.per_user(server) else ""
+        if status in (503, 504):
+            self.fleet.down(plan.server, "timed out" if status == 504 else "unavailable (HTTP 503)", owner)
+        elif status >= 500:
+            self.fleet.suspect(plan.server, owner)
 
     def error_for_upstream_status(self, plan: ResponsePlan, status: int, details: str) -> Local:
         self.upstream_failed(plan, status)

@@ -23,6 +23,11 @@ from extproc.jsonrpc import LATEST_HANDSHAKE, LATEST_MODERN, LEGACY, MODERN
 log = logging.getLogger(__name__)
 
 ROUTE_HEADER = "x-muster-edge-cluster"
+# set to "1" on a request safe to send twice: Envoy then also retries it once after a reset (envoy_config)
+RETRY_HEADER = "x-muster-edge-retry"
+# what the processor's own calls may repeat: reads (initialize opens a session; it is not repeated)
+REPEATABLE = frozenset(("server/discover", "ping", "tools/list", "prompts/list", "resources/list",
+                        "resources/templates/list", "resources/read", "prompts/get", "completion/complete"))
 CLIENT_INFO = {"name": "muster-edge", "version": "0.1.0"}
 MAX_PAGES = 100
 
@@ -103,6 +108,8 @@ class UpstreamClient:
             "mcp-protocol-version": version,
         }
         out.update(auth or {})
+        if method in REPEATABLE:
+            out[RETRY_HEADER] = "1"
         if era == MODERN and method:
             out["mcp-method"] = method
             if name is not None:

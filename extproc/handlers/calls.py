@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from catalog.policy import ToolFacts
 from catalog.view import Route, Target
 from extproc import jsonrpc
 from extproc.handlers import auth
@@ -77,6 +78,27 @@ def _failed_owner(gw: Gateway, req: Request, name: str) -> RpcError | None:
     return None
 
 
+def _unavailable_owner(gw: Gateway, req: Request, name: str) -> RpcError | None:
+    """A name under the prefix of a cataloged server that is down and was never listed (its tool names are
+    unknown): "unavailable", naming it, unless the policy would deny such a name to this caller (fail closed:
+    then it stays unknown, as a denied name does). Servers listed before they went down keep their last
+    known tools in the view, so their calls never come here."""
+    policy = gw.config.policy
+    for server in gw.fleet.servers.values():
+        prefix = f"{gw.config.prefix}_{server.server_prefix}_"
+        if not name.startswith(prefix) or len(name) == len(prefix):
+            continue
+        why = gw.fleet.unavailable(server.name, req.caller.subject)
+        if why is None:
+            continue
+        facts = ToolFacts(name, name[len(prefix):], server.name)
+        if not policy.decide(facts, req.caller.claims).allowed or not policy.toolset_allows(req.toolset, facts):
+            return None
+        return RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{server.name}' is unavailable",
+                        {"server": server.name, "reason": why}, status=502)
+    return None
+
+
 def _refused(gw: Gateway, req: Request, name: str, arguments: Mapping[str, Any]) -> RpcError:
     """A name the caller's view does not hold: audited as denied when the policy hid it, else unknown."""
     base = gw.fleet.view().tool_routes.get(name)
@@ -87,8 +109,9 @@ def _refused(gw: Gateway, req: Request, name: str, arguments: Mapping[str, Any])
         except RpcError:
             target = next(iter(base.targets.values()))
     if base is None or target is None:
-        failed = _failed_owner(gw, req, name)
+        failed = _failed_owner(gw, req, name) or _unavailable_owner(gw, req, name)
         if failed is not None:
+            gw.audit(req, tool=name, decision="unavailable", rule="server-down", server=failed.data["server"])
             return failed
         gw.audit(req, tool=name, decision="unknown", rule="no-such-tool")
     else:
@@ -96,6 +119,12 @@ def _refused(gw: Gateway, req: Request, name: str, arguments: Mapping[str, Any])
         gw.audit(req, tool=name, decision="deny", rule=decision.rule, server=target.server,
                  upstream_tool=target.original)
     return RpcError(INVALID_PARAMS, f"Unknown tool: {name}")
+
+
+def _repeatable(definition: Mapping[str, Any]) -> bool:
+    """A call safe to send twice: the upstream declares the tool read-only or idempotent."""
+    hints = definition.get("annotations")
+    return isinstance(hints, dict) and (hints.get("readOnlyHint") is True or hints.get("idempotentHint") is True)
 
 
 async def call_tool(gw: Gateway, req: Request, msg: Message) -> Forward | Local:
@@ -124,7 +153,7 @@ async def call_tool(gw: Gateway, req: Request, msg: Message) -> Forward | Local:
              upstream_tool=target.original)
     params = {**msg.params, "name": target.original, "arguments": upstream_args}
     return await gw.forward(req, msg, target.server, params, name=target.original, header_map=target.header_map,
-                            arguments=upstream_args)
+                            arguments=upstream_args, repeatable=_repeatable(target.definition))
 
 
 async def get_prompt(gw: Gateway, req: Request, msg: Message) -> Forward:

@@ -21,7 +21,7 @@ def test_empty_config_gives_the_defaults() -> None:
     assert cfg.workers == 1
     assert (cfg.prefix, cfg.prefix_mode) == ("x", "always")
     assert cfg.max_request_bytes == 4 * 1024 * 1024
-    assert (cfg.list_page_size, cfg.list_ttl_ms, cfg.list_ttl_floor_ms, cfg.list_wait_ms) == (0, 60_000, 5_000, 10_000)
+    assert (cfg.list_page_size, cfg.list_ttl_ms, cfg.list_ttl_floor_ms, cfg.list_wait_ms) == (0, 60_000, 5_000, 5_000)
     assert (cfg.session_key_file, cfg.session_key_env) == ("", "")
     assert cfg.server_name == "muster-edge"
     assert cfg.allowed_origins == ()
