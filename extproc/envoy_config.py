@@ -140,25 +140,51 @@ def _all(*predicates: dict[str, Any]) -> dict[str, Any]:
     return {"and_matcher": {"predicate": list(predicates)}}
 
 
+def _any(*predicates: dict[str, Any]) -> dict[str, Any]:
+    return {"or_matcher": {"predicate": list(predicates)}}
+
+
+def _not(predicate: dict[str, Any]) -> dict[str, Any]:
+    return {"not_matcher": predicate}
+
+
+def _empty_body() -> dict[str, Any]:
+    return _response_is("content_length", "HttpResponseHeaderMatchInput", {"exact": "0"},
+                        header_name="content-length")
+
+
 _FLAG = {"string_match": {"exact": "1"}}
+_ROUTED = _metadata_is("server", {"present_match": True})
+# MCP answers a request with JSON or SSE; 202 (no body) answers a notification or a response.
+_READABLE = _any(_content_type("json"), _content_type("event-stream"))
+_NOT_202 = _not(_status("202"))
 # When an answer needs the processor, from the flags the request's stream left (extproc/answer.py) and the
-# response itself. The three cases never overlap, so at most one answer filter runs for a response.
+# response itself: the answer cases, listed once here and in the README ("What the processor sees of a call").
+# The three cases never overlap, so at most one answer filter runs for a response.
 # The flags are written in the request filter's reply to the request body; the answer filters' matchers first
 # run when their own request callbacks do, which the request filter holds back until that reply because the
 # body is BUFFERED (keep it so: with a streamed request body the matchers would see no flags and skip).
 ANSWER_CASES: dict[str, dict[str, Any]] = {
-    # a refused renewable credential, a lost upstream session, an upstream failure: decided on the status
-    "status": {"or_matcher": {"predicate": [
+    # decided on the status and headers: a refused renewable credential (renew and resend), a lost upstream
+    # session, an upstream failure, an answer that cannot be MCP (no JSON or SSE content type, an empty 2xx),
+    # an error whose id must be mapped back (its body then follows on the same stream)
+    "status": _any(
         _all(_metadata_is(answer.ON_401, _FLAG), _status("401")),
         _all(_metadata_is(answer.ON_404, _FLAG), _status("404")),
-        _all(_metadata_is("server", {"present_match": True}), _status_class("5xx")),
-    ]}},
-    # a JSON answer to rewrite: the whole body in one message, no headers message
-    "json": _all(_metadata_is(answer.ON_JSON, _FLAG), _status_class("2xx"), _content_type("json")),
-    # an SSE answer to rewrite: each chunk as it comes, no headers message
-    "sse": _all(_metadata_is(answer.ON_SSE, _FLAG), _status_class("2xx"), _content_type("event-stream")),
+        _all(_ROUTED, _status_class("5xx")),
+        _all(_ROUTED, _NOT_202, _not(_READABLE)),
+        _all(_ROUTED, _status_class("2xx"), _NOT_202, _empty_body()),
+        _all(_metadata_is(answer.ON_JSON, _FLAG), _status_class("4xx"), _content_type("json")),
+    ),
+    # a JSON answer to rewrite and check: the whole body in one message, no headers message
+    "json": _all(_metadata_is(answer.ON_JSON, _FLAG), _status_class("2xx"), _content_type("json"),
+                 _not(_empty_body())),
+    # an SSE answer to rewrite and check: each chunk as it comes, no headers message
+    "sse": _all(_metadata_is(answer.ON_SSE, _FLAG), _status_class("2xx"), _content_type("event-stream"),
+                _not(_empty_body())),
 }
 _ANSWER_MODES = {
+    # an error JSON body is asked for in the reply to its headers (mode_override BUFFERED)
     "status": {"response_header_mode": "SEND", "response_body_mode": "NONE"},
     "json": {"response_header_mode": "SKIP", "response_body_mode": "BUFFERED"},
     "sse": {"response_header_mode": "SKIP", "response_body_mode": "STREAMED"},
@@ -172,6 +198,7 @@ def answer_filter(case: str) -> dict[str, Any]:
         **_ext_proc_common(),
         "processing_mode": {"request_header_mode": "SKIP", "request_body_mode": "NONE",
                             "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP", **_ANSWER_MODES[case]},
+        **({"allow_mode_override": True} if case == "status" else {}),
         # the sealed resend (it holds the caller's bearer) goes only where a 401 is acted on
         "metadata_options": {"forwarding_namespaces": {"untyped": [
             answer.NAMESPACE, *([answer.RESEND_NAMESPACE] if case == "status" else [])]}},
@@ -191,6 +218,9 @@ def answer_filter(case: str) -> dict[str, Any]:
 
 
 def body_size_filter(config: GatewayConfig) -> dict[str, Any]:
+    """The one request size limit a client meets (413, on HTTP/1.1 and HTTP/2): every buffer behind it (the
+    listener's connection buffer that ext_proc's BUFFERED body fills, the gRPC messages to and from the
+    processor) holds at least this much (connection_buffer_limit, extproc/server.py)."""
     return {
         "name": "envoy.filters.http.body_size_limit",
         "typed_config": {
@@ -198,6 +228,12 @@ def body_size_filter(config: GatewayConfig) -> dict[str, Any]:
             "max_request_bytes": config.max_request_bytes,
         },
     }
+
+
+def connection_buffer_limit(config: GatewayConfig) -> int:
+    """Envoy's per-connection buffer on the public listeners: ext_proc BUFFERED holds the whole request body in
+    it (over it: 413 on HTTP/1.1 below maxRequestBytes), and the answer filters hold a JSON answer to rewrite."""
+    return max(1 << 20, config.max_request_bytes + (64 << 10))
 
 
 def _no_ext_proc() -> dict[str, Any]:
@@ -327,6 +363,10 @@ def upstream_failure_mappers() -> list[dict[str, Any]]:
     routed = {"metadata_filter": {"matcher": {"filter": "muster_edge", "path": [{"key": "server"}],
                                               "value": {"present_match": True}},
                                   "match_if_key_not_found": False}}
+    # the processor's own answers (an upstream's error mapped, an unreadable answer) already say what failed
+    not_processor = {"extension_filter": {"name": "envoy.access_loggers.extension_filters.cel", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+        "expression": "!response.code_details.startsWith('muster_edge')"}}}
 
     def mapper(op: str, status: int, what: str) -> dict[str, Any]:
         body = ('{"jsonrpc":"2.0","id":%DYNAMIC_METADATA(muster_edge:rpc_id)%,"error":{"code":-32603,"message":'
@@ -335,12 +375,25 @@ def upstream_failure_mappers() -> list[dict[str, Any]]:
         return {
             "filter": {"and_filter": {"filters": [
                 {"status_code_filter": {"comparison": {"op": op, "value": {
-                    "default_value": status, "runtime_key": f"muster_edge.upstream_{status}"}}}}, routed]}},
+                    "default_value": status, "runtime_key": f"muster_edge.upstream_{status}"}}}}, routed,
+                not_processor]}},
             "body_format_override": {"text_format_source": {"inline_string": body},
                                      "content_type": "application/json"},
         }
 
-    return [mapper("EQ", 504, "timed out"), mapper("EQ", 503, "is unavailable"), mapper("GE", 500, "failed")]
+    return [mapper("EQ", 504, "timed out"), mapper("EQ", 503, "is unavailable"), mapper("GE", 500, "failed"),
+            too_large_mapper()]
+
+
+def too_large_mapper() -> dict[str, Any]:
+    """body_size_limit's 413 (a body over maxRequestBytes, refused before it is read: id null) as a JSON-RPC
+    error. Travels with the upstream mappers so every public listener has it."""
+    body = ('{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":'
+            '"Request body too large: over the gateway\'s maxRequestBytes","data":{"status":413}}}')
+    return {"filter": {"status_code_filter": {"comparison": {"op": "EQ", "value": {
+                "default_value": 413, "runtime_key": "muster_edge.too_large"}}}},
+            "body_format_override": {"text_format_source": {"inline_string": body},
+                                     "content_type": "application/json"}}
 
 
 def local_replies(config: GatewayConfig) -> dict[str, Any]:
@@ -403,7 +456,7 @@ def public_listeners(config: GatewayConfig) -> list[dict[str, Any]]:
     out = [{
         "name": "muster_edge_public",
         "address": _socket(config.listen.host, config.listen.port),
-        "per_connection_buffer_limit_bytes": 1 << 20,
+        "per_connection_buffer_limit_bytes": connection_buffer_limit(config),
         "filter_chains": [{"filters": [http_connection_manager("muster_edge", vhost, filters, replies)]}],
     }]
     if config.tls is not None:
@@ -411,7 +464,7 @@ def public_listeners(config: GatewayConfig) -> list[dict[str, Any]]:
         out.append({
             "name": "muster_edge_https",
             "address": _socket(config.tls.listen.host, config.tls.listen.port),
-            "per_connection_buffer_limit_bytes": 1 << 20,
+            "per_connection_buffer_limit_bytes": connection_buffer_limit(config),
             "filter_chains": [{
                 "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
