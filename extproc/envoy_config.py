@@ -158,6 +158,8 @@ _ROUTED = _metadata_is("server", {"present_match": True})
 # MCP answers a request with JSON or SSE; 202 (no body) answers a notification or a response.
 _READABLE = _any(_content_type("json"), _content_type("event-stream"))
 _NOT_202 = _not(_status("202"))
+# a request was routed (a notification or a relayed response has no answer to check: its id is null)
+_ASKED = _not(_metadata_is("rpc_id", {"string_match": {"exact": "null"}}))
 # When an answer needs the processor, from the flags the request's stream left (extproc/answer.py) and the
 # response itself: the answer cases, listed once here and in the README ("What the processor sees of a call").
 # The three cases never overlap, so at most one answer filter runs for a response.
@@ -172,8 +174,8 @@ ANSWER_CASES: dict[str, dict[str, Any]] = {
         _all(_metadata_is(answer.ON_401, _FLAG), _status("401")),
         _all(_metadata_is(answer.ON_404, _FLAG), _status("404")),
         _all(_ROUTED, _status_class("5xx")),
-        _all(_ROUTED, _NOT_202, _not(_READABLE)),
-        _all(_ROUTED, _status_class("2xx"), _NOT_202, _empty_body()),
+        _all(_ROUTED, _ASKED, _NOT_202, _not(_READABLE)),
+        _all(_ROUTED, _ASKED, _status_class("2xx"), _NOT_202, _empty_body()),
         _all(_metadata_is(answer.ON_JSON, _FLAG), _status_class("4xx"), _content_type("json")),
     ),
     # a JSON answer to rewrite and check: the whole body in one message, no headers message
