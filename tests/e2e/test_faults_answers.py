@@ -31,10 +31,10 @@ ACCEPT = {"accept": "application/json, text/event-stream", "content-type": "appl
 CLIENT_ID = "my-request-42"
 STREAM_EVENTS = 8
 STREAM_GAP_S = 0.25  # 8 events 0.25 s apart: a healthy answer that lasts twice bad's 1 s timeout
-PAD = "p" * 20_000
+PAD = "p" * 250_000  # 8 events: 2 MB per answer
 
 TOOLS = ["ok", "html", "empty", "not_json", "wrong_id", "bad_sse", "fail500", "echo_size", "stream",
-         "slow_start", "cut"]
+         "slow_start", "cut", "die"]
 
 
 # ---- the misbehaving upstream ---------------------------------------------------------------------------------
@@ -156,6 +156,14 @@ class BadUpstream:
         elif tool == "slow_start":
             await asyncio.sleep(3)
             writer.write(_json(result("too late")))
+        elif tool == "die":  # one event, then the connection drops mid-answer (no last chunk)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            writer.write(_chunk(_sse_event({"jsonrpc": "2.0", "method": "notifications/message",
+                                            "params": {"level": "info", "data": "about to die"}})))
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.transport.abort()
+            return False
         elif tool in ("bad_sse", "stream", "cut"):
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
             if tool == "bad_sse":
@@ -374,21 +382,29 @@ def test_max_request_bytes_is_the_limit_on_http1_and_http2(gw: Gateway, tmp_path
 # ---- row 8: timeouts bound the start and the gaps, never a stream that is still sending -------------------------
 
 def test_a_healthy_stream_longer_than_the_timeout_is_never_cut(gw: Gateway) -> None:
-    """bad's timeout is 1 s; its answer streams events 0.25 s apart for 2 s: it arrives whole, in both eras,
-    several at once."""
+    """bad's timeout is 1 s; its answer streams 2 MB in events 0.25 s apart for 2 s: it arrives whole, several
+    at once, in both eras (the handshake era: SSE rewritten event by event by the processor)."""
+    async def legacy(http: httpx2.AsyncClient) -> httpx2.Response:
+        init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": HANDSHAKE, "capabilities": {}, "clientInfo": {"name": "faults", "version": "1"}}}
+        sid = (await http.post(gw.url, content=json.dumps(init), headers=ACCEPT)).headers["mcp-session-id"]
+        body = {"jsonrpc": "2.0", "id": CLIENT_ID, "method": "tools/call", "params": {"name": "stream",
+                                                                                     "arguments": {}}}
+        return await http.post(gw.url, content=json.dumps(body), headers={
+            **ACCEPT, "mcp-session-id": sid, "mcp-protocol-version": HANDSHAKE})
+
     async def many() -> list[httpx2.Response]:
         headers, body = modern_call("stream")
         async with httpx2.AsyncClient(timeout=30) as http:
-            return list(await asyncio.gather(*(http.post(gw.url, content=body, headers=headers) for _ in range(4))))
+            return list(await asyncio.gather(*(http.post(gw.url, content=body, headers=headers) for _ in range(3)),
+                                             *(legacy(http) for _ in range(3))))
 
     for resp in asyncio.run(many()):
         assert resp.status_code == 200
         assert answer(resp)["result"]["content"][0]["text"] == f"streamed {STREAM_EVENTS} events"
         assert answer(resp)["id"] == CLIENT_ID
-    with legacy_session(gw) as http:
-        resp = call_legacy(http, gw, "stream")
-    notes = [m for m in messages(resp) if m.get("method") == "notifications/message"]
-    assert len(notes) == STREAM_EVENTS and answer(resp)["id"] == CLIENT_ID
+        notes = [m for m in messages(resp) if m.get("method") == "notifications/message"]
+        assert len(notes) == STREAM_EVENTS and all(PAD in n["params"]["data"] for n in notes)
 
 
 def test_an_answer_that_does_not_start_in_time_is_a_timeout_error_with_the_clients_id(gw: Gateway) -> None:
@@ -408,6 +424,19 @@ def test_a_stream_that_ends_without_the_answer_ends_with_an_error_event(gw: Gate
     assert [m.get("method") for m in messages(resp)][:1] == ["notifications/message"]
     error = assert_names_bad(answer(resp))
     assert "ended without an answer" in error["data"]["details"]
+
+
+def test_an_upstream_that_dies_mid_answer_is_never_a_clean_silent_end(gw: Gateway) -> None:
+    """The upstream's connection drops after headers and one event: Envoy resets the client's stream (nothing can
+    be added to it then), so the client sees a broken answer, in both eras; never a complete answer without
+    its response."""
+    with pytest.raises(httpx2.TransportError):
+        resp = call_modern(gw, "die")
+        pytest.fail(f"a clean end: {resp.status_code} {resp.text[-500:]}")
+    with legacy_session(gw) as http, pytest.raises(httpx2.TransportError):
+        resp = call_legacy(http, gw, "die")
+        pytest.fail(f"a clean end: {resp.status_code} {resp.text[-500:]}")
+    assert_untouched_servers_work(gw)
 
 
 # ---- the common path keeps its cost ----------------------------------------------------------------------------
