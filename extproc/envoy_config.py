@@ -23,6 +23,8 @@ from extproc import answer
 from extproc.upstream import ROUTE_HEADER, cluster_name
 
 CDS_FILE = "cds.yaml"
+RDS_FILE = "rds.yaml"  # the public routes, with one route per server (its timeout), next to the clusters
+ROUTE_TABLE = "muster_edge_routes"
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _ROUTER = {"name": "envoy.filters.http.router",
            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
@@ -255,8 +257,24 @@ def protected_resource_metadata(config: GatewayConfig) -> dict[str, Any]:
     return doc
 
 
-def routes(config: GatewayConfig) -> list[dict[str, Any]]:
-    """The public routes: protected resource metadata; routed calls by the processor's header; the MCP path."""
+def server_routes(routed: dict[str, Any], servers: Sequence[MCPServer]) -> list[dict[str, Any]]:
+    """One route per server, before the shared one: the route idle timeout is the server's `timeout`, so it
+    bounds the gap between events of its answers (Envoy has no per-request header for that). A server new
+    to the catalog takes the shared route until the route table is rewritten."""
+    out = []
+    for server in sorted(servers, key=lambda s: s.name):
+        route = json.loads(json.dumps(routed))
+        route["name"] = f"muster_edge_routed_{server.name}"
+        route["match"] = {"prefix": "/", "headers": [{"name": ROUTE_HEADER,
+                                                     "string_match": {"exact": cluster_name(server.name)}}]}
+        route["route"]["idle_timeout"] = f"{server.timeout}s"
+        out.append(route)
+    return out
+
+
+def routes(config: GatewayConfig, servers: Sequence[MCPServer] = ()) -> list[dict[str, Any]]:
+    """The public routes: protected resource metadata; routed calls by the processor's header (per server, then
+    shared); the MCP path."""
     not_routed = ('{"jsonrpc":"2.0","id":null,"error":{"code":-32603,'
                   '"message":"muster-edge: the request was not routed"}}')
     prm: list[dict[str, Any]] = []
@@ -274,15 +292,15 @@ def routes(config: GatewayConfig) -> list[dict[str, Any]]:
     if config.upstream_oauth is not None:
         callback.append({"name": "muster_edge_oauth_callback", "match": {"path": config.upstream_oauth.callback_path},
                          "direct_response": {"status": 500, "body": {"inline_string": "not handled\n"}}})
-    return [*prm, *callback,
-        {
-            "name": "muster_edge_routed",
-            "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "present_match": True}]},
-            "route": {"cluster_header": ROUTE_HEADER, "timeout": "0s", "idle_timeout": "300s",
-                      "cluster_not_found_response_code": "SERVICE_UNAVAILABLE"},
-            "request_headers_to_remove": [ROUTE_HEADER],
-            "response_headers_to_remove": ["mcp-session-id"],
-        },
+    routed: dict[str, Any] = {
+        "name": "muster_edge_routed",
+        "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "present_match": True}]},
+        "route": {"cluster_header": ROUTE_HEADER, "timeout": "0s", "idle_timeout": "300s",
+                  "cluster_not_found_response_code": "SERVICE_UNAVAILABLE"},
+        "request_headers_to_remove": [ROUTE_HEADER],
+        "response_headers_to_remove": ["mcp-session-id"],
+    }
+    return [*prm, *callback, *server_routes(routed, servers), routed,
         {
             "name": "muster_edge_mcp",
             "match": {"path": config.path},
@@ -383,7 +401,9 @@ def upstream_failure_mappers() -> list[dict[str, Any]]:
                                      "content_type": "application/json"},
         }
 
-    return [mapper("EQ", 504, "timed out"), mapper("EQ", 503, "is unavailable"), mapper("GE", 500, "failed"),
+    # the server route's idle timeout (its `timeout`) firing before the answer started: Envoy says 408
+    idle = {**mapper("EQ", 408, "timed out"), "status_code": 504}
+    return [mapper("EQ", 504, "timed out"), idle, mapper("EQ", 503, "is unavailable"), mapper("GE", 500, "failed"),
             too_large_mapper()]
 
 
@@ -420,8 +440,24 @@ def local_replies(config: GatewayConfig) -> dict[str, Any]:
                         mapper(challenge, unauthorized)]}
 
 
+def route_table(config: GatewayConfig, servers: Sequence[MCPServer]) -> dict[str, Any]:
+    """The public listeners' routes as a file-based RDS document, rewritten with the catalog like `cds`."""
+    return {"resources": [{
+        "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+        "name": ROUTE_TABLE,
+        "virtual_hosts": [{"name": "mcp", "domains": ["*"], "routes": routes(config, servers)}],
+    }]}
+
+
+def _rds(cds_dir: str) -> dict[str, Any]:
+    return {"route_config_name": ROUTE_TABLE, "config_source": {
+        "resource_api_version": "V3",
+        "path_config_source": {"path": os.path.join(cds_dir, RDS_FILE), "watched_directory": {"path": cds_dir}}}}
+
+
 def http_connection_manager(stat_prefix: str, virtual_host: dict[str, Any], filters: list[dict[str, Any]],
-                            local_reply: dict[str, Any] | None = None) -> dict[str, Any]:
+                            local_reply: dict[str, Any] | None = None,
+                            rds: dict[str, Any] | None = None) -> dict[str, Any]:
     """The HTTP connection manager every listener here uses (and bench/'s plain Envoy, for a fair comparison)."""
     hcm = {
         "name": "envoy.filters.network.http_connection_manager",
@@ -442,6 +478,9 @@ def http_connection_manager(stat_prefix: str, virtual_host: dict[str, Any], filt
     }
     if local_reply is not None:
         hcm["typed_config"]["local_reply_config"] = local_reply  # type: ignore[index]
+    if rds is not None:
+        del hcm["typed_config"]["route_config"]  # type: ignore[attr-defined]
+        hcm["typed_config"]["rds"] = rds  # type: ignore[index]
     return hcm
 
 
@@ -450,8 +489,10 @@ def http_filters(config: GatewayConfig) -> list[dict[str, Any]]:
     return [body_size_filter(config), *auth, ext_proc_filter(config), *map(answer_filter, ANSWER_CASES)]
 
 
-def public_listeners(config: GatewayConfig) -> list[dict[str, Any]]:
-    """The plain listener (`listen`, for local tools) and, with `tls`, the HTTPS one: the same chain on both."""
+def public_listeners(config: GatewayConfig, cds_dir: str | None = None) -> list[dict[str, Any]]:
+    """The plain listener (`listen`, for local tools) and, with `tls`, the HTTPS one: the same chain on both;
+    with `cds_dir`, their routes come from the route table there (RDS_FILE), else inline without server routes."""
+    rds = _rds(cds_dir) if cds_dir is not None else None
     vhost = {"name": "mcp", "domains": ["*"], "routes": routes(config)}
     filters = [*http_filters(config), _ROUTER]
     replies = local_replies(config) if config.auth is not None else {"mappers": upstream_failure_mappers()}
@@ -459,7 +500,7 @@ def public_listeners(config: GatewayConfig) -> list[dict[str, Any]]:
         "name": "muster_edge_public",
         "address": _socket(config.listen.host, config.listen.port),
         "per_connection_buffer_limit_bytes": connection_buffer_limit(config),
-        "filter_chains": [{"filters": [http_connection_manager("muster_edge", vhost, filters, replies)]}],
+        "filter_chains": [{"filters": [http_connection_manager("muster_edge", vhost, filters, replies, rds)]}],
     }]
     if config.tls is not None:
         folder = os.path.dirname(config.tls.cert_file)
@@ -477,7 +518,7 @@ def public_listeners(config: GatewayConfig) -> list[dict[str, Any]]:
                                               "private_key": {"filename": config.tls.key_file},
                                               "watched_directory": {"path": folder or "."}}],
                     }}},
-                "filters": [http_connection_manager("muster_edge_https", vhost, filters, replies)],
+                "filters": [http_connection_manager("muster_edge_https", vhost, filters, replies, rds)],
             }],
         })
     return out
@@ -533,7 +574,7 @@ def bootstrap(config: GatewayConfig, ports: Sequence[int], cds_dir: str) -> dict
             "path_config_source": {"path": os.path.join(cds_dir, CDS_FILE), "watched_directory": {"path": cds_dir}},
         }},
         "static_resources": {
-            "listeners": [*public_listeners(config), internal_listener(config)],
+            "listeners": [*public_listeners(config, cds_dir), internal_listener(config)],
             "clusters": [processor_cluster(config, ports), *([idp_cluster(config)] if config.auth else [])],
         },
     }

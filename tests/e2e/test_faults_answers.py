@@ -34,7 +34,7 @@ STREAM_GAP_S = 0.25  # 8 events 0.25 s apart: a healthy answer that lasts twice 
 PAD = "p" * 250_000  # 8 events: 2 MB per answer
 
 TOOLS = ["ok", "html", "empty", "not_json", "wrong_id", "bad_sse", "fail500", "echo_size", "stream",
-         "slow_start", "cut", "die"]
+         "slow_start", "cut", "die", "stall"]
 
 
 # ---- the misbehaving upstream ---------------------------------------------------------------------------------
@@ -163,6 +163,15 @@ class BadUpstream:
             await writer.drain()
             await asyncio.sleep(0.2)
             writer.transport.abort()
+            return False
+        elif tool == "stall":  # one event, then silence for three times the timeout, then the answer
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            writer.write(_chunk(_sse_event({"jsonrpc": "2.0", "method": "notifications/message",
+                                            "params": {"level": "info", "data": "thinking"}})))
+            await writer.drain()
+            await asyncio.sleep(3)
+            writer.write(_chunk(_sse_event(result("too late"))) + b"0\r\n\r\n")
+            await writer.drain()
             return False
         elif tool in ("bad_sse", "stream", "cut"):
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
@@ -412,6 +421,18 @@ def test_an_answer_that_does_not_start_in_time_is_a_timeout_error_with_the_clien
     assert resp.status_code == 504, resp.text
     error = assert_names_bad(resp.json())
     assert error["message"] == "Upstream server 'bad' timed out"
+    assert_untouched_servers_work(gw)
+
+
+def test_a_gap_between_events_longer_than_the_timeout_ends_the_answer(gw: Gateway) -> None:
+    """bad's route idle timeout is its `timeout` (1 s): a stream silent for 3 s after its first event is cut;
+    its headers were sent, so the client sees a broken stream, not a late or a silently short answer."""
+    with pytest.raises(httpx2.TransportError):
+        resp = call_modern(gw, "stall")
+        pytest.fail(f"not cut: {resp.status_code} {resp.text[-500:]}")
+    with legacy_session(gw) as http, pytest.raises(httpx2.TransportError):
+        resp = call_legacy(http, gw, "stall")
+        pytest.fail(f"not cut: {resp.status_code} {resp.text[-500:]}")
     assert_untouched_servers_work(gw)
 
 
