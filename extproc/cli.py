@@ -57,11 +57,14 @@ def cmd_render(args: argparse.Namespace) -> int:
                               envoy_config.dump(envoy_config.bootstrap(config, ports, cds_dir)))
     envoy_config.write_atomic(os.path.join(cds_dir, envoy_config.CDS_FILE),
                               envoy_config.dump(envoy_config.cds(result.servers)))
+    envoy_config.write_atomic(os.path.join(cds_dir, envoy_config.RDS_FILE),
+                              envoy_config.dump(envoy_config.route_table(config, result.servers)))
     envoy_config.write_atomic(os.path.join(out, "mesh.yaml"),
                               envoy_config.dump(envoy_config.mesh_pieces(config, ports, cds_dir)))
     for err in result.errors:
         print(f"refused: {err}", file=sys.stderr)
-    print(f"wrote {out}/bootstrap.yaml, {cds_dir}/{envoy_config.CDS_FILE}, {out}/mesh.yaml")
+    print(f"wrote {out}/bootstrap.yaml, {cds_dir}/{envoy_config.CDS_FILE}, {cds_dir}/{envoy_config.RDS_FILE}, "
+          f"{out}/mesh.yaml")
     return 0
 
 

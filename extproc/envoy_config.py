@@ -23,6 +23,8 @@ from extproc import answer
 from extproc.upstream import RETRY_HEADER, ROUTE_HEADER, cluster_name
 
 CDS_FILE = "cds.yaml"
+RDS_FILE = "rds.yaml"  # the public routes, with one route per server (its timeout), next to the clusters
+ROUTE_TABLE = "muster_edge_routes"
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _ROUTER = {"name": "envoy.filters.http.router",
            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
@@ -152,25 +154,53 @@ def _all(*predicates: dict[str, Any]) -> dict[str, Any]:
     return {"and_matcher": {"predicate": list(predicates)}}
 
 
+def _any(*predicates: dict[str, Any]) -> dict[str, Any]:
+    return {"or_matcher": {"predicate": list(predicates)}}
+
+
+def _not(predicate: dict[str, Any]) -> dict[str, Any]:
+    return {"not_matcher": predicate}
+
+
+def _empty_body() -> dict[str, Any]:
+    return _response_is("content_length", "HttpResponseHeaderMatchInput", {"exact": "0"},
+                        header_name="content-length")
+
+
 _FLAG = {"string_match": {"exact": "1"}}
+_ROUTED = _metadata_is("server", {"present_match": True})
+# MCP answers a request with JSON or SSE; 202 (no body) answers a notification or a response.
+_READABLE = _any(_content_type("json"), _content_type("event-stream"))
+_NOT_202 = _not(_status("202"))
+# a request was routed (a notification or a relayed response has no answer to check: its id is null)
+_ASKED = _not(_metadata_is("rpc_id", {"string_match": {"exact": "null"}}))
 # When an answer needs the processor, from the flags the request's stream left (extproc/answer.py) and the
-# response itself. The three cases never overlap, so at most one answer filter runs for a response.
+# response itself: the answer cases, listed once here and in the README ("What the processor sees of a call").
+# The three cases never overlap, so at most one answer filter runs for a response.
 # The flags are written in the request filter's reply to the request body; the answer filters' matchers first
 # run when their own request callbacks do, which the request filter holds back until that reply because the
 # body is BUFFERED (keep it so: with a streamed request body the matchers would see no flags and skip).
 ANSWER_CASES: dict[str, dict[str, Any]] = {
-    # a refused renewable credential, a lost upstream session, an upstream failure: decided on the status
-    "status": {"or_matcher": {"predicate": [
+    # decided on the status and headers: a refused renewable credential (renew and resend), a lost upstream
+    # session, an upstream failure, an answer that cannot be MCP (no JSON or SSE content type, an empty 2xx),
+    # an error whose id must be mapped back (its body then follows on the same stream)
+    "status": _any(
         _all(_metadata_is(answer.ON_401, _FLAG), _status("401")),
         _all(_metadata_is(answer.ON_404, _FLAG), _status("404")),
-        _all(_metadata_is("server", {"present_match": True}), _status_class("5xx")),
-    ]}},
-    # a JSON answer to rewrite: the whole body in one message, no headers message
-    "json": _all(_metadata_is(answer.ON_JSON, _FLAG), _status_class("2xx"), _content_type("json")),
-    # an SSE answer to rewrite: each chunk as it comes, no headers message
-    "sse": _all(_metadata_is(answer.ON_SSE, _FLAG), _status_class("2xx"), _content_type("event-stream")),
+        _all(_ROUTED, _status_class("5xx")),
+        _all(_ROUTED, _ASKED, _NOT_202, _not(_READABLE)),
+        _all(_ROUTED, _ASKED, _status_class("2xx"), _NOT_202, _empty_body()),
+        _all(_metadata_is(answer.ON_JSON, _FLAG), _status_class("4xx"), _content_type("json")),
+    ),
+    # a JSON answer to rewrite and check: the whole body in one message, no headers message
+    "json": _all(_metadata_is(answer.ON_JSON, _FLAG), _status_class("2xx"), _content_type("json"),
+                 _not(_empty_body())),
+    # an SSE answer to rewrite and check: each chunk as it comes, no headers message
+    "sse": _all(_metadata_is(answer.ON_SSE, _FLAG), _status_class("2xx"), _content_type("event-stream"),
+                _not(_empty_body())),
 }
 _ANSWER_MODES = {
+    # an error JSON body is asked for in the reply to its headers (mode_override BUFFERED)
     "status": {"response_header_mode": "SEND", "response_body_mode": "NONE"},
     "json": {"response_header_mode": "SKIP", "response_body_mode": "BUFFERED"},
     "sse": {"response_header_mode": "SKIP", "response_body_mode": "STREAMED"},
@@ -184,6 +214,7 @@ def answer_filter(case: str) -> dict[str, Any]:
         **_ext_proc_common(),
         "processing_mode": {"request_header_mode": "SKIP", "request_body_mode": "NONE",
                             "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP", **_ANSWER_MODES[case]},
+        **({"allow_mode_override": True} if case == "status" else {}),
         # the sealed resend (it holds the caller's bearer) goes only where a 401 is acted on
         "metadata_options": {"forwarding_namespaces": {"untyped": [
             answer.NAMESPACE, *([answer.RESEND_NAMESPACE] if case == "status" else [])]}},
@@ -203,6 +234,9 @@ def answer_filter(case: str) -> dict[str, Any]:
 
 
 def body_size_filter(config: GatewayConfig) -> dict[str, Any]:
+    """The one request size limit a client meets (413, on HTTP/1.1 and HTTP/2): every buffer behind it (the
+    listener's connection buffer that ext_proc's BUFFERED body fills, the gRPC messages to and from the
+    processor) holds at least this much (connection_buffer_limit, extproc/server.py)."""
     return {
         "name": "envoy.filters.http.body_size_limit",
         "typed_config": {
@@ -210,6 +244,12 @@ def body_size_filter(config: GatewayConfig) -> dict[str, Any]:
             "max_request_bytes": config.max_request_bytes,
         },
     }
+
+
+def connection_buffer_limit(config: GatewayConfig) -> int:
+    """Envoy's per-connection buffer on the public listeners: ext_proc BUFFERED holds the whole request body in
+    it (over it: 413 on HTTP/1.1 below maxRequestBytes), and the answer filters hold a JSON answer to rewrite."""
+    return max(1 << 20, config.max_request_bytes + (64 << 10))
 
 
 def _no_ext_proc() -> dict[str, Any]:
@@ -253,8 +293,26 @@ def _routed(name: str, route: dict[str, Any], extra: dict[str, Any]) -> list[dic
     return [one(True), one(False)]
 
 
-def routes(config: GatewayConfig) -> list[dict[str, Any]]:
-    """The public routes: protected resource metadata; routed calls by the processor's header; the MCP path."""
+def server_routes(routed: list[dict[str, Any]], servers: Sequence[MCPServer]) -> list[dict[str, Any]]:
+    """The routed routes once more per server, before the shared ones: the route idle timeout is the server's
+    `timeout`, so it bounds the gap between events of its answers (Envoy has no per-request header for that). A
+    server new to the catalog takes the shared routes until the route table is rewritten."""
+    out = []
+    for server in sorted(servers, key=lambda s: s.name):
+        for base in routed:
+            route = json.loads(json.dumps(base))
+            route["name"] = base["name"].replace("muster_edge_routed", f"muster_edge_routed_{server.name}", 1)
+            others = [h for h in route["match"]["headers"] if h["name"] != ROUTE_HEADER]
+            route["match"] = {"prefix": "/", "headers": [
+                {"name": ROUTE_HEADER, "string_match": {"exact": cluster_name(server.name)}}, *others]}
+            route["route"]["idle_timeout"] = f"{server.timeout}s"
+            out.append(route)
+    return out
+
+
+def routes(config: GatewayConfig, servers: Sequence[MCPServer] = ()) -> list[dict[str, Any]]:
+    """The public routes: protected resource metadata; routed calls by the processor's header (per server, then
+    shared); the MCP path."""
     not_routed = ('{"jsonrpc":"2.0","id":null,"error":{"code":-32603,'
                   '"message":"muster-edge: the request was not routed"}}')
     prm: list[dict[str, Any]] = []
@@ -272,11 +330,11 @@ def routes(config: GatewayConfig) -> list[dict[str, Any]]:
     if config.upstream_oauth is not None:
         callback.append({"name": "muster_edge_oauth_callback", "match": {"path": config.upstream_oauth.callback_path},
                          "direct_response": {"status": 500, "body": {"inline_string": "not handled\n"}}})
-    return [*prm, *callback,
-        *_routed("muster_edge_routed",
-                 {"cluster_header": ROUTE_HEADER, "timeout": "0s", "idle_timeout": "300s",
-                  "cluster_not_found_response_code": "SERVICE_UNAVAILABLE"},
-                 {"response_headers_to_remove": ["mcp-session-id"]}),
+    routed = _routed("muster_edge_routed",
+                     {"cluster_header": ROUTE_HEADER, "timeout": "0s", "idle_timeout": "300s",
+                      "cluster_not_found_response_code": "SERVICE_UNAVAILABLE"},
+                     {"response_headers_to_remove": ["mcp-session-id"]})
+    return [*prm, *callback, *server_routes(routed, servers), *routed,
         {
             "name": "muster_edge_mcp",
             "match": {"path": config.path},
@@ -359,6 +417,10 @@ def upstream_failure_mappers() -> list[dict[str, Any]]:
     routed = {"metadata_filter": {"matcher": {"filter": "muster_edge", "path": [{"key": "server"}],
                                               "value": {"present_match": True}},
                                   "match_if_key_not_found": False}}
+    # the processor's own answers (an upstream's error mapped, an unreadable answer) already say what failed
+    not_processor = {"extension_filter": {"name": "envoy.access_loggers.extension_filters.cel", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+        "expression": "!response.code_details.startsWith('muster_edge')"}}}
 
     def mapper(op: str, status: int, what: str) -> dict[str, Any]:
         body = ('{"jsonrpc":"2.0","id":%DYNAMIC_METADATA(muster_edge:rpc_id)%,"error":{"code":-32603,"message":'
@@ -367,12 +429,27 @@ def upstream_failure_mappers() -> list[dict[str, Any]]:
         return {
             "filter": {"and_filter": {"filters": [
                 {"status_code_filter": {"comparison": {"op": op, "value": {
-                    "default_value": status, "runtime_key": f"muster_edge.upstream_{status}"}}}}, routed]}},
+                    "default_value": status, "runtime_key": f"muster_edge.upstream_{status}"}}}}, routed,
+                not_processor]}},
             "body_format_override": {"text_format_source": {"inline_string": body},
                                      "content_type": "application/json"},
         }
 
-    return [mapper("EQ", 504, "timed out"), mapper("EQ", 503, "is unavailable"), mapper("GE", 500, "failed")]
+    # the server route's idle timeout (its `timeout`) firing before the answer started: Envoy says 408
+    idle = {**mapper("EQ", 408, "timed out"), "status_code": 504}
+    return [mapper("EQ", 504, "timed out"), idle, mapper("EQ", 503, "is unavailable"), mapper("GE", 500, "failed"),
+            too_large_mapper()]
+
+
+def too_large_mapper() -> dict[str, Any]:
+    """body_size_limit's 413 (a body over maxRequestBytes, refused before it is read: id null) as a JSON-RPC
+    error. Travels with the upstream mappers so every public listener has it."""
+    body = ('{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":'
+            '"Request body too large: over the gateway\'s maxRequestBytes","data":{"status":413}}}')
+    return {"filter": {"status_code_filter": {"comparison": {"op": "EQ", "value": {
+                "default_value": 413, "runtime_key": "muster_edge.too_large"}}}},
+            "body_format_override": {"text_format_source": {"inline_string": body},
+                                     "content_type": "application/json"}}
 
 
 def _cel(expression: str) -> dict[str, Any]:
@@ -455,8 +532,24 @@ def local_replies(config: GatewayConfig) -> dict[str, Any]:
                         mapper(challenge, unauthorized)]}
 
 
+def route_table(config: GatewayConfig, servers: Sequence[MCPServer]) -> dict[str, Any]:
+    """The public listeners' routes as a file-based RDS document, rewritten with the catalog like `cds`."""
+    return {"resources": [{
+        "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+        "name": ROUTE_TABLE,
+        "virtual_hosts": [{"name": "mcp", "domains": ["*"], "routes": routes(config, servers)}],
+    }]}
+
+
+def _rds(cds_dir: str) -> dict[str, Any]:
+    return {"route_config_name": ROUTE_TABLE, "config_source": {
+        "resource_api_version": "V3",
+        "path_config_source": {"path": os.path.join(cds_dir, RDS_FILE), "watched_directory": {"path": cds_dir}}}}
+
+
 def http_connection_manager(stat_prefix: str, virtual_host: dict[str, Any], filters: list[dict[str, Any]],
-                            local_reply: dict[str, Any] | None = None) -> dict[str, Any]:
+                            local_reply: dict[str, Any] | None = None,
+                            rds: dict[str, Any] | None = None) -> dict[str, Any]:
     """The HTTP connection manager every listener here uses (and bench/'s plain Envoy, for a fair comparison)."""
     hcm = {
         "name": "envoy.filters.network.http_connection_manager",
@@ -477,6 +570,9 @@ def http_connection_manager(stat_prefix: str, virtual_host: dict[str, Any], filt
     }
     if local_reply is not None:
         hcm["typed_config"]["local_reply_config"] = local_reply  # type: ignore[index]
+    if rds is not None:
+        del hcm["typed_config"]["route_config"]  # type: ignore[attr-defined]
+        hcm["typed_config"]["rds"] = rds  # type: ignore[index]
     return hcm
 
 
@@ -485,23 +581,25 @@ def http_filters(config: GatewayConfig) -> list[dict[str, Any]]:
     return [body_size_filter(config), *auth, ext_proc_filter(config), *map(answer_filter, ANSWER_CASES)]
 
 
-def public_listeners(config: GatewayConfig) -> list[dict[str, Any]]:
-    """The plain listener (`listen`, for local tools) and, with `tls`, the HTTPS one: the same chain on both."""
+def public_listeners(config: GatewayConfig, cds_dir: str | None = None) -> list[dict[str, Any]]:
+    """The plain listener (`listen`, for local tools) and, with `tls`, the HTTPS one: the same chain on both;
+    with `cds_dir`, their routes come from the route table there (RDS_FILE), else inline without server routes."""
+    rds = _rds(cds_dir) if cds_dir is not None else None
     vhost = {"name": "mcp", "domains": ["*"], "routes": routes(config)}
     filters = [*http_filters(config), _ROUTER]
     replies = local_replies(config) if config.auth is not None else {"mappers": public_reply_mappers()}
     out = [{
         "name": "muster_edge_public",
         "address": _socket(config.listen.host, config.listen.port),
-        "per_connection_buffer_limit_bytes": 1 << 20,
-        "filter_chains": [{"filters": [http_connection_manager("muster_edge", vhost, filters, replies)]}],
+        "per_connection_buffer_limit_bytes": connection_buffer_limit(config),
+        "filter_chains": [{"filters": [http_connection_manager("muster_edge", vhost, filters, replies, rds)]}],
     }]
     if config.tls is not None:
         folder = os.path.dirname(config.tls.cert_file)
         out.append({
             "name": "muster_edge_https",
             "address": _socket(config.tls.listen.host, config.tls.listen.port),
-            "per_connection_buffer_limit_bytes": 1 << 20,
+            "per_connection_buffer_limit_bytes": connection_buffer_limit(config),
             "filter_chains": [{
                 "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
@@ -512,7 +610,7 @@ def public_listeners(config: GatewayConfig) -> list[dict[str, Any]]:
                                               "private_key": {"filename": config.tls.key_file},
                                               "watched_directory": {"path": folder or "."}}],
                     }}},
-                "filters": [http_connection_manager("muster_edge_https", vhost, filters, replies)],
+                "filters": [http_connection_manager("muster_edge_https", vhost, filters, replies, rds)],
             }],
         })
     return out
@@ -580,7 +678,7 @@ def bootstrap(config: GatewayConfig, ports: Sequence[int], cds_dir: str) -> dict
             "path_config_source": {"path": os.path.join(cds_dir, CDS_FILE), "watched_directory": {"path": cds_dir}},
         }},
         "static_resources": {
-            "listeners": [*public_listeners(config), internal_listener(config)],
+            "listeners": [*public_listeners(config, cds_dir), internal_listener(config)],
             "clusters": [processor_cluster(config, ports), *([idp_cluster(config)] if config.auth else [])],
         },
     }

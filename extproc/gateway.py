@@ -27,7 +27,7 @@ from extproc.jsonrpc import INVALID_REQUEST, LEGACY, MODERN, Message, RpcError
 from extproc.metrics import Metrics
 from extproc.replies import JSON, Forward, Local, ResponsePlan
 from extproc.request import Request
-from extproc.rewrite import SseRewriter, original_request_id, rewrite_json, split_namespaced
+from extproc.rewrite import SseRewriter, invalid_answer, original_request_id, rewrite_json, split_namespaced
 from extproc.sessions import Cursors, Sessions
 from extproc.upstream import CLIENT_INFO, REPEATABLE, RETRY_HEADER, ROUTE_HEADER, UpstreamError, cluster_name
 
@@ -309,7 +309,9 @@ class Gateway:
             ROUTE_HEADER: cluster_name(server_name),
             "content-length": str(len(body)),
             "mcp-protocol-version": version,
-            "x-envoy-upstream-rq-timeout-ms": str(server.timeout * 1000),
+            # the manifest timeout bounds the wait for the answer to start (a per-try timeout ends when response
+            # headers arrive; the route's own timeout is off), never a stream that is still sending
+            "x-envoy-upstream-rq-per-try-timeout-ms": str(server.timeout * 1000),
         }
 
     def core_tools(self) -> tuple[dict[str, Any], ...]:
@@ -398,7 +400,7 @@ class Gateway:
             server=server_name, client_id=msg.id, restore_id=shared_session, modern_client=msg.era == MODERN,
             map_uris=map_uris, upstream_session_owner=owner if hs.era == LEGACY else "",
             namespace=server_name if msg.era == LEGACY and hs.era == LEGACY else "",
-            renewable=credential.kind in ("exchanged", "oauth"), subject=req.caller.subject,
+            renewable=credential.kind in ("exchanged", "oauth"), subject=req.caller.subject, upstream_id=upstream_id,
         )
         plan.rewrite_body = shared_session or map_uris or (msg.era == MODERN and hs.era == LEGACY)
         return Forward(cluster_name(server_name), body, set_headers, remove, plan,
@@ -469,6 +471,13 @@ class Gateway:
             self.fleet.down(plan.server, "timed out" if status == 504 else "unavailable (HTTP 503)", owner)
         elif status >= 500:
             self.fleet.suspect(plan.server, owner)
+
+    def invalid_answer(self, plan: ResponsePlan, why: str, status: int | None = None) -> Local:
+        """An upstream answer that cannot be read as MCP: a JSON-RPC error naming the server, never the answer."""
+        self.metrics.inc("muster_edge_upstream_errors_total", server=plan.server, status="invalid")
+        log.warning("upstream %s answered with an invalid response: %s", plan.server, why)
+        return Local(502, invalid_answer(plan, why, status), {"content-type": JSON},
+                     details="muster_edge_upstream_invalid_answer")
 
     def error_for_upstream_status(self, plan: ResponsePlan, status: int, details: str) -> Local:
         self.upstream_failed(plan, status)

@@ -50,6 +50,7 @@ class ResponsePlan:
     namespace: str = ""
     renewable: bool = False
     subject: str = ""
+    upstream_id: Any = None  # the id the upstream must answer (None: no answer to check, e.g. a resumed stream)
 
     @property
     def rewrite_sse(self) -> bool:

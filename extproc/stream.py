@@ -13,6 +13,7 @@ import asyncio
 import logging
 from typing import Any
 
+import orjson
 from cachetools import LRUCache
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
@@ -23,9 +24,9 @@ from catalog.policy import Claims
 from extproc import answer
 from extproc.gateway import Gateway
 from extproc.jsonrpc import INTERNAL_ERROR, MODERN, RpcError
-from extproc.replies import Forward, Local, ResponsePlan
+from extproc.replies import JSON, Forward, Local, ResponsePlan
 from extproc.request import Caller, Request
-from extproc.rewrite import SseRewriter, rewrite_json
+from extproc.rewrite import SseRewriter, Unreadable, mapped_error, read_answer, rewrite_message
 from extproc.upstream import ROUTE_HEADER
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ class Stream:
         self.req = Request()
         self.plan: ResponsePlan | None = None
         self.sse: SseRewriter | None = None
+        self.error_status = 0  # an upstream's JSON error answer whose body this stream asked for
 
     async def handle(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse | None:
         kind = msg.WhichOneof("request")
@@ -206,13 +208,25 @@ class Stream:
         if status == 404 and plan.upstream_session_owner:
             self.gw.upstream_session_lost(plan)
             return immediate(self.gw.error_for_upstream_status(plan, status, "upstream session not found"))
-        if status >= 500:
-            answered = "x-envoy-upstream-service-time" in headers
-            if "json" not in ctype and "event-stream" not in ctype:
-                why = "upstream answered" if answered else "no upstream answer"
-                return immediate(self.gw.error_for_upstream_status(plan, status, why))
-            if not answered:  # Envoy's own reply, already a JSON-RPC error (local_reply_config): count it
+        answered = "x-envoy-upstream-service-time" in headers
+        readable = "json" in ctype or "event-stream" in ctype
+        if status >= 500 and not answered:
+            if not readable:
+                return immediate(self.gw.error_for_upstream_status(plan, status, "no upstream answer"))
+            self.gw.upstream_failed(plan, status)  # Envoy's own reply, already a JSON-RPC error (local_reply_config)
+        elif status >= 500 and "json" not in ctype:
+            return immediate(self.gw.error_for_upstream_status(plan, status, "upstream answered"))
+        elif not readable and status != 202:
+            return immediate(self.gw.invalid_answer(plan, f"HTTP {status}, content type {ctype[:60]!r}", status))
+        elif 200 <= status < 300 and status != 202 and headers.get("content-length") == "0":
+            return immediate(self.gw.invalid_answer(plan, "an empty body", status))
+        elif status >= 400 and "json" in ctype:  # its body follows on this stream, to be mapped
+            if status >= 500:
                 self.gw.upstream_failed(plan, status)
+            self.error_status = status
+            resp.response_headers.SetInParent()
+            resp.mode_override.response_body_mode = pm.ProcessingMode.BUFFERED
+            return resp
         resp.response_headers.SetInParent()
         return resp
 
@@ -243,9 +257,16 @@ class Stream:
             else:
                 common.body_mutation.clear_body = True
             return resp
-        new = rewrite_json(body.body, plan, self.gw.fleet.view(plan.subject), self.gw.server_info)
-        if new is None:
-            resp.response_body.SetInParent()
-        else:
-            common.body_mutation.body = new
+        if self.error_status:
+            status = self.error_status if self.error_status < 500 else 502
+            return immediate(Local(status, mapped_error(body.body, plan, self.error_status), {"content-type": JSON},
+                                   details="muster_edge_upstream_error"))
+        try:
+            msg = read_answer(body.body, plan)
+        except Unreadable as exc:
+            # this filter skips response headers, so they are on their way: the error replaces the body
+            common.body_mutation.body = self.gw.invalid_answer(plan, str(exc)).body
+            return resp
+        new = rewrite_message(msg, plan, self.gw.fleet.view(plan.subject), self.gw.server_info)
+        common.body_mutation.body = orjson.dumps(new)
         return resp

@@ -53,6 +53,8 @@ def write_cds(config: GatewayConfig, paths: Paths) -> list[str]:
     result = read_catalog(config.catalog_dir)
     envoy_config.write_atomic(os.path.join(paths.cds_dir, envoy_config.CDS_FILE),
                               envoy_config.dump(envoy_config.cds(result.servers)))
+    envoy_config.write_atomic(os.path.join(paths.cds_dir, envoy_config.RDS_FILE),
+                              envoy_config.dump(envoy_config.route_table(config, result.servers)))
     return [str(e) for e in result.errors]
 
 

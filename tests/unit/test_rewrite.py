@@ -15,8 +15,12 @@ from extproc import jsonrpc
 from extproc.replies import ResponsePlan
 from extproc.rewrite import (
     SseRewriter,
+    Unreadable,
+    invalid_answer,
+    mapped_error,
     namespaced,
     original_request_id,
+    read_answer,
     rewrite_json,
     rewrite_message,
     split_namespaced,
@@ -369,3 +373,74 @@ def test_server_to_client_request_id_is_namespaced_when_the_plan_says_so() -> No
 def test_sse_event_ids_are_namespaced_when_the_plan_says_so() -> None:
     out = whole(b"id: 17\ndata: hello\n\n", ResponsePlan(server="a", namespace="a"))
     assert sse_events(out) == [{"id": "a:17", "data": "hello"}]
+
+
+# ---- answers the gateway cannot read (issue 9 row 5) ----------------------------------------------------------
+
+CHECKED = ResponsePlan(server="bad", client_id="mine", restore_id=True, upstream_id=13948)
+
+
+def _error_of(body: bytes) -> dict[str, Any]:
+    msg = orjson.loads(body)
+    assert msg["id"] == "mine" and msg["error"]["data"]["server"] == "bad", msg
+    return dict(msg["error"])
+
+
+@pytest.mark.parametrize(("body", "why"), [
+    (b"", "an empty body"), (b"  \n", "an empty body"), (b"<html>", "not JSON"),
+    (b'{"jsonrpc": "2.0", "id":', "not JSON"),
+    (b"[]", "not a JSON-RPC 2.0 message"), (b'{"id": 13948, "result": {}}', "not a JSON-RPC 2.0 message"),
+    (b'{"jsonrpc": "2.0", "id": 13948}', "neither a result nor an error"),
+    (b'{"jsonrpc": "2.0", "id": 13948, "error": {"code": "x", "message": 1}}', "a malformed error object"),
+    (b'{"jsonrpc": "2.0", "id": 7, "result": {}}', "answered id 7, not the call's"),
+    (b'{"jsonrpc": "2.0", "id": "13948", "result": {}}', "answered id \"13948\", not the call's"),
+])
+def test_an_answer_that_is_not_the_response_to_this_call_is_unreadable(body: bytes, why: str) -> None:
+    with pytest.raises(Unreadable, match=re.escape(why)):
+        read_answer(body, CHECKED)
+
+
+def test_the_response_to_this_call_is_read() -> None:
+    assert read_answer(b'{"jsonrpc": "2.0", "id": 13948, "result": {"x": 1}}', CHECKED)["result"] == {"x": 1}
+    assert read_answer(b'{"jsonrpc": "2.0", "id": 1, "result": {}}', plan())["id"] == 1  # no id to check
+
+
+def test_an_unreadable_answer_becomes_an_error_naming_the_server_with_the_clients_id() -> None:
+    error = _error_of(invalid_answer(CHECKED, "not JSON", 200))
+    assert error["code"] == jsonrpc.INTERNAL_ERROR
+    assert error["message"] == "Upstream server 'bad' answered with an invalid response"
+    assert error["data"] == {"server": "bad", "details": "not JSON", "status": 200}
+
+
+def test_an_upstream_error_keeps_its_code_and_message_under_the_clients_id() -> None:
+    body = b'{"jsonrpc": "2.0", "id": 13948, "error": {"code": -32000, "message": "on fire", "data": [1]}}'
+    error = _error_of(mapped_error(body, CHECKED, 500))
+    assert error == {"code": -32000, "message": "Upstream server 'bad': on fire",
+                     "data": {"server": "bad", "status": 500, "upstream": [1]}}
+    assert _error_of(mapped_error(b"oops", CHECKED, 500))["data"]["details"] == "not JSON"
+    assert "a result" in _error_of(mapped_error(b'{"jsonrpc": "2.0", "id": 13948, "result": {}}', CHECKED, 500)
+                                   )["data"]["details"]
+
+
+def _events(out: bytes) -> list[dict[str, Any]]:
+    return [orjson.loads(ln[6:]) for ln in out.split(b"\n") if ln.startswith(b"data: ") and ln[6:].strip()]
+
+
+def test_sse_checks_each_event_and_ends_with_an_error_when_the_answer_never_comes() -> None:
+    note = b'event: message\ndata: {"jsonrpc":"2.0","method":"notifications/message","params":{}}\n\n'
+    answer_ = b'event: message\ndata: {"jsonrpc":"2.0","id":13948,"result":{}}\n\n'
+    rw = SseRewriter(CHECKED, VIEW, INFO)
+    out = rw.feed(note, False) + rw.feed(b"", True)
+    assert _events(out)[0]["method"] == "notifications/message"
+    assert "ended without an answer" in _error_of(orjson.dumps(_events(out)[1]))["data"]["details"]
+    rw = SseRewriter(CHECKED, VIEW, INFO)
+    assert _events(rw.feed(note + answer_, False) + rw.feed(b"", True))[1] == {"jsonrpc": "2.0", "id": "mine",
+                                                                            "result": {}}
+    rw = SseRewriter(CHECKED, VIEW, INFO)  # a bad event ends the answer: nothing after it is passed on
+    out = rw.feed(b"data: {oops\n\n" + answer_, False) + rw.feed(note, True)
+    assert len(_events(out)) == 1 and "not a JSON-RPC message" in _error_of(out.split(b"data: ")[1])["data"]["details"]
+    rw = SseRewriter(CHECKED, VIEW, INFO)
+    out = rw.feed(answer_.replace(b"13948", b"1"), True)
+    assert "not the call's" in _error_of(orjson.dumps(_events(out)[0]))["data"]["details"]
+    rw = SseRewriter(CHECKED, VIEW, INFO)
+    assert "inside an event" in _events(rw.feed(b'data: {"jsonrpc":', True))[0]["error"]["data"]["details"]
