@@ -19,7 +19,7 @@ _KNOWN = {
     "apiVersion", "kind", "listen", "path", "internalListen", "envoyAdmin", "processor", "catalog",
     "prefix", "prefixMode", "maxRequestBytes", "sessionKey", "stateDir", "listPageSize", "serverName",
     "instructions", "listTtlMs", "listTtlFloorMs", "allowedOrigins", "listWaitMs", "allowedHosts", "tls",
-    "auth", "policy", "audit", "secretsDir", "store", "upstreamOAuth",
+    "auth", "policy", "audit", "secretsDir", "store", "upstreamOAuth", "sessions",
 }
 
 
@@ -82,6 +82,15 @@ class UpstreamOAuthConfig:
 
 
 @dataclass(frozen=True)
+class SessionsConfig:
+    """Handshake-era session lifecycle: idle expiry and the per-upstream cap on upstream sessions (per process)."""
+
+    idle_timeout_s: int = 1800
+    max_upstream_sessions: int = 1000
+    active_window_s: int = 60
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     source: str = ""
     listen: Address = Address("127.0.0.1", 8080)
@@ -113,6 +122,7 @@ class GatewayConfig:
     secrets_dir: str = ""
     redis_url: str = ""
     upstream_oauth: UpstreamOAuthConfig | None = None
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)
 
     @property
     def callback_url(self) -> str:
@@ -284,8 +294,22 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
         secrets_dir=path_of(str(raw.get("secretsDir", "secrets"))),
         redis_url=_store(raw.get("store"), source),
         upstream_oauth=_upstream_oauth(raw.get("upstreamOAuth"), source, path_of),
+        sessions=_sessions(raw.get("sessions"), source),
     )
     return cfg
+
+
+def _sessions(raw: Any, source: str) -> SessionsConfig:
+    """`sessions: {idleTimeoutSeconds, maxUpstreamSessions, activeWindowSeconds}`."""
+    if raw is None:
+        return SessionsConfig()
+    known = {"idleTimeoutSeconds", "maxUpstreamSessions", "activeWindowSeconds"}
+    if not isinstance(raw, dict) or set(raw) - known:
+        raise ConfigError(f"{source}: sessions: expected a mapping of {', '.join(sorted(known))}")
+    where = f"{source}: sessions"
+    return SessionsConfig(idle_timeout_s=_int(raw, "idleTimeoutSeconds", 1800, 1, 7 * 86_400, where),
+                          max_upstream_sessions=_int(raw, "maxUpstreamSessions", 1000, 1, 1_000_000, where),
+                          active_window_s=_int(raw, "activeWindowSeconds", 60, 0, 86_400, where))
 
 
 def _store(raw: Any, source: str) -> str:
