@@ -86,8 +86,8 @@ class SessionsConfig:
     """Handshake-era session lifecycle: idle expiry and the per-upstream cap on upstream sessions (per process)."""
 
     idle_timeout_s: int = 1800
-    max_upstream_sessions: int = 1000
-    active_window_s: int = 60
+    max_upstream_sessions: int = 4000
+    active_window_s: int = 10
 
 
 @dataclass(frozen=True)
@@ -308,8 +308,8 @@ def _sessions(raw: Any, source: str) -> SessionsConfig:
         raise ConfigError(f"{source}: sessions: expected a mapping of {', '.join(sorted(known))}")
     where = f"{source}: sessions"
     return SessionsConfig(idle_timeout_s=_int(raw, "idleTimeoutSeconds", 1800, 1, 7 * 86_400, where),
-                          max_upstream_sessions=_int(raw, "maxUpstreamSessions", 1000, 1, 1_000_000, where),
-                          active_window_s=_int(raw, "activeWindowSeconds", 60, 0, 86_400, where))
+                          max_upstream_sessions=_int(raw, "maxUpstreamSessions", 4000, 1, 1_000_000, where),
+                          active_window_s=_int(raw, "activeWindowSeconds", 10, 0, 86_400, where))
 
 
 def _store(raw: Any, source: str) -> str:

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 _LISTS = (("tools/list", "tools", "tools"), ("prompts/list", "prompts", "prompts"),
           ("resources/list", "resources", "resources"), ("resources/templates/list", "resourceTemplates", "resources"))
 RETRY_FAILED_AFTER_S = 2.0
-MAX_POOLED = 1_000
+MAX_POOLED = 4_000
 MAX_USER_STATES = 20_000
 
 # (server, owner subject, the owner's bearer) -> the headers that authenticate the gateway's own calls
@@ -78,7 +78,7 @@ class Fleet:
                  ttl_floor_ms: int = 5_000, list_wait_s: float = 10.0, auth: AuthSource = _no_auth,
                  per_user: Callable[[MCPServer], bool] = lambda _s: False,
                  renew: Callable[[MCPServer, str], Awaitable[None]] | None = None,
-                 max_upstream_sessions: int = MAX_POOLED, active_window_s: float = 60.0) -> None:
+                 max_upstream_sessions: int = MAX_POOLED, active_window_s: float = 10.0) -> None:
         self.client = client
         self.prefix = prefix
         self.mode = mode

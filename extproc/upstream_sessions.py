@@ -34,7 +34,7 @@ class _Entry(Generic[T]):
 class SessionPool(Generic[T]):
     """Owner (a gateway session, or a principal) -> its upstream session, in least-recently-used order."""
 
-    def __init__(self, server: str, closer: Callable[[T, str], None], *, cap: int = 1000, active_s: float = 60.0,
+    def __init__(self, server: str, closer: Callable[[T, str], None], *, cap: int = 4000, active_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.server = server
         self.cap = cap

@@ -134,7 +134,7 @@ def test_sessions_settings() -> None:
     assert (cfg.sessions.idle_timeout_s, cfg.sessions.max_upstream_sessions, cfg.sessions.active_window_s) == \
         (60, 5, 0)
     default = parse_config("{}\n").sessions
-    assert (default.idle_timeout_s, default.max_upstream_sessions) == (1800, 1000)
+    assert (default.idle_timeout_s, default.max_upstream_sessions) == (1800, 4000)
     with pytest.raises(ConfigError, match="sessions: maxUpstreamSessions"):
         parse_config("sessions: {maxUpstreamSessions: 0}\n")
     with pytest.raises(ConfigError, match="sessions: expected"):
