@@ -140,6 +140,16 @@ class Fleet:
     def _drop(self, state: UpstreamState, reason: str = "catalog") -> None:
         state.cancel()
         state.pooled.clear(reason)
+        self._close_own(state)
+
+    def _close_own(self, state: UpstreamState) -> None:
+        """The fleet's own handshake-era session (lists, events) is closed too; it is not a client's, so it is
+        not in the opened/closed counters."""
+        hs, state.handshake = state.handshake, None
+        if hs is not None and hs.session_id:
+            task = asyncio.get_running_loop().create_task(self.client.delete_session(state.server, hs))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     # ---- refresh ---------------------------------------------------------------------------------------
     def _schedule(self, state: UpstreamState) -> asyncio.Task[None]:
@@ -233,7 +243,7 @@ class Fleet:
         self._generation += 1
         state.snapshot = UpstreamSnapshot(server=name, ok=False, error=reason, generation=self._generation)
         state.auth_required = auth_required
-        state.handshake = None
+        self._close_own(state)
         state.pooled.clear("upstream_failed")
         state.expires_at = 0.0
 
