@@ -24,8 +24,8 @@ from catalog.manifests import AdmissionError, MCPServer
 from catalog.view import UpstreamSnapshot, View, build_view, x_mcp_header_problem
 from extproc.credentials import CredentialError
 from extproc.jsonrpc import LEGACY
-from extproc.upstream import Handshake, UpstreamAuthError, UpstreamClient, UpstreamError
-from extproc.upstream_sessions import SessionCounts, SessionPool
+from extproc.upstream import Handshake, UpstreamAuthError, UpstreamClient, UpstreamError, UpstreamRpcError
+from extproc.upstream_sessions import SessionCapReached, SessionCounts, SessionPool
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +366,17 @@ class Fleet:
         future: asyncio.Future[Handshake] = asyncio.get_running_loop().create_future()
         state.opening[owner] = future
         try:
-            pooled = await self.client.initialize(state.server, client_capabilities, log_level, auth)
+            try:
+                pooled = await self.client.initialize(state.server, client_capabilities, log_level, auth)
+            except UpstreamRpcError as exc:
+                # the upstream's own limit (an SDK server: "Too many open sessions"): make room here, once
+                if "too many" not in exc.message.lower():
+                    raise
+                if not state.pooled.evict_one():
+                    raise SessionCapReached(name, len(state.pooled)) from None
+                if self._closing:  # the upstream has the room before we ask again
+                    await asyncio.wait(list(self._closing), timeout=2.0)
+                pooled = await self.client.initialize(state.server, client_capabilities, log_level, auth)
         except UpstreamError as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: waiters get it, nobody else must

@@ -73,6 +73,15 @@ class SessionPool(Generic[T]):
                 raise SessionCapReached(self.server, self.cap)
             self.pop(victim, "evicted")
 
+    def evict_one(self) -> bool:
+        """Close the least recently used idle session (the upstream said it has too many); False if none is idle."""
+        now = self._clock()
+        victim = next((o for o, e in self._entries.items() if now - e.last_used >= self.active_s), None)
+        if victim is None:
+            return False
+        self.pop(victim, "evicted")
+        return True
+
     def add(self, owner: str, value: T) -> None:
         old = self._entries.pop(owner, None)
         if old is not None and old.value is not value:

@@ -81,7 +81,7 @@ def counting(app: ASGIApp) -> ASGIApp:
     return wrapped
 
 
-def build() -> ASGIApp:
+def build(max_sessions: int | None = None) -> ASGIApp:
     server = MCPServer("counted", version="0.1.0")
 
     @server.tool()
@@ -89,16 +89,17 @@ def build() -> ASGIApp:
         """Answer ok (the wrapper notes which upstream session the tag came on)."""
         return "ok"
 
-    return counting(server.streamable_http_app(json_response=True, host="127.0.0.1"))
+    return counting(server.streamable_http_app(json_response=True, host="127.0.0.1",
+                                                       **({"max_sessions": max_sessions} if max_sessions else {})))
 
 
-async def main(port: int) -> None:
+async def main(port: int, max_sessions: int | None) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", port))
     sock.listen(128)
-    config = uvicorn.Config(build(), log_level="warning", lifespan="on", access_log=False)
+    config = uvicorn.Config(build(max_sessions), log_level="warning", lifespan="on", access_log=False)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
@@ -110,5 +111,7 @@ async def main(port: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
-    asyncio.run(main(parser.parse_args().port))
+    parser.add_argument("--max-sessions", type=int, default=0, help="the SDK's own limit (0: its default)")
+    args = parser.parse_args()
+    asyncio.run(main(args.port, args.max_sessions or None))
     sys.exit(0)

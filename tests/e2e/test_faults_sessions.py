@@ -39,8 +39,9 @@ class Counted:
 
 
 @contextlib.contextmanager
-def counted_upstream() -> Iterator[Counted]:
-    with spawn([PYTHON, ROOT / "tests" / "session_upstream.py", "--port", "0"], "READY ", 20) as proc:
+def counted_upstream(max_sessions: int = 0) -> Iterator[Counted]:
+    cmd = [PYTHON, ROOT / "tests" / "session_upstream.py", "--port", "0", "--max-sessions", str(max_sessions)]
+    with spawn(cmd, "READY ", 20) as proc:
         yield Counted(proc.ready_line.split(" ", 1)[1])
 
 
@@ -268,3 +269,19 @@ async def test_at_the_cap_the_least_recently_used_idle_session_is_closed_first(t
             assert up.counts()["tags"]["a3"] == tags["a"]  # a kept its upstream session
             assert ok(await b.call("b2"))  # b gets a new one (evicting c, now least recently used)
             assert up.counts()["tags"]["b2"] != tags["b"]
+
+
+async def test_an_upstream_at_its_own_limit_gets_room_from_the_least_recently_used_idle_session(
+        tmp_path: Path) -> None:
+    """The upstream allows 3 sessions (the gateway's own list session is one): the third client does not meet
+    the upstream's "Too many open sessions"; the gateway closes its least recently used idle session instead."""
+    with counted_upstream(max_sessions=3) as up, start_gateway(tmp_path / "gw", {"counted": up.url},
+                                                               sessions={"activeWindowSeconds": 0}) as gw:
+        async with httpx2.AsyncClient(timeout=30) as http:
+            a, b, c = [await Client(http, gw.url).open() for _ in range(3)]
+            assert ok(await a.call("a")) and ok(await b.call("b"))
+            answer = await c.call("c")
+            assert ok(answer), answer.text
+            tags = up.counts()["tags"]
+            assert tags["a"] in up.counts()["deleted"] and tags["b"] not in up.counts()["deleted"]
+            assert metric(gw, 'muster_edge_upstream_sessions_closed_total{reason="evicted"') == [1]

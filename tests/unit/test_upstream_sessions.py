@@ -139,3 +139,13 @@ def test_sessions_settings() -> None:
         parse_config("sessions: {maxUpstreamSessions: 0}\n")
     with pytest.raises(ConfigError, match="sessions: expected"):
         parse_config("sessions: {idle: 3}\n")
+
+
+def test_evict_one_closes_the_least_recently_used_idle_session_only() -> None:
+    p, closed, clock = pool(cap=10, active_s=5)
+    p.add("a", "A")
+    p.add("b", "B")
+    assert not p.evict_one() and closed == []
+    clock.now += 10
+    assert p.get("a") == "A"
+    assert p.evict_one() and closed == [("B", "evicted")]
