@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 _AAD = b"muster-edge/peer/v1"
 CHANNEL = "muster-edge:sessions-ended"
 PEER_PATH = "/peer"
+BATCH = 5_000  # sessions per sibling message: a sealed message stays far below the status listener's 1 MiB
 
 # (nonce, issued_at) pairs and why they ended -> end them in this process
 EndHere = Callable[[list[tuple[bytes, int]], str], None]
@@ -68,13 +69,13 @@ class Peers:
 
     async def announce_end(self, ended: list[tuple[bytes, int]], reason: str) -> None:
         """Every other process learns the sessions ended before this returns (bounded by short timeouts)."""
-        if not ended:
-            return
-        msg = {"op": "end", "reason": reason, "sessions": [[n.hex(), t] for n, t in ended], "at": time.time()}
         jobs: list[Awaitable[Any]] = []
-        if self._redis is not None:
-            jobs.append(self._redis_end(ended, msg))
-        jobs += [self._post(url, msg) for url in self.siblings]
+        for start in range(0, len(ended), BATCH):
+            batch = ended[start:start + BATCH]
+            msg = {"op": "end", "reason": reason, "sessions": [[n.hex(), t] for n, t in batch], "at": time.time()}
+            if self._redis is not None:
+                jobs.append(self._redis_end(batch, msg))
+            jobs += [self._post(url, msg) for url in self.siblings]
         results = await asyncio.gather(*jobs, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
@@ -122,8 +123,10 @@ class Peers:
             found = await self._redis.mget([f"{self._prefix}seen:{n.hex()}" for n in nonces])
             seen.update(n for n, v in zip(nonces, found, strict=True) if v is not None)
         if self.siblings:
-            msg = {"op": "seen", "sessions": [n.hex() for n in nonces]}
-            answers = await asyncio.gather(*(self._post(url, msg) for url in self.siblings), return_exceptions=True)
+            asks = [{"op": "seen", "sessions": [n.hex() for n in nonces[i:i + BATCH]]}
+                    for i in range(0, len(nonces), BATCH)]
+            answers = await asyncio.gather(*(self._post(url, msg) for url in self.siblings for msg in asks),
+                                           return_exceptions=True)
             for answer in answers:
                 if isinstance(answer, httpx2.Response) and answer.status_code == 200:
                     with contextlib.suppress(ValueError, orjson.JSONDecodeError):
@@ -153,8 +156,8 @@ class Peers:
             return
         delay = 0.5
         while True:
+            pubsub = self._redis.pubsub()
             try:
-                pubsub = self._redis.pubsub()
                 await pubsub.subscribe(CHANNEL)
                 delay = 0.5
                 async for item in pubsub.listen():
@@ -167,6 +170,9 @@ class Peers:
                 raise
             except Exception as exc:
                 log.warning("the store's channel of ended sessions failed (%s); subscribing again", exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
 
