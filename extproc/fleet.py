@@ -99,6 +99,9 @@ class Fleet:
         self.active_window_s = active_window_s
         self.session_counts = SessionCounts()
         self._closing: set[asyncio.Task[None]] = set()
+        # whether an owner's gateway session has ended (set by the gateway): a session opened for an owner whose
+        # DELETE arrived meanwhile is closed at once, not kept
+        self.owner_ended: Callable[[str], bool] = lambda _owner: False
 
     def _new_state(self, server: MCPServer, owner: str = "") -> UpstreamState:
         state = UpstreamState(server, owner=owner)
@@ -394,6 +397,8 @@ class Fleet:
             self.session_counts.opened[name] += 1
         state.pooled.add(owner, pooled)
         future.set_result(pooled)
+        if self.owner_ended(owner):
+            state.pooled.pop(owner, "deleted")
         return pooled
 
     def pooled_session(self, name: str, owner: str, subject: str = "") -> Handshake | None:

@@ -85,6 +85,7 @@ class Gateway:
         self._decisions: LRUCache[tuple[Any, ...], Decision] = LRUCache(maxsize=100_000)
         self._ids = itertools.count(1)
         self.peers: Peers | None = None
+        fleet.owner_ended = sessions.owner_ended
         self.metrics.collectors.append(self._session_metrics)
 
     def cache_scope(self, req: Request) -> str:

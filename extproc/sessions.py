@@ -167,6 +167,13 @@ class Sessions:
         """Drop this process's record of a session that lives on elsewhere (memory returned, not ended)."""
         self._records.pop(nonce, None)
 
+    def owner_ended(self, owner: str) -> bool:
+        """Whether an upstream-session owner (a nonce in hex) is a session that ended."""
+        try:
+            return bytes.fromhex(owner) in self._ended
+        except ValueError:
+            return False
+
     def is_ended(self, nonce: bytes) -> bool:
         return nonce in self._ended
 

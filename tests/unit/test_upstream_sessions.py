@@ -149,3 +149,11 @@ def test_evict_one_closes_the_least_recently_used_idle_session_only() -> None:
     clock.now += 10
     assert p.get("a") == "A"
     assert p.evict_one() and closed == [("B", "evicted")]
+
+
+def test_an_ended_session_is_known_by_its_owner_name() -> None:
+    sessions = Sessions(Sealer(bytes(32)))
+    _, nonce = sessions.mint("alice", "2025-11-25")
+    assert not sessions.owner_ended(nonce.hex())
+    sessions.end(nonce)
+    assert sessions.owner_ended(nonce.hex()) and not sessions.owner_ended("caller:alice")
