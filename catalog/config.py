@@ -19,7 +19,7 @@ _KNOWN = {
     "apiVersion", "kind", "listen", "path", "internalListen", "envoyAdmin", "processor", "catalog",
     "prefix", "prefixMode", "maxRequestBytes", "sessionKey", "stateDir", "listPageSize", "serverName",
     "instructions", "listTtlMs", "listTtlFloorMs", "allowedOrigins", "listWaitMs", "allowedHosts", "tls",
-    "auth", "policy", "audit", "secretsDir", "store", "upstreamOAuth", "restart",
+    "auth", "policy", "audit", "secretsDir", "store", "upstreamOAuth", "restart", "sessions",
 }
 
 
@@ -82,6 +82,15 @@ class UpstreamOAuthConfig:
 
 
 @dataclass(frozen=True)
+class SessionsConfig:
+    """Handshake-era session lifecycle: idle expiry and the per-upstream cap on upstream sessions (per process)."""
+
+    idle_timeout_s: int = 1800
+    max_upstream_sessions: int = 4000
+    active_window_s: int = 10
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     source: str = ""
     listen: Address = Address("127.0.0.1", 8080)
@@ -115,6 +124,7 @@ class GatewayConfig:
     upstream_oauth: UpstreamOAuthConfig | None = None
     restart_max_crashes: int = 5
     restart_window_s: int = 60
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)
 
     @property
     def callback_url(self) -> str:
@@ -287,6 +297,7 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
         redis_url=_store(raw.get("store"), source),
         upstream_oauth=_upstream_oauth(raw.get("upstreamOAuth"), source, path_of),
         **_restart(raw.get("restart"), source),
+        sessions=_sessions(raw.get("sessions"), source),
     )
     return cfg
 
@@ -301,6 +312,17 @@ def _restart(raw: Any, source: str) -> dict[str, int]:
     where = f"{source}: restart"
     return {"restart_max_crashes": _int(raw, "maxCrashes", 5, 1, 1000, where),
             "restart_window_s": _int(raw, "windowSeconds", 60, 1, 86_400, where)}
+def _sessions(raw: Any, source: str) -> SessionsConfig:
+    """`sessions: {idleTimeoutSeconds, maxUpstreamSessions, activeWindowSeconds}`."""
+    if raw is None:
+        return SessionsConfig()
+    known = {"idleTimeoutSeconds", "maxUpstreamSessions", "activeWindowSeconds"}
+    if not isinstance(raw, dict) or set(raw) - known:
+        raise ConfigError(f"{source}: sessions: expected a mapping of {', '.join(sorted(known))}")
+    where = f"{source}: sessions"
+    return SessionsConfig(idle_timeout_s=_int(raw, "idleTimeoutSeconds", 1800, 1, 7 * 86_400, where),
+                          max_upstream_sessions=_int(raw, "maxUpstreamSessions", 4000, 1, 1_000_000, where),
+                          active_window_s=_int(raw, "activeWindowSeconds", 10, 0, 86_400, where))
 
 
 def _store(raw: Any, source: str) -> str:

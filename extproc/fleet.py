@@ -27,6 +27,7 @@ from catalog.view import UpstreamSnapshot, View, build_view, x_mcp_header_proble
 from extproc.credentials import CredentialError
 from extproc.jsonrpc import LEGACY
 from extproc.upstream import Handshake, UpstreamAuthError, UpstreamClient, UpstreamError, UpstreamRpcError
+from extproc.upstream_sessions import SessionCapReached, SessionCounts, SessionPool
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ FIRST_FETCH_S = 5.0
 # every worker reads the catalog folder every 0.5 s (catalog_files.watch): a server added later is listed only
 # once the other workers have read it too, so a call that lands on another worker finds it in its catalog
 CATALOG_SETTLE_S = 0.75
-MAX_POOLED = 20_000
+MAX_POOLED = 4_000
 MAX_USER_STATES = 20_000
 
 # (server, owner subject, the owner's bearer) -> the headers that authenticate the gateway's own calls
@@ -67,7 +68,8 @@ class UpstreamState:
     last_attempt: float = 0.0
     refreshing: asyncio.Task[None] | None = None
     listener: asyncio.Task[None] | None = None
-    pooled: LRUCache[str, Handshake] = field(default_factory=lambda: LRUCache(maxsize=MAX_POOLED))
+    pooled: SessionPool[Handshake] = field(default_factory=lambda: SessionPool("", lambda _hs, _why: None))
+    opening: dict[str, asyncio.Future[Handshake]] = field(default_factory=dict)
     modern_only: bool = False
     last_good: UpstreamSnapshot | None = None  # listed (stale) while the upstream is down
     waited: bool = False  # a list already waited for this upstream's first fetch: never again
@@ -89,7 +91,8 @@ class Fleet:
     def __init__(self, client: UpstreamClient, *, prefix: str, mode: str, default_ttl_ms: int,
                  ttl_floor_ms: int = 5_000, list_wait_s: float = 5.0, auth: AuthSource = _no_auth,
                  per_user: Callable[[MCPServer], bool] = lambda _s: False,
-                 renew: Callable[[MCPServer, str], Awaitable[None]] | None = None) -> None:
+                 renew: Callable[[MCPServer, str], Awaitable[None]] | None = None,
+                 max_upstream_sessions: int = MAX_POOLED, active_window_s: float = 10.0) -> None:
         self.client = client
         self.prefix = prefix
         self.mode = mode
@@ -106,6 +109,28 @@ class Fleet:
         self.catalog_generation = 0
         self._generation = 0
         self._views: LRUCache[tuple[Any, ...], View] = LRUCache(maxsize=256)
+        self.max_upstream_sessions = max_upstream_sessions
+        self.active_window_s = active_window_s
+        self.session_counts = SessionCounts()
+        self._closing: set[asyncio.Task[None]] = set()
+        # whether an owner's gateway session has ended (set by the gateway): a session opened for an owner whose
+        # DELETE arrived meanwhile is closed at once, not kept
+        self.owner_ended: Callable[[str], bool] = lambda _owner: False
+
+    def _new_state(self, server: MCPServer, owner: str = "") -> UpstreamState:
+        state = UpstreamState(server, owner=owner)
+        state.pooled = SessionPool(server.name, lambda hs, why: self._close_session(server, hs, why),
+                                   cap=self.max_upstream_sessions, active_s=self.active_window_s)
+        return state
+
+    def _close_session(self, server: MCPServer, hs: Handshake, reason: str) -> None:
+        """Count one upstream session closed and send the upstream its DELETE (tracked, so shutdown waits)."""
+        if not hs.session_id:
+            return
+        self.session_counts.closed[(server.name, reason)] += 1
+        task = asyncio.get_running_loop().create_task(self.client.delete_session(server, hs))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     # ---- catalog ---------------------------------------------------------------------------------------
     def set_catalog(self, servers: Sequence[MCPServer], errors: Sequence[AdmissionError]) -> None:
@@ -120,7 +145,8 @@ class Fleet:
         settle = time.monotonic() + CATALOG_SETTLE_S if self.catalog_generation else 0.0
         for name, server in new.items():
             if name not in self.states and not self.per_user(server):
-                self.states[name] = UpstreamState(server, settle_until=settle)
+                state = self.states[name] = self._new_state(server)
+                state.settle_until = settle
         for err in errors:
             if err not in self.errors:
                 log.error("catalog: refused %s", err)
@@ -130,11 +156,19 @@ class Fleet:
         for state in self.states.values():
             self._schedule(state)
 
-    def _drop(self, state: UpstreamState) -> None:
+    def _drop(self, state: UpstreamState, reason: str = "catalog") -> None:
         state.cancel()
-        for hs in list(state.pooled.values()):
-            if hs.session_id:
-                asyncio.get_running_loop().create_task(self.client.delete_session(state.server, hs))
+        state.pooled.clear(reason)
+        self._close_own(state)
+
+    def _close_own(self, state: UpstreamState) -> None:
+        """The fleet's own handshake-era session (lists, events) is closed too; it is not a client's, so it is
+        not in the opened/closed counters."""
+        hs, state.handshake = state.handshake, None
+        if hs is not None and hs.session_id:
+            task = asyncio.get_running_loop().create_task(self.client.delete_session(state.server, hs))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     # ---- refresh ---------------------------------------------------------------------------------------
     def _schedule(self, state: UpstreamState) -> asyncio.Task[None]:
@@ -250,8 +284,8 @@ class Fleet:
         self._generation += 1
         state.snapshot = UpstreamSnapshot(server=name, ok=False, error=reason, generation=self._generation)
         state.auth_required = auth_required
-        state.handshake = None
-        state.pooled.clear()
+        self._close_own(state)
+        state.pooled.clear("upstream_failed")
         state.expires_at = 0.0
 
     async def _listen(self, state: UpstreamState, hs: Handshake) -> None:
@@ -322,7 +356,7 @@ class Fleet:
         key = (server.name, subject)
         state = self.user_states.get(key)
         if state is None:
-            state = self.user_states[key] = UpstreamState(server, owner=subject)
+            state = self.user_states[key] = self._new_state(server, subject)
         if bearer and bearer != state.bearer:
             state.bearer = bearer
             if state.snapshot is not None and not state.snapshot.ok:
@@ -418,15 +452,45 @@ class Fleet:
         if hs.era != LEGACY and (not legacy_client or state.modern_only):
             return hs
         pooled = state.pooled.get(owner)
-        if pooled is None:
+        if pooled is not None:
+            return pooled
+        opening = state.opening.get(owner)
+        if opening is not None:  # a concurrent call of the same owner is opening it: one session, not two
+            return await asyncio.shield(opening)
+        state.pooled.make_room(pending=len(state.opening))
+        future: asyncio.Future[Handshake] = asyncio.get_running_loop().create_future()
+        state.opening[owner] = future
+        try:
             try:
                 pooled = await self.client.initialize(state.server, client_capabilities, log_level, auth)
-            except UpstreamError:
-                if hs.era == LEGACY:
+            except UpstreamRpcError as exc:
+                # the upstream's own limit (an SDK server: "Too many open sessions"): make room here, once
+                if "too many" not in exc.message.lower():
                     raise
-                state.modern_only = True
-                return hs
-            state.pooled[owner] = pooled
+                if not state.pooled.evict_one():
+                    raise SessionCapReached(name, len(state.pooled)) from None
+                if self._closing:  # the upstream has the room before we ask again
+                    await asyncio.wait(list(self._closing), timeout=2.0)
+                pooled = await self.client.initialize(state.server, client_capabilities, log_level, auth)
+        except UpstreamError as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters get it, nobody else must
+            if hs.era == LEGACY:
+                raise
+            state.modern_only = True
+            return hs
+        except BaseException as exc:
+            future.set_exception(UpstreamError(f"opening a session failed: {type(exc).__name__}"))
+            future.exception()
+            raise
+        finally:
+            state.opening.pop(owner, None)
+        if pooled.session_id:
+            self.session_counts.opened[name] += 1
+        state.pooled.add(owner, pooled)
+        future.set_result(pooled)
+        if self.owner_ended(owner):
+            state.pooled.pop(owner, "deleted")
         return pooled
 
     def pooled_session(self, name: str, owner: str, subject: str = "") -> Handshake | None:
@@ -441,15 +505,31 @@ class Fleet:
         return [(s.server, s.pooled[owner]) for s in self._all_states() if owner in s.pooled]
 
     def forget_session(self, name: str, owner: str, subject: str = "") -> Handshake | None:
+        """The upstream no longer knows this session (it answered 404): forget it (a DELETE is harmless)."""
         if name not in self.servers:
             return None
-        return self.state_for(name, subject).pooled.pop(owner, None)
+        return self.state_for(name, subject).pooled.pop(owner, "lost")
 
-    async def end_sessions(self, owner: str) -> None:
+    def end_sessions(self, owner: str, reason: str = "deleted") -> int:
+        """Close every upstream session this process holds for one owner; returns how many."""
+        closed = 0
         for state in self._all_states():
-            hs = state.pooled.pop(owner, None)
-            if hs is not None and hs.session_id:
-                await self.client.delete_session(state.server, hs)
+            closed += state.pooled.pop(owner, reason) is not None
+        return closed
+
+    def close_idle_sessions(self, idle_s: float, keep: Callable[[str], bool]) -> int:
+        """Close upstream sessions unused for `idle_s` whose owner `keep` does not vouch for (a live client
+        session keeps its own; principals' shared sessions go by their own last use)."""
+        return sum(state.pooled.close_idle(idle_s, keep) for state in self._all_states())
+
+    def open_sessions(self) -> dict[str, int]:
+        counts: dict[str, int] = dict.fromkeys(self.servers, 0)
+        for state in self._all_states():
+            counts[state.server.name] = counts.get(state.server.name, 0) + len(state.pooled)
+        return counts
+
+    def session_metrics(self) -> str:
+        return self.session_counts.render(self.open_sessions())
 
     # ---- status ------------------------------------------------------------------------------------------
     @staticmethod
@@ -487,7 +567,10 @@ class Fleet:
         view = self.view()
         return {"servers": servers, "refused": [str(e) for e in self.errors], "viewProblems": list(view.problems)}
 
-    async def aclose(self) -> None:
+    async def aclose(self, timeout_s: float = 3.0) -> None:
+        """Close every upstream session and wait (bounded) for their DELETEs, before the HTTP client closes."""
         for state in self._all_states():
             with contextlib.suppress(Exception):
-                self._drop(state)
+                self._drop(state, "shutdown")
+        if self._closing:
+            await asyncio.wait(list(self._closing), timeout=timeout_s)

@@ -25,11 +25,13 @@ from extproc.fleet import Fleet
 from extproc.handlers import auth, calls, lifecycle, lists
 from extproc.jsonrpc import INVALID_REQUEST, LEGACY, MODERN, Message, RpcError
 from extproc.metrics import Metrics
+from extproc.peers import Peers
 from extproc.replies import JSON, Forward, Local, ResponsePlan
 from extproc.request import Request
 from extproc.rewrite import SseRewriter, invalid_answer, original_request_id, rewrite_json, split_namespaced
 from extproc.sessions import Cursors, Sessions
 from extproc.upstream import CLIENT_INFO, REPEATABLE, RETRY_HEADER, ROUTE_HEADER, UpstreamError, cluster_name
+from extproc.upstream_sessions import SessionCapReached
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("muster_edge.audit")
@@ -82,6 +84,9 @@ class Gateway:
         self._caller_views: LRUCache[tuple[Any, ...], View] = LRUCache(maxsize=1024)
         self._decisions: LRUCache[tuple[Any, ...], Decision] = LRUCache(maxsize=100_000)
         self._ids = itertools.count(1)
+        self.peers: Peers | None = None
+        fleet.owner_ended = sessions.owner_ended
+        self.metrics.collectors.append(self._session_metrics)
 
     def cache_scope(self, req: Request) -> str:
         """Lists are filtered per caller (policy, toolset), so they are private whenever callers differ."""
@@ -234,9 +239,68 @@ class Gateway:
         token = self.sessions.open(sid, req.caller.subject)
         if token is None:
             return Local.error(RpcError(INVALID_REQUEST, "Session not found", status=404), LEGACY)
-        self.sessions.end(token.nonce, token.issued_at)
-        asyncio.get_running_loop().create_task(self.fleet.end_sessions(token.nonce.hex()))
+        ended = [(token.nonce, token.issued_at)]
+        self.end_here(ended, "deleted")
+        if self.peers is not None:  # the other workers and replicas know before the client hears 200
+            await self.peers.announce_end(ended, "deleted")
         return Local(200, b"", {}, details="muster_edge_session_ended")
+
+    # ---- session lifecycle --------------------------------------------------------------------------------
+    def end_here(self, ended: list[tuple[bytes, int]], reason: str) -> None:
+        """End sessions in this process: refuse their ids from now on and close the upstream sessions held here."""
+        for nonce, issued_at in ended:
+            self.sessions.end(nonce, issued_at)
+            self.fleet.end_sessions(nonce.hex(), reason)
+
+    def seen_here(self, nonces: list[bytes]) -> list[bytes]:
+        return [n for n in nonces if self.sessions.seen_within(n, self.sessions.idle_timeout_s)]
+
+    def peer_message(self, body: bytes) -> tuple[int, bytes]:
+        if self.peers is None:
+            return 404, b"not found\n"
+        return self.peers.handle(body, self.end_here, self.seen_here)
+
+    async def expire_idle(self) -> int:
+        """Expire sessions idle for the timeout everywhere (asking the other processes first); a session still
+        in use elsewhere only gives back what this process held for it. Returns how many ended."""
+        idle = self.sessions.idle()
+        elsewhere: set[bytes] = set()
+        if idle and self.peers is not None:
+            elsewhere = await self.peers.seen_elsewhere([n for n, _ in idle])
+        ended: list[tuple[bytes, int]] = []
+        for nonce, rec in idle:
+            if self.sessions.seen_within(nonce, self.sessions.idle_timeout_s):
+                continue  # used again while we asked
+            if nonce in elsewhere:
+                self.fleet.end_sessions(nonce.hex(), "idle")
+                self.sessions.forget(nonce)
+            else:
+                ended.append((nonce, rec.issued_at))
+        self.end_here(ended, "idle")
+        if ended and self.peers is not None:
+            await self.peers.announce_end(ended, "idle")
+        self.fleet.close_idle_sessions(self.sessions.idle_timeout_s, self.sessions.holds_owner)
+        return len(ended)
+
+    async def sweep_sessions(self) -> None:
+        every = min(30.0, max(0.25, self.sessions.idle_timeout_s / 4))
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.expire_idle()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("expiring idle sessions failed")
+
+    def session_status(self) -> dict[str, Any]:
+        return {"live": len(self.sessions), "idleTimeoutSeconds": self.sessions.idle_timeout_s,
+                "upstream": self.fleet.open_sessions()}
+
+    def _session_metrics(self) -> str:
+        return ("# HELP muster_edge_sessions_live Handshake-era gateway sessions this processor holds an entry for.\n"
+                f"# TYPE muster_edge_sessions_live gauge\nmuster_edge_sessions_live {len(self.sessions)}\n"
+                + self.fleet.session_metrics())
 
     # ---- body ---------------------------------------------------------------------------------------------
     async def on_body(self, req: Request, body: bytes) -> Local | Forward:
@@ -260,13 +324,13 @@ class Gateway:
             if isinstance(obj, dict):
                 msg_id = obj.get("id") if isinstance(obj.get("id"), (str, int)) else None
                 if era == LEGACY and "method" not in obj and ("result" in obj or "error" in obj):
-                    self._check_session(req)
+                    await self._check_session(req)
                     return self._relay_response(req, obj)
             msg = jsonrpc.classify(obj, req.headers)
             req.message = msg
             era = msg.era
             if msg.era == LEGACY and msg.method != "initialize":
-                self._check_session(req)
+                await self._check_session(req)
             if msg.is_notification:
                 return await lifecycle.notification(self, req, msg)
             handler = HANDLERS.get(msg.method)
@@ -276,17 +340,22 @@ class Gateway:
         except RpcError as err:
             return Local.error(err, era, msg_id)
 
-    def _check_session(self, req: Request) -> None:
+    async def _check_session(self, req: Request) -> None:
         sid = req.headers.get("mcp-session-id")
         if not sid:
             raise RpcError(INVALID_REQUEST, "Bad Request: Missing session ID", status=400)
         token = self.sessions.open(sid, req.caller.subject)
         if token is None:
             raise RpcError(INVALID_REQUEST, "Session not found", status=404)
+        if self.peers is not None and self.peers.shared:
+            if await self.peers.ended(token.nonce):  # ended on another replica
+                self.end_here([(token.nonce, token.issued_at)], "deleted")
+                raise RpcError(INVALID_REQUEST, "Session not found", status=404)
+            await self.peers.touch(token.nonce)
         req.session_nonce = token.nonce
         caps = orjson.loads(token.capabilities or b"{}")
         req.client_capabilities = caps if isinstance(caps, dict) else {}
-        req.log_level = self.sessions.record(token.nonce).log_level
+        req.log_level = self.sessions.record(token.nonce, token.issued_at).log_level
 
     def _relay_response(self, req: Request, obj: dict[str, Any]) -> Forward:
         """A legacy client's answer to a server-to-client request goes back to the upstream session that asked."""
@@ -360,6 +429,10 @@ class Gateway:
         try:
             hs = await self.fleet.session_for(server_name, owner, req.client_capabilities, req.log_level,
                                               subject=req.caller.subject, auth=credential.headers)
+        except SessionCapReached as exc:
+            raise RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{server_name}' has too many open sessions "
+                           f"({exc.cap}, all in active use); retry later",
+                           {"server": server_name, "reason": "sessionLimit", "limit": exc.cap}) from None
         except Exception as exc:
             self.fleet.suspect(server_name, req.caller.subject if self.broker.per_user(server) else "")
             raise RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{server_name}' is unavailable: {exc}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 _HELP = {
     "muster_edge_policy_decisions_total": "Tool policy decisions on tools/call, by decision, rule and server.",
@@ -16,6 +17,8 @@ _HELP = {
 class Metrics:
     def __init__(self) -> None:
         self._counts: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
+        # more families rendered from live state (gauges, counters kept elsewhere), each already in text format
+        self.collectors: list[Callable[[], str]] = []
 
     def inc(self, name: str, **labels: str) -> None:
         self._counts[(name, tuple(sorted(labels.items())))] += 1
@@ -31,7 +34,7 @@ class Metrics:
                 if metric == name:
                     rendered = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
                     lines.append(f"{name}{{{rendered}}} {count}")
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n" + "".join(collect() for collect in self.collectors)
 
 
 def _escape(value: str) -> str:

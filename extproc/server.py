@@ -23,6 +23,7 @@ from extproc.credentials import Broker, Exchanger, MemoryStore, RedisStore, Secr
 from extproc.fleet import Fleet
 from extproc.gateway import Gateway
 from extproc.oauth import UserTokens
+from extproc.peers import Peers
 from extproc.sessions import Cursors, Sealer, Sessions, load_key
 from extproc.status import serve_status
 from extproc.stream import Stream
@@ -89,12 +90,27 @@ def build_gateway(config: GatewayConfig) -> Gateway:
 
     fleet = Fleet(client, prefix=config.prefix, mode=config.prefix_mode, default_ttl_ms=config.list_ttl_ms,
                   ttl_floor_ms=config.list_ttl_floor_ms, list_wait_s=config.list_wait_ms / 1000,
-                  auth=own_calls, per_user=Broker.per_user, renew=broker.evict)
-    return Gateway(config, fleet, Sessions(sealer), Cursors(sealer), broker)
+                  auth=own_calls, per_user=Broker.per_user, renew=broker.evict,
+                  max_upstream_sessions=config.sessions.max_upstream_sessions,
+                  active_window_s=config.sessions.active_window_s)
+    sessions = Sessions(sealer, idle_timeout_s=config.sessions.idle_timeout_s)
+    return Gateway(config, fleet, sessions, Cursors(sealer), broker)
+
+
+def sibling_urls(config: GatewayConfig, status_port: int | None) -> list[str]:
+    """The other workers of this gateway, by their status ports (worker i listens on status port + i)."""
+    if status_port is None or config.workers < 2:
+        return []
+    host = config.status_listen.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host in ("::", "[::]") else host
+    ports = [config.status_listen.port + i for i in range(config.workers)]
+    return [f"http://{host}:{p}/peer" for p in ports if p != status_port]
 
 
 async def serve(config: GatewayConfig, *, port: int, status_port: int | None) -> None:
     gateway = build_gateway(config)
+    gateway.peers = Peers(gateway.sessions.sealer, sibling_urls(config, status_port), config.redis_url,
+                          idle_timeout_s=config.sessions.idle_timeout_s, max_age_s=gateway.sessions.max_age_s)
     server = grpc.aio.server(options=GRPC_OPTIONS, maximum_concurrent_rpcs=20_000)
     epg.add_ExternalProcessorServicer_to_server(Processor(gateway), server)
     # grpc.health.v1 for Envoy's health checks on the processor cluster: a frozen worker misses them.
@@ -107,12 +123,16 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
     first = read_catalog(config.catalog_dir)
     fleet.set_catalog(first.servers, first.errors)
     maintainer = asyncio.get_running_loop().create_task(fleet.maintain())
+    sweeper = asyncio.get_running_loop().create_task(gateway.sweep_sessions())
+    listener = asyncio.get_running_loop().create_task(gateway.peers.listen(gateway.end_here))
     watcher = asyncio.get_running_loop().create_task(
         watch(config.catalog_dir, lambda result: fleet.set_catalog(result.servers, result.errors)))
     status_server = None
     if status_port is not None:
-        status_server = await serve_status(config.status_listen.host, status_port, with_supervisor(fleet.status),
-                                           gateway.metrics.render)
+        status_server = await serve_status(config.status_listen.host, status_port,
+                                           with_supervisor(lambda: {**fleet.status(),
+                                                                    "sessions": gateway.session_status()}),
+                                           gateway.metrics.render, gateway.peer_message)
     log.info("processor listening on %s:%d", config.processor_listen.host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -120,11 +140,11 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await shutdown(server, healthy, fleet, [watcher, maintainer], status_server)
+    await shutdown(server, healthy, fleet, [watcher, maintainer, sweeper, listener], status_server, gateway.peers)
 
 
 async def shutdown(server: grpc.aio.Server, healthy: Any, fleet: Fleet, tasks: list[asyncio.Task[None]],
-                   status_server: asyncio.Server | None) -> None:
+                   status_server: asyncio.Server | None, peers: Any = None) -> None:
     """Stop in dependency order, so nothing runs against a closed part: say NOT_SERVING (Envoy moves new streams
     away), stop the background loops, finish the in-flight streams, end the upstream sessions and wait for those
     DELETEs, and only then close the HTTP client they go out on."""
@@ -138,6 +158,8 @@ async def shutdown(server: grpc.aio.Server, healthy: Any, fleet: Fleet, tasks: l
     await fleet.aclose()
     await _drain(timeout=3.0)
     await fleet.client.aclose()
+    if peers is not None:
+        await peers.aclose()
 
 
 async def _drain(timeout: float) -> None:

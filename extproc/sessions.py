@@ -13,7 +13,7 @@ import os
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cachetools import TTLCache
 from cryptography.exceptions import InvalidTag
@@ -79,9 +79,12 @@ class Sealer:
 
 @dataclass
 class SessionRecord:
-    """What one legacy gateway session set that upstream sessions opened later must also be told."""
+    """What this process knows of one legacy gateway session: what it set that upstream sessions opened later
+    must also be told, its issue time, and when this process last saw it (monotonic seconds)."""
 
     log_level: str = ""
+    issued_at: int = 0
+    last_used: float = field(default_factory=time.monotonic)
 
 
 class _Ended(TTLCache[bytes, int]):
@@ -99,9 +102,12 @@ class _Ended(TTLCache[bytes, int]):
 class Sessions:
     """Mints and checks gateway session ids; remembers what each one set (bounded)."""
 
-    def __init__(self, sealer: Sealer, *, max_age_s: int = 86_400, max_sessions: int = 100_000) -> None:
+    def __init__(self, sealer: Sealer, *, max_age_s: int = 86_400, max_sessions: int = 100_000,
+                 idle_timeout_s: float = 1800.0) -> None:
         self.sealer = sealer
         self._max_age = max_age_s
+        self.max_age_s = max_age_s
+        self.idle_timeout_s = idle_timeout_s
         self._records: TTLCache[bytes, SessionRecord] = TTLCache(maxsize=max_sessions, ttl=max_age_s)
         self._ended = _Ended(maxsize=max_sessions, ttl=max_age_s)
 
@@ -109,7 +115,7 @@ class Sessions:
         token = sealed_pb2.SessionToken(nonce=secrets.token_bytes(16), subject=subject,
                                         issued_at=int(time.time()), protocol_version=version,
                                         capabilities=capabilities)
-        self._records[token.nonce] = SessionRecord()
+        self._records[token.nonce] = SessionRecord(issued_at=token.issued_at)
         return self.sealer.seal(token.SerializeToString(), _SESSION_AAD), token.nonce
 
     def open(self, session_id: str, subject: str) -> sealed_pb2.SessionToken | None:
@@ -126,11 +132,50 @@ class Sessions:
             return None
         return token
 
-    def record(self, nonce: bytes) -> SessionRecord:
+    def record(self, nonce: bytes, issued_at: int = 0) -> SessionRecord:
+        """The session's record here, marked as just used (made when this process first sees the session)."""
         rec = self._records.get(nonce)
         if rec is None:
-            rec = self._records[nonce] = SessionRecord()
+            rec = self._records[nonce] = SessionRecord(issued_at=issued_at)
+        rec.last_used = time.monotonic()
         return rec
+
+    def __len__(self) -> int:
+        """Live session entries this process holds (what idle expiry gives back)."""
+        return len(self._records)
+
+    def holds(self, nonce: bytes) -> bool:
+        return nonce in self._records
+
+    def holds_owner(self, owner: str) -> bool:
+        """Whether an upstream-session owner (a nonce in hex) is a session this process still holds."""
+        try:
+            return bytes.fromhex(owner) in self._records
+        except ValueError:
+            return False
+
+    def seen_within(self, nonce: bytes, seconds: float) -> bool:
+        rec = self._records.get(nonce)
+        return rec is not None and time.monotonic() - rec.last_used < seconds
+
+    def idle(self) -> list[tuple[bytes, SessionRecord]]:
+        """Sessions this process has not seen for the idle timeout (candidates to expire)."""
+        cutoff = time.monotonic() - self.idle_timeout_s
+        return [(n, r) for n, r in list(self._records.items()) if r.last_used <= cutoff]
+
+    def forget(self, nonce: bytes) -> None:
+        """Drop this process's record of a session that lives on elsewhere (memory returned, not ended)."""
+        self._records.pop(nonce, None)
+
+    def owner_ended(self, owner: str) -> bool:
+        """Whether an upstream-session owner (a nonce in hex) is a session that ended."""
+        try:
+            return bytes.fromhex(owner) in self._ended
+        except ValueError:
+            return False
+
+    def is_ended(self, nonce: bytes) -> bool:
+        return nonce in self._ended
 
     def end(self, nonce: bytes, issued_at: int | None = None) -> SessionRecord:
         """End a session; without its issue time, the watermark errs on the side of refusing."""
