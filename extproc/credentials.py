@@ -268,9 +268,14 @@ class RedisStore:
 
     async def unlock(self, key: str) -> None:
         """Release the lock only if this process still owns it (the owner token checked in Redis, atomically)."""
+        from redis.exceptions import LockError
+
         lock = self._locks.pop(key, None)
         if lock is not None:
-            await lock.release()
+            try:
+                await lock.release()
+            except LockError:  # it expired, and may be another replica's by now: theirs to release
+                log.info("a store lock expired before its holder released it")
 
 
 @dataclass(frozen=True)
