@@ -25,7 +25,7 @@ from urllib.parse import quote_plus, urlsplit
 
 import httpx2
 import orjson
-from cachetools import TLRUCache
+from cachetools import TLRUCache, TTLCache
 
 from catalog.manifests import MCPServer, TokenExchange
 from extproc.sessions import Sealer
@@ -225,7 +225,8 @@ class RedisStore:
         self._redis = redis.from_url(url)
         self._sealer = sealer
         self._prefix = prefix
-        self._locks: dict[str, Any] = {}  # key -> the redis-py Lock this process holds (its owner token)
+        # key -> the redis-py Lock this process holds (its owner token); bounded, and gone after any lock's life
+        self._locks: TTLCache[str, Any] = TTLCache(maxsize=100_000, ttl=120)
         self._hit = self._redis.register_script(_SLIDING_WINDOW)
 
     async def get(self, key: str) -> bytes | None:

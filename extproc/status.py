@@ -108,7 +108,7 @@ async def serve_status(host: str, port: int, status: Callable[[], dict[str, Any]
             writer.write(f"HTTP/1.1 {code} X\r\ncontent-type: {ctype}\r\ncontent-length: {len(body)}\r\n{extra}"
                          "cache-control: no-store\r\nconnection: close\r\n\r\n".encode() + body)
             await writer.drain()
-        except (TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError, ValueError):  # ValueError: a line over the reader's limit
             pass
         finally:
             writer.close()
