@@ -245,7 +245,7 @@ class UserTokens:
     async def _edge_return(self, query: dict[str, str], edge: dict[str, Any],
                            servers: dict[str, MCPServer]) -> Outcome:
         assert self.edge is not None
-        if time.time() - edge["t"] > STATE_TTL_S:
+        if time.time() - min(edge["t"], edge["u"]["t"]) > STATE_TTL_S:
             raise OAuthError("the login took too long; start it again")
         if "error" in query:
             raise OAuthError(f"the gateway's sign-in refused: {query['error']}")
