@@ -85,6 +85,8 @@ def build_gateway(config: GatewayConfig) -> Gateway:
                 os.environ.get(login.client_secret_env, "") if login.client_secret_env else ""
             edge = EdgeLogin(config.auth.issuer, config.auth.jwks_uri, login.client_id, edge_secret, login.scopes,
                              config.auth.clock_skew_s)
+        if config.auth is not None and edge is None:  # parse_config refuses this too: never store unproven logins
+            raise ValueError("upstreamOAuth with auth needs edgeLogin")
         user_tokens = UserTokens(oauth, secret, config.callback_url, store, sealer, idp_http, internal, edge)
     broker = Broker(Exchanger(idp_http, store, secrets), secrets, user_tokens)
 
