@@ -19,7 +19,8 @@ _KNOWN = {
     "apiVersion", "kind", "listen", "path", "internalListen", "envoyAdmin", "processor", "catalog",
     "prefix", "prefixMode", "maxRequestBytes", "sessionKey", "stateDir", "listPageSize", "serverName",
     "instructions", "listTtlMs", "listTtlFloorMs", "allowedOrigins", "listWaitMs", "allowedHosts", "tls",
-    "auth", "policy", "audit", "secretsDir", "store", "upstreamOAuth", "restart", "sessions",
+    "auth", "policy", "audit", "secretsDir", "store", "upstreamOAuth", "restart", "sessions", "edgeLogin",
+    "statusToken",
 }
 
 
@@ -91,6 +92,17 @@ class SessionsConfig:
 
 
 @dataclass(frozen=True)
+class EdgeLoginConfig:
+    """The gateway's own OAuth client at the edge IdP (`auth.issuer`): a per-user OAuth callback stores a token
+    only after the browser signs in here as the user who started the login."""
+
+    client_id: str
+    client_secret_file: str = ""
+    client_secret_env: str = ""
+    scopes: str = "openid"
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     source: str = ""
     listen: Address = Address("127.0.0.1", 8080)
@@ -125,6 +137,9 @@ class GatewayConfig:
     restart_max_crashes: int = 5
     restart_window_s: int = 60
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
+    edge_login: EdgeLoginConfig | None = None
+    status_token_file: str = ""
+    status_token_env: str = ""
 
     @property
     def callback_url(self) -> str:
@@ -256,6 +271,9 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
     key = raw.get("sessionKey") or {}
     if not isinstance(key, dict) or set(key) - {"file", "env"}:
         raise ConfigError(f"{source}: sessionKey: expected {{file: PATH}} or {{env: NAME}}")
+    status_token = raw.get("statusToken") or {}
+    if not isinstance(status_token, dict) or set(status_token) - {"file", "env"} or len(status_token) > 1:
+        raise ConfigError(f"{source}: statusToken: expected {{file: PATH}} or {{env: NAME}}")
     origins = raw.get("allowedOrigins") or []
     if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
         raise ConfigError(f"{source}: allowedOrigins: must be a list of origins")
@@ -298,7 +316,16 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
         upstream_oauth=_upstream_oauth(raw.get("upstreamOAuth"), source, path_of),
         **_restart(raw.get("restart"), source),
         sessions=_sessions(raw.get("sessions"), source),
+        edge_login=_edge_login(raw.get("edgeLogin"), source, path_of),
+        status_token_file=path_of(str(status_token["file"])) if status_token.get("file") else "",
+        status_token_env=str(status_token.get("env", "")),
     )
+    if cfg.edge_login is not None and cfg.auth is None:
+        raise ConfigError(f"{source}: edgeLogin: needs auth (the edge IdP it signs in at is auth.issuer)")
+    if cfg.upstream_oauth is not None and cfg.auth is not None and cfg.edge_login is None:
+        raise ConfigError(f"{source}: upstreamOAuth: with auth on, edgeLogin is required (the gateway's client at "
+                          "auth.issuer): a login callback stores a token only after the browser signs in there as "
+                          "the user who started it")
     return cfg
 
 
@@ -354,6 +381,24 @@ def _upstream_oauth(raw: Any, source: str, path_of: Any) -> UpstreamOAuthConfig 
         client_secret_file=path_of(raw["clientSecretFile"]) if raw.get("clientSecretFile") else "",
         client_secret_env=str(raw.get("clientSecretEnv", "")), callback_path=callback,
         redirect_uri=str(raw.get("redirectUri", "")))
+
+
+def _edge_login(raw: Any, source: str, path_of: Any) -> EdgeLoginConfig | None:
+    if raw is None:
+        return None
+    where = f"{source}: edgeLogin"
+    known = {"clientId", "clientSecretFile", "clientSecretEnv", "scopes"}
+    if not isinstance(raw, dict) or set(raw) - known:
+        raise ConfigError(f"{where}: expected {', '.join(sorted(known))}")
+    if not isinstance(raw.get("clientId"), str) or not raw["clientId"]:
+        raise ConfigError(f"{where}.clientId: is required (the gateway's client at the edge IdP, auth.issuer)")
+    scopes = raw.get("scopes", "openid")
+    if not isinstance(scopes, str) or "openid" not in scopes.split():
+        raise ConfigError(f"{where}.scopes: must include openid (the proof is the ID token's subject)")
+    return EdgeLoginConfig(
+        client_id=raw["clientId"],
+        client_secret_file=path_of(raw["clientSecretFile"]) if raw.get("clientSecretFile") else "",
+        client_secret_env=str(raw.get("clientSecretEnv", "")), scopes=scopes)
 
 
 def _policy(raw: Any, source: str) -> Policy:

@@ -81,12 +81,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from extproc.status import status_token
+
     config = _config(args.config)
+    token = status_token(config)()
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    host = "127.0.0.1" if config.status_listen.host in ("0.0.0.0", "::", "") else config.status_listen.host
     report = []
     for i in range(config.workers):
-        url = f"http://{config.status_listen.host}:{config.status_listen.port + i}/status"
+        url = f"http://{host}:{config.status_listen.port + i}/status"
         try:
-            with urllib.request.urlopen(url, timeout=3) as resp:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=3) as resp:
                 report.append(json.loads(resp.read()))
         except OSError as exc:
             report.append({"worker": i, "error": f"unreachable: {exc}"})

@@ -25,7 +25,7 @@ from urllib.parse import quote_plus, urlsplit
 
 import httpx2
 import orjson
-from cachetools import TLRUCache
+from cachetools import TLRUCache, TTLCache
 
 from catalog.manifests import MCPServer, TokenExchange
 from extproc.sessions import Sealer
@@ -39,6 +39,15 @@ EXPIRY_BUFFER_S = 30
 MAX_SUBJECT_TOKEN = 64 * 1024
 _REF = re.compile(r"\$\{(env|file):([^}]+)\}")
 _AAD = b"muster-edge/token/v1"
+# KEYS[1] a sorted set of attempt times; ARGV now_ms, window_ms, limit, a unique member. Returns attempts left, or -1.
+_SLIDING_WINDOW = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1] - ARGV[2])
+local used = redis.call('ZCARD', KEYS[1])
+if used >= tonumber(ARGV[3]) then return -1 end
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return tonumber(ARGV[3]) - used - 1
+"""
 
 
 class CredentialError(Exception):
@@ -156,6 +165,8 @@ class TokenStore(Protocol):
     async def get(self, key: str) -> bytes | None: ...
     async def set(self, key: str, value: bytes, ttl_s: float) -> None: ...
     async def delete(self, key: str) -> None: ...
+    async def take(self, key: str) -> bytes | None: ...
+    async def hit(self, key: str, limit: int, window_s: float) -> int: ...
     async def lock(self, key: str, ttl_s: float) -> bool: ...
     async def unlock(self, key: str) -> None: ...
 
@@ -179,6 +190,23 @@ class MemoryStore:
     async def delete(self, key: str) -> None:
         self._items.pop(key, None)
 
+    async def take(self, key: str) -> bytes | None:
+        """Get and delete in one step (nothing awaits in between): of two takers, one gets the value."""
+        item = self._items.pop(key, None)
+        return item[1] if item is not None and item[0] > time.monotonic() else None
+
+    async def hit(self, key: str, limit: int, window_s: float) -> int:
+        """Count one attempt in a sliding window unless `limit` are already in it; the attempts left after this
+        one, or -1 when refused (a refused attempt is not counted)."""
+        now = time.monotonic()
+        item = self._items.get(key)
+        times = [t for t in orjson.loads(item[1]) if t > now - window_s] if item else []
+        if len(times) >= limit:
+            return -1
+        times.append(now)
+        self._items[key] = (now + window_s, orjson.dumps(times))
+        return limit - len(times)
+
     async def lock(self, key: str, ttl_s: float) -> bool:
         return True
 
@@ -197,6 +225,9 @@ class RedisStore:
         self._redis = redis.from_url(url)
         self._sealer = sealer
         self._prefix = prefix
+        # key -> the redis-py Lock this process holds (its owner token); bounded, and gone after any lock's life
+        self._locks: TTLCache[str, Any] = TTLCache(maxsize=100_000, ttl=120)
+        self._hit = self._redis.register_script(_SLIDING_WINDOW)
 
     async def get(self, key: str) -> bytes | None:
         raw = await self._redis.get(self._prefix + key)
@@ -210,12 +241,42 @@ class RedisStore:
     async def delete(self, key: str) -> None:
         await self._redis.delete(self._prefix + key)
 
+    async def take(self, key: str) -> bytes | None:
+        """GETDEL: of two replicas taking one key at once, exactly one gets the value."""
+        raw = await self._redis.getdel(self._prefix + key)
+        if raw is None:
+            return None
+        return self._sealer.open(raw.decode() if isinstance(raw, bytes) else str(raw), _AAD)
+
+    async def hit(self, key: str, limit: int, window_s: float) -> int:
+        """The sliding window of MemoryStore.hit, shared by every replica (one Lua script, so atomic)."""
+        now_ms = int(time.time() * 1000)
+        member = f"{now_ms}-{os.urandom(6).hex()}"
+        return int(await self._hit(keys=[self._prefix + key],
+                                   args=[now_ms, int(window_s * 1000), limit, member]))
+
     async def lock(self, key: str, ttl_s: float) -> bool:
-        """One replica at a time may fill `key` (SET NX with an expiry, so a crashed holder cannot block)."""
-        return bool(await self._redis.set(f"{self._prefix}lock:{key}", b"1", nx=True, px=int(ttl_s * 1000)))
+        """One replica at a time may fill `key`: redis-py's Lock (SET NX PX with a random owner token, so a crashed
+        holder cannot block, and a release never deletes a lock that expired and another replica now holds)."""
+        from redis.asyncio.lock import Lock
+
+        lock = Lock(self._redis, f"{self._prefix}lock:{key}", timeout=ttl_s, blocking=False,
+                    thread_local=False, raise_on_release_error=False)
+        if not await lock.acquire(blocking=False):
+            return False
+        self._locks[key] = lock
+        return True
 
     async def unlock(self, key: str) -> None:
-        await self._redis.delete(f"{self._prefix}lock:{key}")
+        """Release the lock only if this process still owns it (the owner token checked in Redis, atomically)."""
+        from redis.exceptions import LockError
+
+        lock = self._locks.pop(key, None)
+        if lock is not None:
+            try:
+                await lock.release()
+            except LockError:  # it expired, and may be another replica's by now: theirs to release
+                log.info("a store lock expired before its holder released it")
 
 
 @dataclass(frozen=True)

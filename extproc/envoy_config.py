@@ -181,11 +181,12 @@ _ASKED = _not(_metadata_is("rpc_id", {"string_match": {"exact": "null"}}))
 # run when their own request callbacks do, which the request filter holds back until that reply because the
 # body is BUFFERED (keep it so: with a streamed request body the matchers would see no flags and skip).
 ANSWER_CASES: dict[str, dict[str, Any]] = {
-    # decided on the status and headers: a refused renewable credential (renew and resend), a lost upstream
-    # session, an upstream failure, an answer that cannot be MCP (no JSON or SSE content type, an empty 2xx),
-    # an error whose id must be mapped back (its body then follows on the same stream)
+    # decided on the status and headers: every routed 401 (a renewable credential is renewed and the call resent;
+    # any other never reaches the client with the upstream's own WWW-Authenticate), a lost upstream session, an
+    # upstream failure, an answer that cannot be MCP (no JSON or SSE content type, an empty 2xx), an error whose id
+    # must be mapped back (its body then follows on the same stream)
     "status": _any(
-        _all(_metadata_is(answer.ON_401, _FLAG), _status("401")),
+        _all(_ROUTED, _status("401")),
         _all(_metadata_is(answer.ON_404, _FLAG), _status("404")),
         _all(_ROUTED, _status_class("5xx")),
         _all(_ROUTED, _ASKED, _NOT_202, _not(_READABLE)),

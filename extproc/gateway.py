@@ -555,7 +555,8 @@ class Gateway:
     def error_for_upstream_status(self, plan: ResponsePlan, status: int, details: str) -> Local:
         self.upstream_failed(plan, status)
         why = {503: "is unavailable", 504: "timed out", 502: "answered with an invalid response",
-               404: "lost its session; retry the call"}.get(status, f"failed with HTTP {status}")
+               404: "lost its session; retry the call",
+               401: "refused the credential the gateway sent it (HTTP 401)"}.get(status, f"failed with HTTP {status}")
         err = RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}' {why}",
                        {"server": plan.server, "status": status, "details": details}, status=502)
         if status == 404:

@@ -2,9 +2,15 @@
 
 The authorization server comes from the MCPServer's `authorizationServer` override, or from the upstream's
 RFC 9728 metadata (its 401 `WWW-Authenticate: resource_metadata=…`, else the well-known paths), then its
-RFC 8414 / OpenID metadata; S256 PKCE is required. The login state is sealed (AES-GCM) and used once; tokens
-are stored per (user, issuer), sealed, in the same store as exchanged tokens (memory, or Redis/Valkey), and
-refreshed before they expire.
+RFC 8414 / OpenID metadata; S256 PKCE is required. The login state is sealed (AES-GCM) and used once (an atomic
+take from the store, so two replicas cannot both accept it); tokens are stored per (user, issuer), sealed, in the
+same store as exchanged tokens (memory, or Redis/Valkey), and refreshed before they expire.
+
+Whoever opens a login link completes it, so the link alone does not say whose account comes back. With `auth`
+on, the callback therefore first sends the browser through the gateway's own sign-in at the edge IdP
+(authorization code + PKCE, `edgeLogin` client); the upstream code is redeemed and stored only when the ID
+token's subject is the subject sealed in the login state. A cookie set when the link was opened would prove
+nothing: it is set in whichever browser opened it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import httpx2
+import jwt
 import orjson
 from cachetools import TTLCache
 
@@ -33,12 +40,36 @@ from extproc.upstream import ROUTE_HEADER, cluster_name
 log = logging.getLogger(__name__)
 
 _STATE_AAD = b"muster-edge/oauth-state/v1"
+_EDGE_AAD = b"muster-edge/oauth-edge-login/v1"
 STATE_TTL_S = 600
+LOGIN_LIMIT = 10  # core_auth_login attempts per user per LOGIN_WINDOW_S (Muster's rate limit)
+LOGIN_WINDOW_S = 60.0
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 
 
 class OAuthError(Exception):
     """A login that cannot go on; the message is safe to show to the user (no token, no secret)."""
+
+
+@dataclass(frozen=True)
+class EdgeLogin:
+    """The gateway as an OAuth client of its own edge IdP (`auth.issuer`): proves who completes a login."""
+
+    issuer: str
+    jwks_uri: str
+    client_id: str
+    client_secret: str
+    scopes: str = "openid"
+    leeway_s: int = 60
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the callback did: sent the browser on to the edge sign-in (`redirect`), or stored a token."""
+
+    redirect: str = ""
+    subject: str = ""
+    server: MCPServer | None = None
 
 
 @dataclass(frozen=True)
@@ -62,15 +93,24 @@ def _key(subject: str, issuer: str) -> str:
 
 class UserTokens:
     def __init__(self, config: UpstreamOAuthConfig, client_secret: str, redirect_uri: str, store: TokenStore,
-                 sealer: Sealer, http: httpx2.AsyncClient, internal: httpx2.AsyncClient) -> None:
+                 sealer: Sealer, http: httpx2.AsyncClient, internal: httpx2.AsyncClient,
+                 edge: EdgeLogin | None = None) -> None:
         self.config = config
         self.client_secret = client_secret
         self.redirect_uri = redirect_uri
+        self.edge = edge
         self._store = store
         self._sealer = sealer
         self._http = http
         self._internal = internal
         self._servers: TTLCache[str, AuthServer] = TTLCache(maxsize=1024, ttl=1800)
+        self._edge_meta: TTLCache[str, dict[str, Any]] = TTLCache(maxsize=1, ttl=1800)
+        self._edge_keys: TTLCache[str, jwt.PyJWK] = TTLCache(maxsize=64, ttl=600)
+
+    async def login_allowed(self, subject: str) -> int:
+        """Count one core_auth_login of this user (shared through the store): attempts left, or -1 if refused."""
+        key = "ratelimit:login:" + hashlib.sha256(subject.encode()).hexdigest()
+        return await self._store.hit(key, LOGIN_LIMIT, LOGIN_WINDOW_S)
 
     # ---- discovery ---------------------------------------------------------------------------------------
     async def auth_server(self, server: MCPServer) -> AuthServer:
@@ -156,30 +196,138 @@ class UserTokens:
                 params["prompt"] = "consent"  # OpenID Connect issues refresh tokens only after consent
         return f"{found.authorization_endpoint}?{urlencode(params)}"
 
-    async def callback(self, query: dict[str, str], servers: dict[str, MCPServer]) -> tuple[str, MCPServer]:
-        """Finish a login from the browser's redirect; returns (subject, server)."""
+    async def callback(self, query: dict[str, str], servers: dict[str, MCPServer]) -> Outcome:
+        """The browser's return: from the upstream's authorization server (state sealed with _STATE_AAD), then,
+        with an edge login, from the edge IdP (state sealed with _EDGE_AAD)."""
+        token = query.get("state", "")
+        edge_state = self._sealer.open(token, _EDGE_AAD) if token else None
+        if edge_state is not None:
+            return await self._edge_return(query, orjson.loads(edge_state), servers)
         if "error" in query:
             raise OAuthError(f"the authorization server refused: {query['error']}")
-        payload = self._sealer.open(query.get("state", ""), _STATE_AAD)
+        payload = self._sealer.open(token, _STATE_AAD) if token else None
         if payload is None:
             raise OAuthError("invalid or tampered state")
         state = orjson.loads(payload)
         if time.time() - state["t"] > STATE_TTL_S:
             raise OAuthError("the login took too long; start it again")
-        if await self._store.get(f"oauth-state:{state['n']}") is None:
+        if await self._store.get(f"oauth-state:{state['n']}") is None:  # early answer; the atomic take comes last
             raise OAuthError("this login link was already used")
-        await self._store.delete(f"oauth-state:{state['n']}")
         server = servers.get(state["v"])
         if server is None:
             raise OAuthError(f"server {state['v']!r} is no longer in the catalog")
         found = await self.auth_server(server)
         if "iss" in query and query["iss"].rstrip("/") != found.issuer.rstrip("/"):
             raise OAuthError("the authorization response came from another issuer")
-        form = {"grant_type": "authorization_code", "code": query.get("code", ""), "redirect_uri": self.redirect_uri,
+        code = query.get("code", "")
+        if not code:
+            raise OAuthError("the authorization server sent no code")
+        if self.edge is None:  # a gateway without `auth`: every caller is the same anonymous user
+            if await self._store.take(f"oauth-state:{state['n']}") is None:
+                raise OAuthError("this login link was already used")
+            return await self._finish(state, code, servers)
+        return Outcome(redirect=await self._edge_login_url(state, code))
+
+    async def _edge_login_url(self, state: dict[str, Any], code: str) -> str:
+        """Where the browser proves whose it is: the gateway's own sign-in at the edge IdP. The upstream code
+        travels sealed in the edge state and is redeemed only after that proof."""
+        assert self.edge is not None
+        meta = await self._edge_metadata()
+        verifier, challenge = _pkce()
+        nonce = secrets.token_urlsafe(24)
+        sealed = self._sealer.seal(orjson.dumps({"u": state, "c": code, "k": verifier, "n": nonce,
+                                                 "t": int(time.time())}), _EDGE_AAD)
+        params = {"response_type": "code", "client_id": self.edge.client_id, "redirect_uri": self.redirect_uri,
+                  "scope": self.edge.scopes, "state": sealed, "nonce": nonce, "code_challenge": challenge,
+                  "code_challenge_method": "S256"}
+        return f"{meta['authorization_endpoint']}?{urlencode(params)}"
+
+    async def _edge_return(self, query: dict[str, str], edge: dict[str, Any],
+                           servers: dict[str, MCPServer]) -> Outcome:
+        assert self.edge is not None
+        if time.time() - min(edge["t"], edge["u"]["t"]) > STATE_TTL_S:
+            raise OAuthError("the login took too long; start it again")
+        if "error" in query:
+            raise OAuthError(f"the gateway's sign-in refused: {query['error']}")
+        if "iss" in query and query["iss"].rstrip("/") != self.edge.issuer.rstrip("/"):
+            raise OAuthError("the gateway's sign-in answer came from another issuer")
+        meta = await self._edge_metadata()
+        form = {"grant_type": "authorization_code", "code": query.get("code", ""),
+                "redirect_uri": self.redirect_uri, "code_verifier": edge["k"]}
+        headers = {}
+        if self.edge.client_secret:
+            headers["authorization"] = basic_auth(self.edge.client_id, self.edge.client_secret)
+        else:
+            form["client_id"] = self.edge.client_id
+        try:
+            resp = await self._http.post(str(meta["token_endpoint"]), data=form, headers=headers, timeout=10.0)
+        except httpx2.HTTPError as exc:
+            raise OAuthError(f"the gateway's identity provider is unreachable ({type(exc).__name__})") from None
+        if resp.status_code != 200:
+            raise OAuthError(f"the gateway's sign-in failed: HTTP {resp.status_code}")
+        try:
+            id_token = str(resp.json()["id_token"])
+        except (ValueError, KeyError, TypeError):
+            raise OAuthError("the gateway's identity provider sent no ID token") from None
+        subject = await self._verified_subject(id_token, edge["n"])
+        state = edge["u"]
+        if await self._store.take(f"oauth-state:{state['n']}") is None:
+            raise OAuthError("this login link was already used")
+        if subject != state["s"]:
+            log.warning("oauth: a sign-in to %s was completed by another user than the one who started it; "
+                        "refused, nothing stored", state["v"])
+            raise OAuthError("this sign-in link was started by another user, so nothing was stored. Start the "
+                             "sign-in from your own agent (core_auth_login).")
+        return await self._finish(state, edge["c"], servers)
+
+    async def _edge_metadata(self) -> dict[str, Any]:
+        assert self.edge is not None
+        meta = self._edge_meta.get("meta")
+        if meta is None:
+            meta = self._edge_meta["meta"] = await self._metadata(self.edge.issuer)
+        return meta
+
+    async def _verified_subject(self, id_token: str, nonce: str) -> str:
+        """The ID token's `sub`, after checking signature (the edge IdP's JWKS), issuer, audience, expiry, nonce."""
+        assert self.edge is not None
+        try:
+            kid = str(jwt.get_unverified_header(id_token).get("kid", ""))
+            key = self._edge_keys.get(kid) or await self._fetch_key(kid)
+            claims = jwt.decode(id_token, key, algorithms=[key.algorithm_name], audience=self.edge.client_id,
+                                leeway=self.edge.leeway_s, options={"require": ["exp", "iat", "sub"]})
+        except (jwt.PyJWTError, KeyError, ValueError) as exc:
+            raise OAuthError(f"the gateway's sign-in returned an ID token that does not verify ({exc})") from None
+        if str(claims.get("iss", "")).rstrip("/") != self.edge.issuer.rstrip("/"):
+            raise OAuthError("the gateway's sign-in returned an ID token from another issuer")
+        if claims.get("nonce") != nonce:
+            raise OAuthError("the gateway's sign-in returned an ID token for another request")
+        return str(claims["sub"])
+
+    async def _fetch_key(self, kid: str) -> jwt.PyJWK:
+        assert self.edge is not None
+        try:
+            doc = (await self._http.get(self.edge.jwks_uri, timeout=10.0)).json()
+        except (httpx2.HTTPError, ValueError):
+            raise OAuthError("the gateway's identity provider keys are unavailable") from None
+        for raw in doc.get("keys", []) if isinstance(doc, dict) else []:
+            with contextlib.suppress(jwt.PyJWKError, jwt.InvalidKeyError, KeyError, ValueError, TypeError):
+                if raw.get("use", "sig") == "sig" and raw.get("kid"):
+                    self._edge_keys[str(raw["kid"])] = jwt.PyJWK(raw)
+        found = self._edge_keys.get(kid)
+        if found is None:
+            raise KeyError(f"no key {kid!r} in the identity provider's JWKS")
+        return found
+
+    async def _finish(self, state: dict[str, Any], code: str, servers: dict[str, MCPServer]) -> Outcome:
+        server = servers.get(state["v"])
+        if server is None:
+            raise OAuthError(f"server {state['v']!r} is no longer in the catalog")
+        found = await self.auth_server(server)
+        form = {"grant_type": "authorization_code", "code": code, "redirect_uri": self.redirect_uri,
                 "code_verifier": state["k"], "resource": server.url}
         await self._token_request(found, form, state["s"])
-        log.info("oauth: %s signed in to %s", state["s"] or "anonymous", server.name)
-        return str(state["s"]), server
+        log.info("oauth: a user signed in to %s", server.name)
+        return Outcome(subject=str(state["s"]), server=server)
 
     async def _token_request(self, found: AuthServer, form: dict[str, str], subject: str) -> dict[str, Any]:
         headers = {}

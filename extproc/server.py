@@ -22,10 +22,10 @@ from extproc.catalog_files import read_catalog, watch
 from extproc.credentials import Broker, Exchanger, MemoryStore, RedisStore, SecretFiles, TokenStore
 from extproc.fleet import Fleet
 from extproc.gateway import Gateway
-from extproc.oauth import UserTokens
+from extproc.oauth import EdgeLogin, UserTokens
 from extproc.peers import Peers
 from extproc.sessions import Cursors, Sealer, Sessions, load_key
-from extproc.status import serve_status
+from extproc.status import serve_status, status_token
 from extproc.stream import Stream
 from extproc.upstream import UpstreamClient
 
@@ -82,7 +82,16 @@ def build_gateway(config: GatewayConfig) -> Gateway:
         secret = secrets.read_file(oauth.client_secret_file) if oauth.client_secret_file else \
             os.environ.get(oauth.client_secret_env, "") if oauth.client_secret_env else ""
         internal = httpx2.AsyncClient(base_url=f"http://{config.internal_listen}", timeout=10.0)
-        user_tokens = UserTokens(oauth, secret, config.callback_url, store, sealer, idp_http, internal)
+        edge = None
+        if config.edge_login is not None and config.auth is not None:
+            login = config.edge_login
+            edge_secret = secrets.read_file(login.client_secret_file) if login.client_secret_file else \
+                os.environ.get(login.client_secret_env, "") if login.client_secret_env else ""
+            edge = EdgeLogin(config.auth.issuer, config.auth.jwks_uri, login.client_id, edge_secret, login.scopes,
+                             config.auth.clock_skew_s)
+        if config.auth is not None and edge is None:  # parse_config refuses this too: never store unproven logins
+            raise ValueError("upstreamOAuth with auth needs edgeLogin")
+        user_tokens = UserTokens(oauth, secret, config.callback_url, store, sealer, idp_http, internal, edge)
     broker = Broker(Exchanger(idp_http, store, secrets), secrets, user_tokens)
 
     async def own_calls(server: MCPServer, owner: str, bearer: str) -> Mapping[str, str]:
@@ -132,7 +141,7 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
         status_server = await serve_status(config.status_listen.host, status_port,
                                            with_supervisor(lambda: {**fleet.status(),
                                                                     "sessions": gateway.session_status()}),
-                                           gateway.metrics.render, gateway.peer_message)
+                                           gateway.metrics.render, gateway.peer_message, token=status_token(config))
     log.info("processor listening on %s:%d", config.processor_listen.host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

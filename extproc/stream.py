@@ -205,6 +205,10 @@ class Stream:
             if resend is None:  # never the upstream's own 401 to the client
                 return immediate(self.gw.error_for_upstream_status(plan, status, "the call could not be resent"))
             return immediate(await self._patient(self.gw.retry_refused(plan, resend)))
+        if status == 401:  # a static or forwarded credential refused: the gateway's error, never the upstream's
+            refused = self.gw.error_for_upstream_status(plan, status, "upstream refused the credential")
+            refused.details = "muster_edge_upstream_refused_credential"  # also in Envoy's 5xx local-reply body
+            return immediate(refused)
         if status == 404 and plan.upstream_session_owner:
             self.gw.upstream_session_lost(plan)
             return immediate(self.gw.error_for_upstream_status(plan, status, "upstream session not found"))

@@ -14,7 +14,7 @@ import orjson
 from catalog.manifests import MCPServer
 from extproc import jsonrpc
 from extproc.jsonrpc import MODERN, Message
-from extproc.oauth import OAuthError
+from extproc.oauth import LOGIN_LIMIT, OAuthError
 from extproc.replies import Local
 from extproc.request import Request
 
@@ -65,6 +65,12 @@ async def core_tool(gw: Gateway, req: Request, msg: Message, name: str, argument
     target = arguments.get("server")
     if not isinstance(target, str) or not target:
         return _finish(gw, msg, _text_result("Error: 'server' argument is required and must be a string", error=True))
+    if name == "core_auth_login" and gw.broker.user_tokens is not None:
+        left = await gw.broker.user_tokens.login_allowed(req.caller.key)
+        if left < 0:
+            return _finish(gw, msg, _text_result(
+                "Rate limit exceeded. Too many authentication attempts. Please wait before trying again (at most "
+                f"{LOGIN_LIMIT} a minute). Remaining attempts: 0", error=True))
     server = gw.fleet.servers.get(target)
     if server is None:
         return _finish(gw, msg, _text_result(f"Server '{target}' not found. Use list_tools to see available servers.",
@@ -153,10 +159,15 @@ async def callback(gw: Gateway, req: Request) -> Local:
         return _page("Not available", "Per-user OAuth is not configured on this gateway.", 404)
     query = dict(parse_qsl(urlsplit(req.path).query))
     try:
-        subject, server = await users.callback(query, gw.fleet.servers)
-    except (OAuthError, KeyError, ValueError) as exc:
+        outcome = await users.callback(query, gw.fleet.servers)
+    except (OAuthError, KeyError, ValueError, TypeError) as exc:
         message = str(exc) if isinstance(exc, OAuthError) else "malformed callback"
         return _page("Sign-in failed", message.replace("<", "&lt;"), 400)
+    if outcome.redirect:  # on to the gateway's own sign-in: it proves whose browser this is
+        return Local(302, b"", {"location": outcome.redirect, "cache-control": "no-store",
+                                "referrer-policy": "no-referrer"}, details="muster_edge_oauth_callback")
+    server, subject = outcome.server, outcome.subject
+    assert server is not None
     gw.fleet.suspect(server.name, subject)
     return _page("Signed in", f"You are signed in to {server.name}. You can close this window and go back to your "
                               "agent.", 200)

@@ -64,7 +64,10 @@ def creds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Creds]:
                 {"client_id": "muster-edge", "client_secret": "oauth-client-secret",
                  "grant_types": ["authorization_code", "refresh_token"],
                  "redirect_uris": [f"http://{listen}/oauth/callback"],
-                 "scope": "openid offline_access mcp:tools"}]
+                 "scope": "openid offline_access mcp:tools"},
+                {"client_id": "muster-edge-login", "client_secret": "edge-login-secret",
+                 "grant_types": ["authorization_code"], "redirect_uris": [f"http://{listen}/oauth/callback"],
+                 "scope": "openid"}]
     resources = [{"audience": resource, "scope": "mcp:tools", "accessTokenTTL": 600},
                  {"audience": urls["exchange"], "scope": "mcp:tools", "accessTokenTTL": 8},
                  {"audience": urls["revoking"], "scope": "mcp:tools", "accessTokenTTL": 600},
@@ -75,10 +78,12 @@ def creds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Creds]:
     (secrets / "client-secret").write_text("exchanger-secret\n")
     (work / "static-token").write_text("static-bearer-value\n")
     (work / "oauth-client-secret").write_text("oauth-client-secret")
+    (work / "edge-login-secret").write_text("edge-login-secret")
     os.environ["MUSTER_EDGE_TEST_UPSTREAM_TOKEN"] = ENV_TOKEN
     with contextlib.ExitStack() as stack:
         idp = stack.enter_context(start_idp(work / "idp", clients=clients, resources=resources, token_exchange=True,
-                                            users=[{"sub": "alice", "password": "pw"}]))
+                                            users=[{"sub": "alice", "password": "pw"},
+                                                   {"sub": "bob", "password": "pw"}]))
 
         def exchange(audience: str) -> dict[str, Any]:
             return {"tokenExchange": {"enabled": True, "dexTokenEndpoint": idp.token_endpoint,
@@ -117,7 +122,8 @@ def creds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Creds]:
         gateway = stack.enter_context(start_gateway(
             work / "gw", servers, listen=listen, listTtlFloorMs=600_000, secretsDir=str(work / "secrets"),
             auth={"issuer": idp.issuer, "jwksUri": idp.jwks_uri, "resource": resource},
-            upstreamOAuth={"clientId": "muster-edge", "clientSecretFile": str(work / "oauth-client-secret")}))
+            upstreamOAuth={"clientId": "muster-edge", "clientSecretFile": str(work / "oauth-client-secret")},
+            edgeLogin={"clientId": "muster-edge-login", "clientSecretFile": str(work / "edge-login-secret")}))
         tokens = {u: idp.client_credentials(u, f"{u}-secret", resource=resource, scope="mcp:tools") for u in USERS}
         yield Creds(gateway, idp, tokens, records, urls)
 
@@ -269,10 +275,14 @@ async def test_per_user_oauth_login_callback_refresh_and_logout(creds: Creds) ->
         login = await client.call_tool("core_auth_login", {"server": "oauth-srv"})
     url = login.structured_content["authUrl"]  # type: ignore[index]
     assert url in login.content[0].text and "code_challenge_method=S256" in url  # type: ignore[union-attr]
-    back = creds.idp.browse(url, f"{gw.url.rsplit('/mcp', 1)[0]}/oauth/callback", user="alice", password="pw")
+    callback = f"{gw.url.rsplit('/mcp', 1)[0]}/oauth/callback"
+    back = creds.idp.browse(url, callback, user="alice", password="pw")
+    # the callback sends the browser through the gateway's own sign-in at the edge IdP before it stores anything
+    proved = creds.idp.browse(back, callback, user="alice", password="pw")
+    again = creds.idp.browse(back, callback, user="alice", password="pw")
     async with httpx2.AsyncClient(timeout=20) as browser:
-        page = await browser.get(back)
-        replay = await browser.get(back)
+        page = await browser.get(proved)
+        replay = await browser.get(again)
     assert page.status_code == 200 and "signed in to oauth-srv" in page.text
     assert page.headers["x-frame-options"] == "DENY" and page.headers["cache-control"] == "no-store"
     assert replay.status_code == 400 and "already used" in replay.text

@@ -27,6 +27,22 @@ def test_the_processor_config_in_the_deployment_parses() -> None:
     assert config.auth is not None and config.redis_url.startswith("redis://")
 
 
+def test_the_processor_status_endpoint_is_guarded_and_probed_on_healthz() -> None:
+    docs = list(yaml.safe_load_all((DEPLOY / "processor.yaml").read_text()))
+    config = parse_config(docs[0]["data"]["gateway.yaml"], "/etc/muster-edge/gateway.yaml")
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    # bound beyond loopback (the kubelet probes the pod IP), so /status and /metrics need the statusToken
+    assert config.status_listen.host == "0.0.0.0" and config.status_token_file
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "status"}
+    mount = next(m for m in container["volumeMounts"] if config.status_token_file.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    secret = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == volume["secret"]["secretName"])
+    assert config.status_token_file.rsplit("/", 1)[1] in secret["stringData"]
+
+
 def test_the_crd_knows_every_spec_field_the_catalog_reads() -> None:
     crd = yaml.safe_load((DEPLOY / "crd-mcpserver.yaml").read_text())
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
