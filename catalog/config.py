@@ -21,6 +21,7 @@ _KNOWN = {
     "instructions", "listTtlMs", "listTtlFloorMs", "allowedOrigins", "listWaitMs", "allowedHosts", "tls",
     "auth", "policy", "audit", "secretsDir", "store", "upstreamOAuth",
 }
+_KNOWN |= {"workflows"}
 
 
 class ConfigError(ValueError):
@@ -82,6 +83,18 @@ class UpstreamOAuthConfig:
 
 
 @dataclass(frozen=True)
+class WorkflowSettings:
+    """Workflow runs and their records (Muster's retention: newest 10,000, 21 days, 256 KB per record).
+
+    A run is bounded by timeout_s, which stays under Envoy's ext_proc max_message_timeout (90 s)."""
+
+    timeout_s: int = 60
+    max_executions: int = 10_000
+    retention_days: int = 21
+    max_record_bytes: int = 256 * 1024
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     source: str = ""
     listen: Address = Address("127.0.0.1", 8080)
@@ -104,6 +117,7 @@ class GatewayConfig:
     list_wait_ms: int = 10_000
     server_name: str = "muster-edge"
     instructions: str = ""
+    workflows: WorkflowSettings = field(default_factory=WorkflowSettings)
     allowed_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
     tls: TlsConfig | None = None
@@ -275,6 +289,7 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
         list_wait_ms=_int(raw, "listWaitMs", 10_000, 100, 300_000, source),
         server_name=str(raw.get("serverName", "muster-edge")),
         instructions=str(raw.get("instructions", "")),
+        workflows=_workflows(raw.get("workflows"), source),
         allowed_origins=tuple(origins),
         allowed_hosts=tuple(h.lower() for h in hosts),
         tls=_tls(raw.get("tls"), source, path_of),
@@ -286,6 +301,23 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
         upstream_oauth=_upstream_oauth(raw.get("upstreamOAuth"), source, path_of),
     )
     return cfg
+
+
+def _workflows(raw: Any, source: str) -> WorkflowSettings:
+    """`workflows: {timeoutSeconds, executions: {max, retentionDays, maxRecordBytes}}`."""
+    if raw is None:
+        return WorkflowSettings()
+    where = f"{source}: workflows"
+    if not isinstance(raw, dict) or set(raw) - {"timeoutSeconds", "executions"}:
+        raise ConfigError(f"{where}: expected timeoutSeconds and executions")
+    ex = raw.get("executions") or {}
+    if not isinstance(ex, dict) or set(ex) - {"max", "retentionDays", "maxRecordBytes"}:
+        raise ConfigError(f"{where}.executions: expected max, retentionDays and maxRecordBytes")
+    return WorkflowSettings(
+        timeout_s=_int(raw, "timeoutSeconds", 60, 1, 85, where),
+        max_executions=_int(ex, "max", 10_000, 1, 1_000_000, f"{where}.executions"),
+        retention_days=_int(ex, "retentionDays", 21, 1, 3650, f"{where}.executions"),
+        max_record_bytes=_int(ex, "maxRecordBytes", 256 * 1024, 1024, 16 << 20, f"{where}.executions"))
 
 
 def _store(raw: Any, source: str) -> str:
