@@ -86,7 +86,8 @@ class UpstreamOAuthConfig:
 class WorkflowSettings:
     """Workflow runs and their records (Muster's retention: newest 10,000, 21 days, 256 KB per record).
 
-    A run is bounded by timeout_s, which stays under Envoy's ext_proc max_message_timeout (90 s)."""
+    A run is bounded by timeout_s (at most 80 s): under the 85 s the processor asks Envoy to wait for a slow
+    answer, itself under Envoy's ext_proc max_message_timeout (90 s)."""
 
     timeout_s: int = 60
     max_executions: int = 10_000
@@ -314,7 +315,7 @@ def _workflows(raw: Any, source: str) -> WorkflowSettings:
     if not isinstance(ex, dict) or set(ex) - {"max", "retentionDays", "maxRecordBytes"}:
         raise ConfigError(f"{where}.executions: expected max, retentionDays and maxRecordBytes")
     return WorkflowSettings(
-        timeout_s=_int(raw, "timeoutSeconds", 60, 1, 85, where),
+        timeout_s=_int(raw, "timeoutSeconds", 60, 1, 80, where),
         max_executions=_int(ex, "max", 10_000, 1, 1_000_000, f"{where}.executions"),
         retention_days=_int(ex, "retentionDays", 21, 1, 3650, f"{where}.executions"),
         max_record_bytes=_int(ex, "maxRecordBytes", 256 * 1024, 1024, 16 << 20, f"{where}.executions"))

@@ -92,6 +92,7 @@ class Workflow:
     on_failure: tuple[Step, ...] = ()
     output: Any = None
     labels: Mapping[str, str] = field(default_factory=dict)
+    spec: Mapping[str, Any] = field(default_factory=dict)  # as written, for core_workflow_get
 
     @property
     def tool_name(self) -> str:
@@ -285,7 +286,7 @@ def parse_workflow(doc: Mapping[str, Any], source: str) -> Workflow:
     return Workflow(name=name, namespace=str(namespace), source=source,
                     description=_str(spec, "description", "spec", 1000), args=_args(spec.get("args")),
                     steps=steps, on_failure=on_failure, output=output,
-                    labels={str(k): str(v) for k, v in labels.items()})
+                    labels={str(k): str(v) for k, v in labels.items()}, spec=spec)
 
 
 @dataclass(frozen=True)

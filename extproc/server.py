@@ -15,11 +15,13 @@ import httpx2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 
 from catalog.config import GatewayConfig
-from catalog.manifests import MCPServer
+from catalog.manifests import LoadResult, MCPServer
 from extproc.catalog_files import read_catalog, watch
 from extproc.credentials import Broker, Exchanger, MemoryStore, RedisStore, SecretFiles, TokenStore
+from extproc.executions import Executions
 from extproc.fleet import Fleet
 from extproc.gateway import Gateway
+from extproc.handlers import workflows
 from extproc.oauth import UserTokens
 from extproc.sessions import Cursors, Sealer, Sessions, load_key
 from extproc.status import serve_status
@@ -87,7 +89,9 @@ def build_gateway(config: GatewayConfig) -> Gateway:
     fleet = Fleet(client, prefix=config.prefix, mode=config.prefix_mode, default_ttl_ms=config.list_ttl_ms,
                   ttl_floor_ms=config.list_ttl_floor_ms, list_wait_s=config.list_wait_ms / 1000,
                   auth=own_calls, per_user=Broker.per_user, renew=broker.evict)
-    return Gateway(config, fleet, Sessions(sealer), Cursors(sealer), broker)
+    gateway = Gateway(config, fleet, Sessions(sealer), Cursors(sealer), broker)
+    workflows.install(gateway, Executions(config.workflows, sealer, config.redis_url))
+    return gateway
 
 
 async def serve(config: GatewayConfig, *, port: int, status_port: int | None) -> None:
@@ -99,9 +103,14 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
     fleet = gateway.fleet
     first = read_catalog(config.catalog_dir)
     fleet.set_catalog(first.servers, first.errors)
+    workflows.of(gateway).set_workflows(first.workflows)
+
+    def changed(result: LoadResult) -> None:
+        fleet.set_catalog(result.servers, result.errors)
+        workflows.of(gateway).set_workflows(result.workflows)
+
     maintainer = asyncio.get_running_loop().create_task(fleet.maintain())
-    watcher = asyncio.get_running_loop().create_task(
-        watch(config.catalog_dir, lambda result: fleet.set_catalog(result.servers, result.errors)))
+    watcher = asyncio.get_running_loop().create_task(watch(config.catalog_dir, changed))
     status_server = None
     if status_port is not None:
         status_server = await serve_status(config.status_listen.host, status_port, fleet.status,
@@ -120,6 +129,7 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
     await server.stop(1.0)
     await fleet.aclose()
     await fleet.client.aclose()
+    await workflows.of(gateway).executions.aclose()
 
 
 def audit_to_file(path: str) -> None:
