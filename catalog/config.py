@@ -13,13 +13,14 @@ import yaml
 from catalog.policy import Policy, PolicyError, parse_policy
 
 PREFIX_MODES = ("always", "conditional", "never")
+TOOL_MODES = ("native", "meta", "both")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 _PREFIX = re.compile(r"^[a-zA-Z][a-zA-Z0-9_-]*$")
 _KNOWN = {
     "apiVersion", "kind", "listen", "path", "internalListen", "envoyAdmin", "processor", "catalog",
     "prefix", "prefixMode", "maxRequestBytes", "sessionKey", "stateDir", "listPageSize", "serverName",
     "instructions", "listTtlMs", "listTtlFloorMs", "allowedOrigins", "listWaitMs", "allowedHosts", "tls",
-    "auth", "policy", "audit", "secretsDir", "store", "upstreamOAuth",
+    "auth", "policy", "audit", "secretsDir", "store", "upstreamOAuth", "toolMode",
 }
 _KNOWN |= {"workflows"}
 
@@ -128,6 +129,7 @@ class GatewayConfig:
     secrets_dir: str = ""
     redis_url: str = ""
     upstream_oauth: UpstreamOAuthConfig | None = None
+    tool_mode: str = "native"
 
     @property
     def callback_url(self) -> str:
@@ -300,6 +302,7 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
         secrets_dir=path_of(str(raw.get("secretsDir", "secrets"))),
         redis_url=_store(raw.get("store"), source),
         upstream_oauth=_upstream_oauth(raw.get("upstreamOAuth"), source, path_of),
+        tool_mode=_tool_mode(raw.get("toolMode", "native"), source),
     )
     return cfg
 
@@ -319,6 +322,13 @@ def _workflows(raw: Any, source: str) -> WorkflowSettings:
         max_executions=_int(ex, "max", 10_000, 1, 1_000_000, f"{where}.executions"),
         retention_days=_int(ex, "retentionDays", 21, 1, 3650, f"{where}.executions"),
         max_record_bytes=_int(ex, "maxRecordBytes", 256 * 1024, 1024, 16 << 20, f"{where}.executions"))
+
+
+def _tool_mode(raw: Any, source: str) -> str:
+    """native: the fleet's tools; meta: Muster's 11 meta-tools only; both: both, and X-Muster-Tool-Mode picks."""
+    if raw not in TOOL_MODES:
+        raise ConfigError(f"{source}: toolMode: must be one of {', '.join(TOOL_MODES)}, got {raw!r}")
+    return str(raw)
 
 
 def _store(raw: Any, source: str) -> str:

@@ -18,9 +18,11 @@ from cachetools import LRUCache
 from catalog.config import GatewayConfig
 from catalog.policy import Decision, ToolFacts
 from catalog.view import Route, Target, View, restrict
-from extproc import jsonrpc
+from extproc import core_tools, jsonrpc
 from extproc.answer import Resend
 from extproc.credentials import Broker, CredentialError
+from extproc.edge_tools import EdgeTool, EdgeTools, ToolContext
+from extproc.events import Events
 from extproc.fleet import Fleet
 from extproc.handlers import auth, calls, lifecycle, lists
 from extproc.jsonrpc import INVALID_REQUEST, LEGACY, MODERN, Message, RpcError
@@ -53,7 +55,8 @@ HANDLERS: dict[str, Handler] = {
     "resources/unsubscribe": calls.subscribe,
 }
 
-_DROP_UPSTREAM = ("last-event-id", "cookie", "origin", "x-envoy-original-path")
+TOOL_MODE_HEADER = "x-muster-tool-mode"
+_DROP_UPSTREAM = ("x-muster-tool-mode", "last-event-id", "cookie", "origin", "x-envoy-original-path")
 
 
 def _accepts(accept: str) -> tuple[bool, bool]:
@@ -82,6 +85,25 @@ class Gateway:
         self._caller_views: LRUCache[tuple[Any, ...], View] = LRUCache(maxsize=1024)
         self._decisions: LRUCache[tuple[Any, ...], Decision] = LRUCache(maxsize=100_000)
         self._ids = itertools.count(1)
+        self.edge_tools = EdgeTools()
+        self.events = Events(config.redis_url)
+        core_tools.register_builtin(self)
+
+    def tool_mode(self, req: Request) -> str:
+        """native | meta | both for this request: the setting, narrowed to meta by X-Muster-Tool-Mode."""
+        mode = self.config.tool_mode
+        if mode == "both" and req.headers.get(TOOL_MODE_HEADER, "").strip().lower() == "meta":
+            return "meta"
+        return mode
+
+    def edge_listing(self, req: Request, era: str) -> tuple[dict[str, Any], ...]:
+        """The edge tools this caller has (availability and policy), as listed in a native tools/list."""
+        ctx = ToolContext(self, req, era)
+        return tuple(dict(t.definition) for t in self.edge_tools.for_caller(ctx, lambda t: self.edge_allowed(req, t)))
+
+    def edge_allowed(self, req: Request, tool: EdgeTool) -> bool:
+        route, target = tool.route()
+        return self.decide(req, route, target).allowed
 
     def cache_scope(self, req: Request) -> str:
         """Lists are filtered per caller (policy, toolset), so they are private whenever callers differ."""
@@ -184,6 +206,12 @@ class Gateway:
         refused = self._authorized(req)
         if refused is not None:
             return refused
+        mode = req.headers.get(TOOL_MODE_HEADER, "").strip().lower()
+        if mode and (mode not in ("meta", "native") or (mode == "meta" and self.config.tool_mode == "native")):
+            why = (f"the gateway's toolMode is {self.config.tool_mode}; set toolMode: both or meta to use it"
+                   if mode == "meta" else "use meta or native")
+            return Local.error(RpcError(INVALID_REQUEST, f"X-Muster-Tool-Mode: {mode!r} is not available: {why}",
+                                        status=400), MODERN)
         if not self.config.policy.known_toolset(req.toolset):
             known = ", ".join(["full", "read-only", "none", *self.config.policy.toolsets])
             return Local.error(RpcError(INVALID_REQUEST, f"Unknown toolset {req.toolset!r} (known: {known})",
