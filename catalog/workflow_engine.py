@@ -368,7 +368,7 @@ class Runner:
                 rec.result = {"success": False, "isError": True, "error": text}
                 ctx["results"][step.id] = rec.result
                 return
-            raise _Fail(text, dict(result))
+            raise _Fail(text, {"content": list(result.get("content") or []), "isError": True})
         rec.status = "completed"
 
     def _failed(self, rec: StepRecord, ctx: dict[str, Any], message: str, allow: bool,

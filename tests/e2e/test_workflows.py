@@ -162,6 +162,9 @@ def post(s: Setup, method: str, params: dict[str, Any], who: str = "ops", timeou
                "mcp-method": method}
     if "name" in params:
         headers["mcp-name"] = params["name"]
+    member = params.get("arguments", {}).get("member")
+    if member:  # the family's instance argument travels as a header too on this wire
+        headers["mcp-param-member"] = member
     resp = httpx2.post(s.gateway.url, json=body, headers=headers, timeout=timeout)
     text = resp.text
     if "text/event-stream" in resp.headers.get("content-type", ""):
@@ -252,7 +255,7 @@ async def test_each_condition_kind(setup: Setup, mode: str) -> None:
 async def test_allow_failure_records_the_error_and_goes_on(setup: Setup, mode: str) -> None:
     result = await run_as(setup, mode, "workflow_tolerant")
     assert not result.is_error, text_of(result)
-    assert json.loads(text_of(result)) == {"error": "tolerated", "after": False}
+    assert json.loads(text_of(result)) == {"error": "Error executing tool fail: tolerated", "after": False}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -275,7 +278,7 @@ async def test_parallel_steps_are_in_flight_at_once(setup: Setup, mode: str) -> 
 async def test_on_failure_runs_after_a_failing_step(setup: Setup, mode: str) -> None:
     before = upstream_stats(setup)["calls"].get("echo", 0)
     result = await run_as(setup, mode, "workflow_cleanup", {"why": mode})
-    assert result.is_error and text_of(result) == "step broke"
+    assert result.is_error and text_of(result) == "Error executing tool fail: step broke"
     assert upstream_stats(setup)["calls"]["echo"] == before + 2  # first, then undo; never "never"
     executions = payload(call(setup, "core_workflow_execution_list", {"workflow_name": "cleanup", "limit": 1}))
     record = payload(call(setup, "core_workflow_execution_get", {"execution_id": executions["executions"][0]["id"]}))
