@@ -76,11 +76,15 @@ class Agent:
                 "params": {"name": name, "arguments": arguments, "_meta": meta}}
         headers = {"accept": "application/json, text/event-stream", "content-type": "application/json",
                    "mcp-protocol-version": MODERN, "mcp-method": "tools/call", "mcp-name": name}
+        if "management_cluster" in arguments:  # a family's instance argument travels as a header on this wire
+            headers["mcp-param-management-cluster"] = arguments["management_cluster"]
         resp = self.http.post(self.url, json=body, headers=headers)
         text = resp.text
         if "event-stream" in resp.headers.get("content-type", ""):
             text = next(line[5:] for line in text.splitlines() if line.startswith("data:") and '"result"' in line)
-        result = json.loads(text)["result"]
+        answer = json.loads(text)
+        assert "result" in answer, answer
+        result = answer["result"]
         assert not result.get("isError"), result
         content = "\n".join(c["text"] for c in result["content"] if c.get("type") == "text")
         self.transcript.append(("written", json.dumps({"name": name, "arguments": arguments})))
