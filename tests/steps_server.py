@@ -4,7 +4,7 @@
 
 Prints `READY http://127.0.0.1:PORT/mcp` when it accepts connections. Tools: `slow` (sleeps; in-flight peak),
 `hang` (sleeps long; for cancellation), `stats`, `reset`, `echo` (the value and its JSON type), `items`,
-`status`, `fail` (an isError result), `write` (not read-only).
+`status`, `fail` (an isError result), `ask` (elicitation), `write` (not read-only).
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from typing import Any
 
 import mcp_types as types
 from mcp.server import MCPServer
+from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
+from pydantic import BaseModel
 
 _spec = importlib.util.spec_from_file_location("demo_servers", Path(__file__).resolve().parent.parent / "deploy" /
                                                "demo" / "servers.py")
@@ -41,6 +43,10 @@ def json_type(value: Any) -> str:
     if isinstance(value, str):
         return "string"
     return "array" if isinstance(value, list) else "object"
+
+
+class Answer(BaseModel):
+    answer: str
 
 
 def build(name: str) -> MCPServer:
@@ -111,6 +117,16 @@ def build(name: str) -> MCPServer:
         enter("fail")
         leave("fail")
         raise ToolError(message)
+
+    @server.tool(annotations=READ_ONLY, structured_output=False)
+    async def ask(ctx: Context) -> str:
+        """Ask the client for input (elicitation)."""
+        enter("ask")
+        try:
+            result = await ctx.elicit("Which one?", Answer)
+            return f"answered: {result.action}"
+        finally:
+            leave("ask")
 
     @server.tool(annotations=WRITE)
     def write(value: str = "") -> dict[str, Any]:

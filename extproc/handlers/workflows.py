@@ -158,13 +158,16 @@ class WorkflowTools:
         inner = ctx.nested()
 
         async def step(tool: str, args: dict[str, Any]) -> dict[str, Any]:
+            needs_input = StepCallError(f"tool {tool} needs input from the client (elicitation), which a "
+                                        "workflow step cannot ask for")
             try:
                 result = await tool_calls.call_tool(inner, tool, args)
             except RpcError as err:
+                if "elicitation" in err.message:  # the upstream had no way to ask: there is no client to ask
+                    raise needs_input from None
                 raise StepCallError(err.message) from None
             if result.get("resultType") == "input_required" or "inputRequests" in result:
-                raise StepCallError(f"tool {tool} needs input from the client (elicitation), which a workflow "
-                                    "step cannot ask for")
+                raise needs_input
             return result
 
         async def record(ex: Execution) -> None:

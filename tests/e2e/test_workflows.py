@@ -96,6 +96,7 @@ WORKFLOWS = [
     wf("loop-b", {"steps": [echo("b", 1), {"id": "back", "tool": "workflow_loop-a"}]}),
     wf("writes", {"steps": [{"id": "w", "tool": "x_steps_write", "args": {**A, "value": "x"}}]}),
     wf("ghost", {"steps": [{"id": "g", "tool": "x_nowhere_tool"}]}),
+    wf("asks", {"steps": [{"id": "question", "tool": "x_steps_ask", "args": A}, echo("after_ask", 1)]}),
     wf("stuck", {"steps": [{"id": "wait", "tool": "x_steps_hang", "args": {**A, "seconds": 4}},
                            echo("after_hang", 1)]}),
 ]
@@ -374,6 +375,15 @@ async def test_a_cancelled_run_stops_calling_upstream(setup: Setup) -> None:
     after = upstream_stats(setup)
     assert after["calls"].get("hang", 0) == before["calls"].get("hang", 0) + 1
     assert after["calls"].get("echo", 0) == before["calls"].get("echo", 0)  # the step after it never ran
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_step_that_needs_input_fails_naming_the_step(setup: Setup, mode: str) -> None:
+    before = upstream_stats(setup)["calls"].get("echo", 0)
+    result = await run_as(setup, mode, "workflow_asks")
+    assert result.is_error and text_of(result).startswith("step question failed:"), text_of(result)
+    assert "x_steps_ask needs input from the client (elicitation)" in text_of(result)
+    assert upstream_stats(setup)["calls"].get("echo", 0) == before
 
 
 # ---- executions shared through Redis ------------------------------------------------------------------------
