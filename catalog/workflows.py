@@ -381,7 +381,8 @@ def available(name: str, workflows: Mapping[str, Workflow], tool_ok: Callable[[s
     seen = _seen | {name}
     for tool in step_tools(wf):
         if tool.startswith(PREFIX):
-            if not available(tool[len(PREFIX):], workflows, tool_ok, seen):
+            # the nested workflow's own tool must be reachable too (the policy may hide it), and it available
+            if not tool_ok(tool) or not available(tool[len(PREFIX):], workflows, tool_ok, seen):
                 return False
         elif not tool_ok(tool):
             return False
@@ -393,5 +394,5 @@ def missing_tools(name: str, workflows: Mapping[str, Workflow], tool_ok: Callabl
     if wf is None:
         return []
     return [t for t in step_tools(wf)
-            if not (available(t[len(PREFIX):], workflows, tool_ok, frozenset({name})) if t.startswith(PREFIX)
-                    else tool_ok(t))]
+            if not (tool_ok(t) and (not t.startswith(PREFIX)
+                                    or available(t[len(PREFIX):], workflows, tool_ok, frozenset({name}))))]

@@ -110,8 +110,9 @@ def test_availability_is_recursive_with_cycle_detection() -> None:
     ).workflows}
 
     def ok(tool: str) -> bool:
-        return tool == "x_ok"
+        return tool == "x_ok" or tool.startswith("workflow_")
     assert available("outer", flows, ok) and available("inner", flows, ok)
     assert not available("denied", flows, ok)
     assert not available("loop1", flows, ok)
     assert not available("missing", flows, ok)
+    assert not available("outer", flows, lambda t: t == "x_ok")  # the nested workflow's tool is hidden
