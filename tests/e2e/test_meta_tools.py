@@ -158,8 +158,8 @@ async def test_list_tools_and_describe_tool_shapes_and_errors(setup: Setup, mode
 
 # ---- filter_tools ----------------------------------------------------------------------------------------------
 def reference_bm25f(query: str, docs: list[tuple[str, str]]) -> list[tuple[str, float]]:
-    """§4.2 written out: BM25F k1=1.5 b=0.75, name ×3, first description line ×1, ln(1+(N-df+.5)/(df+.5)),
-    list/get ×0.25, score > 0 kept, stable descending, rounded to 4 decimals."""
+    """§4.2 written out: BM25F k1=1.5 b=0.75, name weight 3, first description line weight 1, ln(1+(N-df+.5)/(df+.5)),
+    list/get weight 0.25, score > 0 kept, stable descending, rounded to 4 decimals."""
     def tokens(text: str) -> list[str]:
         text = re.sub(r"([a-z])([A-Z])", r"\1 \2", text)
         return [t.lower() for t in re.split(r"[^A-Za-z0-9]+", text) if t]
