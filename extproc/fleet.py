@@ -92,6 +92,7 @@ class Fleet:
         self.catalog_generation = 0
         self._generation = 0
         self._views: LRUCache[tuple[Any, ...], View] = LRUCache(maxsize=256)
+        self.on_change: Callable[[MCPServer, str, bool, str], None] | None = None  # (server, owner, up, why)
 
     # ---- catalog ---------------------------------------------------------------------------------------
     def set_catalog(self, servers: Sequence[MCPServer], errors: Sequence[AdmissionError]) -> None:
@@ -171,6 +172,7 @@ class Fleet:
         tools = self._valid_tools(server.name, tools)
         self._generation += 1
         previously_failed = state.snapshot is not None and not state.snapshot.ok
+        first = state.snapshot is None
         state.auth_required = False
         state.snapshot = UpstreamSnapshot(
             server=server.name, ok=True, era=hs.era, protocol_version=hs.version, capabilities=hs.capabilities,
@@ -180,6 +182,8 @@ class Fleet:
         state.expires_at = time.monotonic() + life_ms / 1000.0 * random.uniform(0.9, 1.0)
         if previously_failed:
             log.warning("upstream %s: recovered", server.name)
+        if (previously_failed or first) and self.on_change is not None:
+            self.on_change(server, state.owner, True, "")
         who = f" (for {state.owner})" if state.owner else ""
         log.info("upstream %s%s: %s %s, %d tools, %d prompts, %d resources, %d templates", server.name, who, hs.era,
                  hs.version, len(tools), len(prompts), len(resources), len(templates))
@@ -210,6 +214,8 @@ class Fleet:
         if state.snapshot is None or state.snapshot.ok or state.snapshot.error != reason:
             who = f" (for {state.owner})" if state.owner else ""
             log.error("upstream %s%s: %s: %s", name, who, "auth required" if auth_required else "failed", reason)
+            if self.on_change is not None and (state.snapshot is None or state.snapshot.ok):
+                self.on_change(state.server, state.owner, False, reason)
         self._generation += 1
         state.snapshot = UpstreamSnapshot(server=name, ok=False, error=reason, generation=self._generation)
         state.auth_required = auth_required

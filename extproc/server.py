@@ -102,18 +102,18 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
     await server.start()
     fleet = gateway.fleet
     first = read_catalog(config.catalog_dir)
-    fleet.set_catalog(first.servers, first.errors)
+    gateway.set_catalog(first.servers, first.errors)
     workflows.of(gateway).set_workflows(first.workflows)
 
     def changed(result: LoadResult) -> None:
-        fleet.set_catalog(result.servers, result.errors)
+        gateway.set_catalog(result.servers, result.errors)
         workflows.of(gateway).set_workflows(result.workflows)
 
     maintainer = asyncio.get_running_loop().create_task(fleet.maintain())
     watcher = asyncio.get_running_loop().create_task(watch(config.catalog_dir, changed))
     status_server = None
     if status_port is not None:
-        status_server = await serve_status(config.status_listen.host, status_port, fleet.status,
+        status_server = await serve_status(config.status_listen.host, status_port, gateway.status,
                                            gateway.metrics.render)
     log.info("processor listening on %s:%d", config.processor_listen.host, port)
     stop = asyncio.Event()

@@ -158,6 +158,7 @@ async def callback(gw: Gateway, req: Request) -> Local:
         message = str(exc) if isinstance(exc, OAuthError) else "malformed callback"
         return _page("Sign-in failed", message.replace("<", "&lt;"), 400)
     gw.fleet.suspect(server.name, subject)
+    gw.events.record("MCPServer", server.name, "LoggedIn", f"signed in to {server.name}", subject=subject)
     return _page("Signed in", f"You are signed in to {server.name}. You can close this window and go back to your "
                               "agent.", 200)
 
