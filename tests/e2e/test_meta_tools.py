@@ -205,7 +205,10 @@ async def test_filter_tools_ranks_with_bm25f_and_pages(setup: Setup, mode: str) 
     assert all(set(t) == {"name", "summary", "score"} for t in ranked["tools"])
     assert [t["name"] for t in plain["tools"]] == ["x_prometheus_query"] and "score" not in plain["tools"][0]
     assert all(set(t) == {"name", "description", "inputSchema"} for t in schema["tools"])
-    assert [t["name"] for t in core["tools"]] == ["core_events", "core_mcpserver_get", "core_mcpserver_list"]
+    assert [t["name"] for t in core["tools"]] == ["core_events", "core_mcpserver_get", "core_mcpserver_list",
+                                                  "core_workflow_available", "core_workflow_execution_get",
+                                                  "core_workflow_execution_list", "core_workflow_get",
+                                                  "core_workflow_list"]
     assert core["filters"]["limit"] == 0 and core["truncated"] is False
     assert [e[:2] for e in errors] == [("limit must be at least 1", True), ("offset must be at least 0", True),
                                        ('Invalid pattern "[": syntax error in pattern', True),

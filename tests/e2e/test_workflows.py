@@ -131,7 +131,7 @@ def stack_for(work: Path, **config: Any) -> Iterator[Setup]:
         auth = {"issuer": idp.issuer, "jwksUri": idp.jwks_uri, "audiences": [resource], "resource": resource,
                 "requiredScopes": ["mcp:tools"]}
         gateway = stack.enter_context(start_gateway(work / "gw", servers, listen=listen, auth=auth, policy=POLICY,
-                                                    listTtlFloorMs=600_000, **config))
+                                                    listTtlFloorMs=600_000, toolMode="both", **config))
         gateway.write_manifest("workflows.yaml", WORKFLOWS)
         tokens = {c["client_id"]: idp.client_credentials(c["client_id"], c["client_secret"], resource=resource,
                                                          scope="mcp:tools") for c in clients}
@@ -338,6 +338,15 @@ async def test_availability_is_per_caller(setup: Setup) -> None:
     # the viewer's own executions are its own: it sees none of ops' runs
     assert payload(call(setup, "core_workflow_execution_list", {"workflow_name": "writes"}, who="viewer")) == \
         {"executions": [], "total": 0, "limit": 50, "offset": 0}
+
+
+async def test_call_tool_runs_a_workflow_as_the_caller(setup: Setup) -> None:
+    envelope = payload(call(setup, "call_tool", {"name": "workflow_shaped", "arguments": {"n": 1}}))
+    assert envelope["isError"] is False
+    assert json.loads(envelope["content"][0]["text"])["count"] == 1
+    refused = payload(call(setup, "call_tool", {"name": "workflow_writes", "arguments": {}}, who="viewer"))
+    assert refused["isError"] is True
+    assert refused["content"][0]["text"] == "workflow writes is not available (missing required tools)"
 
 
 async def test_core_workflow_get_and_execution_get(setup: Setup) -> None:
