@@ -215,9 +215,11 @@ class Runner:
         self.call = call
         self.timeout = timeout
         self.on_execution = on_execution
+        self._deadline = float("inf")
 
     async def run(self, name: str, args: Mapping[str, Any] | None) -> tuple[dict[str, Any], Execution | None]:
         """The tool result of `workflow_<name>` and its execution record (None when refused before running)."""
+        self._deadline = time.monotonic() + self.timeout
         try:
             return await asyncio.wait_for(self._run(name, dict(args or {}), ()), self.timeout)
         except TimeoutError:
@@ -250,7 +252,8 @@ class Runner:
                 with contextlib.suppress(_Fail):
                     await self._step(sub, ctx, ex, (*chain, name), allow=True)
         except asyncio.CancelledError:
-            ex.status, ex.error = "failed", "cancelled"
+            timed_out = time.monotonic() >= self._deadline - 0.01
+            ex.status, ex.error = "failed", f"timed out after {self.timeout:g}s" if timed_out else "cancelled"
             await self._finish(ex, t0)
             raise
         ex.status = "failed" if failure else "completed"

@@ -155,11 +155,17 @@ async def test_timeout_and_cancellation_stop_the_run() -> None:
         await asyncio.sleep(10)
         return text_result({})
     calls: list[str] = []
-    result, _ = await Runner(wfs, slow, timeout=0.05).run("f", {})
+    records: list[Any] = []
+
+    async def keep(ex: Any) -> None:
+        records.append(ex.record())
+    result, _ = await Runner(wfs, slow, timeout=0.05, on_execution=keep).run("f", {})
     assert result["isError"] and "timed out" in result["content"][0]["text"]
-    task = asyncio.ensure_future(Runner(wfs, slow).run("f", {}))
+    assert records[-1]["status"] == "failed" and records[-1]["error"] == "timed out after 0.05s"
+    task = asyncio.ensure_future(Runner(wfs, slow, on_execution=keep).run("f", {}))
     await asyncio.sleep(0.05)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert calls == ["x_slow", "x_slow"]
+    assert records[-1]["error"] == "cancelled" and [st["step_id"] for st in records[-1]["steps"]] == ["a"]
