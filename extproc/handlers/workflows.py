@@ -17,6 +17,7 @@ from catalog.policy import ToolFacts
 from catalog.workflow_engine import Execution, Runner, StepCallError, text_result
 from catalog.workflows import PREFIX, Workflow, available, missing_tools, step_tools, tool_definition
 from extproc import tool_calls
+from extproc.core_tools import agent_layer
 from extproc.edge_tools import EdgeTool, ToolContext
 from extproc.executions import Executions, summary
 from extproc.jsonrpc import RpcError
@@ -62,7 +63,7 @@ class WorkflowTools:
         self.workflows: dict[str, Workflow] = {}
         self._annotated: tuple[Any, ...] = ()
         for definition in CORE_TOOLS:
-            gw.edge_tools.register(EdgeTool(definition, self._core_handler(str(definition["name"]))))
+            gw.edge_tools.register(EdgeTool(definition, self._core_handler(str(definition["name"])), agent_layer))
 
     def set_workflows(self, flows: Sequence[Workflow]) -> None:
         """Swap in the catalog's workflows; the next tools/list shows the change."""
