@@ -18,6 +18,7 @@ from extproc.credentials import CredentialError
 from extproc.edge_tools import EdgeTool, ToolContext
 from extproc.jsonrpc import INVALID_PARAMS, MODERN, Message, RpcError
 from extproc.replies import Local
+from extproc.rewrite import _map_uris as map_uris
 from extproc.upstream import UpstreamAuthError, UpstreamError, UpstreamRpcError
 
 if TYPE_CHECKING:
@@ -112,6 +113,9 @@ async def request(ctx: ToolContext, server_name: str, method: str, params: dict[
         hs = dataclasses.replace(hs, auth=dict(credential.headers))
         try:
             result, _ = await gw.fleet.client.request(server, hs, method, params, timeout=float(server.timeout))
+            view = gw.view_for(req)
+            if server_name in view.uri_slug_of:  # upstream URIs in the answer, as the caller names them
+                map_uris(result, view, server_name)
             return result
         except UpstreamAuthError:
             if attempt == 0 and gw.broker.renewable(server):

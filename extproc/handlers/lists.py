@@ -53,7 +53,8 @@ async def list_items(gw: Gateway, req: Request, msg: Message) -> Local:
         if attr == "resources" and gw.offers_auth_status:
             extra = (auth.AUTH_STATUS_RESOURCE,)
         native = getattr(view, attr)
-    cache_key = (view.fingerprint, msg.method, offset, msg.era, scope, mode, tuple(t.get("name") for t in extra))
+    cache_key = (view.fingerprint, msg.method, offset, msg.era, scope, mode, gw.edge_tools.generation,
+                 tuple(t.get("name") for t in extra))
     page = gw.pages.get(cache_key)
     if page is None:
         items = (*extra, *native)

@@ -4,6 +4,7 @@ and the per-caller core tools."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -312,3 +313,29 @@ async def test_core_mcpserver_list_and_events_answer_per_caller(setup: Setup, mo
     assert any(e["resourceName"] == "prometheus" and e["reason"] == "Connected" for e in events)
     assert all("subject" not in e for e in events)
     assert intern[2][:2] == ("Tool execution failed: Unknown tool: core_events", True)  # the policy applies
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_call_tool_maps_resource_links_like_a_native_call(setup: Setup, mode: str) -> None:
+    async with connect_as(setup, "dev", mode, meta=False) as client:
+        native = await client.call_tool("x_vendor_make_link", {})
+        wrapped = await call(client, "call_tool", {"name": "x_vendor_make_link"})
+    native_uri = str(native.content[1].uri)  # type: ignore[union-attr]
+    inner = json.loads(wrapped[0])["content"]
+    assert inner[1]["type"] == "resource_link" and inner[1]["uri"] == native_uri
+    assert native_uri != "vendor://docs/readme"
+
+
+async def test_events_are_shared_through_the_store(tmp_path: Path) -> None:
+    from extproc.events import Events
+    from tests.e2e.test_shared_state import start_redis
+
+    with start_redis(tmp_path) as url:
+        one, two = Events(url), Events(url)
+        one.record("MCPServer", "prom", "Connected", "prom is reachable")
+        for _ in range(100):
+            seen = await two.read(subject="", servers={"prom"})
+            if seen:
+                break
+            await asyncio.sleep(0.05)
+    assert [(e["resourceName"], e["reason"]) for e in seen] == [("prom", "Connected")]
