@@ -78,7 +78,7 @@ async def edge_call(gw: Gateway, req: Request, msg: Message, name: str, argument
 
 def finish(gw: Gateway, msg: Message, result: dict[str, Any]) -> Local:
     if msg.era == MODERN:
-        result = {**result, "resultType": "complete", "_meta": {jsonrpc.META_SERVER_INFO: gw.server_info}}
+        result = {"resultType": "complete", **result, "_meta": {jsonrpc.META_SERVER_INFO: gw.server_info}}
     return Local.result(msg.id, result)
 
 
@@ -111,6 +111,8 @@ async def request(ctx: ToolContext, server_name: str, method: str, params: dict[
             gw.fleet.suspect(server_name, subject if gw.broker.per_user(server) else "")
             raise _unavailable(server_name, str(exc)) from None
         hs = dataclasses.replace(hs, auth=dict(credential.headers))
+        if ctx.relay and hs.era == MODERN and method == "tools/call":
+            params = {**params, **ctx.relay}
         try:
             result, _ = await gw.fleet.client.request(server, hs, method, params, timeout=float(server.timeout))
             view = gw.view_for(req)

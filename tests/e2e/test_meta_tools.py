@@ -60,8 +60,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         k8s_b = stack.enter_context(start_demo_server("kubernetes", name=K8S[1]))
         prom = stack.enter_context(start_demo_server("prometheus", name="prometheus"))
         vendor = stack.enter_context(start_demo_server("vendor", name="vendor", era="legacy"))
+        fixture = stack.enter_context(start_demo_server("fixture", name="fixture"))
         servers = {K8S[0]: {"url": k8s_a.url, "family": FAMILY}, K8S[1]: {"url": k8s_b.url, "family": FAMILY},
-                   "prometheus": prom.url, "vendor": vendor.url}
+                   "prometheus": prom.url, "vendor": vendor.url, "fixture": fixture.url}
         auth = {"issuer": idp.issuer, "jwksUri": idp.jwks_uri, "audiences": [resource], "resource": resource}
         audit = work / "audit.jsonl"
         gateway = stack.enter_context(start_gateway(work / "gw", servers, listen=listen, auth=auth, policy=POLICY,
@@ -233,7 +234,7 @@ async def test_call_tool_reaches_backend_family_legacy_and_core_tools_in_musters
     assert json.loads(json.loads(member[0])["content"][0]["text"]) == {"server": K8S[1]}
     assert "hi" in json.loads(legacy[0])["content"][0]["text"]
     servers = json.loads(json.loads(core[0])["content"][0]["text"])["mcpServers"]
-    assert {s["name"] for s in servers} == {*K8S, "prometheus", "vendor"}
+    assert {s["name"] for s in servers} == {*K8S, "prometheus", "vendor", "fixture"}
     assert bad_member[1] is True and bad_member[0].startswith("Tool execution failed: tool x_kubernetes_whoami is "
                                                               'not available on server "nope"')
     assert [e[:2] for e in errors] == [("name argument is required", True),
@@ -301,11 +302,11 @@ async def test_core_mcpserver_list_and_events_answer_per_caller(setup: Setup, mo
             answers[who] = (json.loads(listed["content"][0]["text"])["mcpServers"], got, events)
     dev, intern = answers["dev"], answers["intern"]
     dev_servers = {s["name"]: s for s in dev[0]}
-    assert set(dev_servers) == {*K8S, "prometheus", "vendor"}
+    assert set(dev_servers) == {*K8S, "prometheus", "vendor", "fixture"}
     assert dev_servers["prometheus"]["state"] == "Connected"
     assert dev_servers["prometheus"]["sessionStatus"] == "connected"
     assert dev_servers["prometheus"]["toolsCount"] == 3
-    assert {s["name"] for s in intern[0]} == {*K8S, "vendor"}
+    assert {s["name"] for s in intern[0]} == {*K8S, "vendor", "fixture"}
     assert json.loads(json.loads(dev[1][0])["content"][0]["text"])["toolsCount"] == 3
     assert json.loads(intern[1][0])["content"][0]["text"] == "MCPServer 'prometheus' not found"
     events = json.loads(json.loads(dev[2][0])["content"][0]["text"])["events"]
@@ -339,3 +340,46 @@ async def test_events_are_shared_through_the_store(tmp_path: Path) -> None:
                 break
             await asyncio.sleep(0.05)
     assert [(e["resourceName"], e["reason"]) for e in seen] == [("prom", "Connected")]
+
+
+async def post(setup: Setup, method: str, params: dict[str, Any]) -> httpx2.Response:
+    meta = {"io.modelcontextprotocol/protocolVersion": MODERN, "io.modelcontextprotocol/clientCapabilities": {
+        "elicitation": {"form": {}}}}
+    headers = {"accept": "application/json, text/event-stream", "content-type": "application/json",
+               "mcp-protocol-version": MODERN, "mcp-method": method, "x-muster-tool-mode": "meta",
+               "authorization": f"Bearer {setup.tokens['dev']}"}
+    if "name" in params:
+        headers["mcp-name"] = params["name"]
+    if "uri" in params:
+        headers["mcp-name"] = params["uri"]
+    async with httpx2.AsyncClient(timeout=30) as http:
+        return await http.post(setup.gateway.url, headers=headers, json={
+            "jsonrpc": "2.0", "id": 7, "method": method, "params": {**params, "_meta": meta}})
+
+
+async def test_call_tool_relays_input_required_to_a_modern_client(setup: Setup) -> None:
+    call_params = {"name": "call_tool", "arguments": {"name": "x_fixture_test_input_required_result_elicitation"}}
+    first = (await post(setup, "tools/call", call_params)).json()["result"]
+    assert first["resultType"] == "input_required" and "user_name" in first["inputRequests"]
+    answer = {"user_name": {"action": "accept", "content": {"name": "Ada"}}}
+    retry = {**call_params, "inputResponses": answer}
+    if first.get("requestState"):
+        retry["requestState"] = first["requestState"]
+    second = (await post(setup, "tools/call", retry)).json()["result"]
+    assert second["resultType"] == "complete" and second["isError"] is False
+    assert json.loads(second["content"][0]["text"])["content"][0]["text"] == "Hello, Ada!"
+
+
+async def test_meta_mode_reaches_backend_prompts_and_resources_only_through_meta_tools(setup: Setup) -> None:
+    prompt = (await post(setup, "prompts/get", {"name": "x_prometheus_investigate_alert",
+                                                "arguments": {"alert": "a"}})).json()
+    resources = (await post(setup, "resources/list", {})).json()["result"]["resources"]
+    uri = next(r["uri"] for r in json.loads((await post(setup, "tools/call", {"name": "list_resources",
+                                                                              "arguments": {}})).json()
+                                             ["result"]["content"][0]["text"]) if r["uri"].endswith("/targets"))
+    read = (await post(setup, "resources/read", {"uri": uri})).json()
+    status = (await post(setup, "resources/read", {"uri": "auth://status"})).json()
+    assert prompt["error"]["code"] == -32602
+    assert [r["uri"] for r in resources] == ["auth://status"]
+    assert "error" in read and "Resource not found" in read["error"]["message"]
+    assert "prometheus" in status["result"]["contents"][0]["text"]
