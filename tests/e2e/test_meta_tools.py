@@ -62,11 +62,16 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         vendor = stack.enter_context(start_demo_server("vendor", name="vendor", era="legacy"))
         fixture = stack.enter_context(start_demo_server("fixture", name="fixture"))
         servers = {K8S[0]: {"url": k8s_a.url, "family": FAMILY}, K8S[1]: {"url": k8s_b.url, "family": FAMILY},
-                   "prometheus": prom.url, "vendor": vendor.url, "fixture": fixture.url}
+                   "prometheus": prom.url, "vendor": vendor.url, "fixture": fixture.url,
+                   # per-user OAuth with no login yet: listed under servers_requiring_auth
+                   "oauth-srv": {"url": prom.url, "auth": {"type": "oauth"}}}
         auth = {"issuer": idp.issuer, "jwksUri": idp.jwks_uri, "audiences": [resource], "resource": resource}
         audit = work / "audit.jsonl"
-        gateway = stack.enter_context(start_gateway(work / "gw", servers, listen=listen, auth=auth, policy=POLICY,
-                                                    toolMode="both", listTtlFloorMs=600_000, audit=str(audit)))
+        (work / "oauth-client-secret").write_text("unused-here")
+        gateway = stack.enter_context(start_gateway(
+            work / "gw", servers, listen=listen, auth=auth, policy=POLICY, toolMode="both", listTtlFloorMs=600_000,
+            audit=str(audit), upstreamOAuth={"clientId": "muster-edge",
+                                             "clientSecretFile": str(work / "oauth-client-secret")}))
         tokens = {c["client_id"]: idp.client_credentials(c["client_id"], c["client_secret"], resource=resource,
                                                          scope="mcp:tools") for c in clients}
         yield Setup(gateway, idp, tokens, audit)
@@ -147,7 +152,8 @@ async def test_list_tools_and_describe_tool_shapes_and_errors(setup: Setup, mode
         described = await meta_json(client, "describe_tool", {"name": "x_kubernetes_get_pods"})
         missing = await call(client, "describe_tool", {"name": "x_nope"})
         no_name = await call(client, "describe_tool", {})
-    assert set(listed) == {"tools"}  # no server needs a login here: servers_requiring_auth is omitted
+    assert listed["servers_requiring_auth"] == [{"name": "oauth-srv", "status": "auth_required",
+                                                 "auth_tool": "core_auth_login"}]
     names = [t["name"] for t in listed["tools"]]
     assert all(set(t) == {"name", "description"} for t in listed["tools"])
     assert not set(META) & set(names)
@@ -207,7 +213,8 @@ async def test_filter_tools_ranks_with_bm25f_and_pages(setup: Setup, mode: str) 
     assert all(set(t) == {"name", "summary", "score"} for t in ranked["tools"])
     assert [t["name"] for t in plain["tools"]] == ["x_prometheus_query"] and "score" not in plain["tools"][0]
     assert all(set(t) == {"name", "description", "inputSchema"} for t in schema["tools"])
-    assert [t["name"] for t in core["tools"]] == ["core_events", "core_mcpserver_get", "core_mcpserver_list"]
+    assert [t["name"] for t in core["tools"]] == ["core_auth_login", "core_auth_logout", "core_events",
+                                                  "core_mcpserver_get", "core_mcpserver_list"]
     assert core["filters"]["limit"] == 0 and core["truncated"] is False
     assert [e[:2] for e in errors] == [("limit must be at least 1", True), ("offset must be at least 0", True),
                                        ('Invalid pattern "[": syntax error in pattern', True),
@@ -234,7 +241,7 @@ async def test_call_tool_reaches_backend_family_legacy_and_core_tools_in_musters
     assert json.loads(json.loads(member[0])["content"][0]["text"]) == {"server": K8S[1]}
     assert "hi" in json.loads(legacy[0])["content"][0]["text"]
     servers = json.loads(json.loads(core[0])["content"][0]["text"])["mcpServers"]
-    assert {s["name"] for s in servers} == {*K8S, "prometheus", "vendor", "fixture"}
+    assert {s["name"] for s in servers} == {*K8S, "prometheus", "vendor", "fixture", "oauth-srv"}
     assert bad_member[1] is True and bad_member[0].startswith("Tool execution failed: tool x_kubernetes_whoami is "
                                                               'not available on server "nope"')
     assert [e[:2] for e in errors] == [("name argument is required", True),
@@ -302,11 +309,12 @@ async def test_core_mcpserver_list_and_events_answer_per_caller(setup: Setup, mo
             answers[who] = (json.loads(listed["content"][0]["text"])["mcpServers"], got, events)
     dev, intern = answers["dev"], answers["intern"]
     dev_servers = {s["name"]: s for s in dev[0]}
-    assert set(dev_servers) == {*K8S, "prometheus", "vendor", "fixture"}
+    assert set(dev_servers) == {*K8S, "prometheus", "vendor", "fixture", "oauth-srv"}
     assert dev_servers["prometheus"]["state"] == "Connected"
     assert dev_servers["prometheus"]["sessionStatus"] == "connected"
     assert dev_servers["prometheus"]["toolsCount"] == 3
-    assert {s["name"] for s in intern[0]} == {*K8S, "vendor", "fixture"}
+    assert {s["name"] for s in intern[0]} == {*K8S, "vendor", "fixture", "oauth-srv"}
+    assert dev_servers["oauth-srv"]["sessionStatus"] == "auth_required" and dev_servers["oauth-srv"]["toolsCount"] == 0
     assert json.loads(json.loads(dev[1][0])["content"][0]["text"])["toolsCount"] == 3
     assert json.loads(intern[1][0])["content"][0]["text"] == "MCPServer 'prometheus' not found"
     events = json.loads(json.loads(dev[2][0])["content"][0]["text"])["events"]
