@@ -391,3 +391,14 @@ async def test_meta_mode_reaches_backend_prompts_and_resources_only_through_meta
     assert [r["uri"] for r in resources] == ["auth://status"]
     assert "error" in read and "Resource not found" in read["error"]["message"]
     assert "prometheus" in status["result"]["contents"][0]["text"]
+
+
+async def test_backend_tools_named_like_edge_tools_are_left_out_and_named_in_the_status(tmp_path: Path) -> None:
+    with start_demo_server("prometheus", name="prometheus") as prom, \
+            start_gateway(tmp_path, {"prometheus": prom.url}, prefix="workflow", toolMode="both") as gw:
+        async with Client(gw.url, mode=MODERN) as client:
+            names = {t.name for t in (await client.list_tools()).tools}
+        collisions = gw.status()["collisions"]
+    assert "workflow_prometheus_query" in collisions and "workflow_prometheus_whoami" in collisions
+    assert not any(n.startswith("workflow_") for n in names)
+    assert set(META) <= names
