@@ -45,6 +45,16 @@ async def call_tool(ctx: ToolContext, name: str, arguments: Mapping[str, Any]) -
     return await request(ctx, target.server, "tools/call", params)
 
 
+def reachable(ctx: ToolContext, name: str) -> bool:
+    """Whether ctx's caller may call `name` now (its view and policy; no upstream traffic, no audit line):
+    for availability answers such as a workflow's. Call after `await gw.current_view(ctx.request)`."""
+    gw, req = ctx.gateway, ctx.request
+    edge = gw.edge_tools.get(name)
+    if edge is not None:
+        return edge.available(ctx) and edge_allowed(gw, req, edge)
+    return name in gw.view_for(req).tool_routes
+
+
 def edge_allowed(gw: Gateway, req: Request, tool: EdgeTool) -> bool:
     route, target = tool.route()
     return gw.decide(req, route, target).allowed
