@@ -33,8 +33,11 @@ class ToolContext:
     era: str = MODERN
     meta: Mapping[str, Any] = field(default_factory=dict)
     depth: int = 0
+    relay: Mapping[str, Any] = field(default_factory=dict)
+    """A modern client's `inputResponses`/`requestState`, passed on to the tool its call_tool names."""
 
     def nested(self) -> ToolContext:
+        """For calls an edge tool makes itself (workflow steps): no client input to relay."""
         return ToolContext(self.gateway, self.request, self.era, self.meta, self.depth + 1)
 
 

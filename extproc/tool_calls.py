@@ -18,6 +18,7 @@ from extproc.credentials import CredentialError
 from extproc.edge_tools import EdgeTool, ToolContext
 from extproc.jsonrpc import INVALID_PARAMS, MODERN, Message, RpcError
 from extproc.replies import Local
+from extproc.rewrite import _map_uris as map_uris
 from extproc.upstream import UpstreamAuthError, UpstreamError, UpstreamRpcError
 
 if TYPE_CHECKING:
@@ -42,6 +43,16 @@ async def call_tool(ctx: ToolContext, name: str, arguments: Mapping[str, Any]) -
     _, target, upstream_args = calls.resolve_call(gw, req, view, name, arguments)
     params: dict[str, Any] = {"name": target.original, "arguments": upstream_args}
     return await request(ctx, target.server, "tools/call", params)
+
+
+def reachable(ctx: ToolContext, name: str) -> bool:
+    """Whether ctx's caller may call `name` now (its view and policy; no upstream traffic, no audit line):
+    for availability answers such as a workflow's. Call after `await gw.current_view(ctx.request)`."""
+    gw, req = ctx.gateway, ctx.request
+    edge = gw.edge_tools.get(name)
+    if edge is not None:
+        return edge.available(ctx) and edge_allowed(gw, req, edge)
+    return name in gw.view_for(req).tool_routes
 
 
 def edge_allowed(gw: Gateway, req: Request, tool: EdgeTool) -> bool:
@@ -77,7 +88,7 @@ async def edge_call(gw: Gateway, req: Request, msg: Message, name: str, argument
 
 def finish(gw: Gateway, msg: Message, result: dict[str, Any]) -> Local:
     if msg.era == MODERN:
-        result = {**result, "resultType": "complete", "_meta": {jsonrpc.META_SERVER_INFO: gw.server_info}}
+        result = {"resultType": "complete", **result, "_meta": {jsonrpc.META_SERVER_INFO: gw.server_info}}
     return Local.result(msg.id, result)
 
 
@@ -110,8 +121,13 @@ async def request(ctx: ToolContext, server_name: str, method: str, params: dict[
             gw.fleet.suspect(server_name, subject if gw.broker.per_user(server) else "")
             raise _unavailable(server_name, str(exc)) from None
         hs = dataclasses.replace(hs, auth=dict(credential.headers))
+        if ctx.relay and hs.era == MODERN and method == "tools/call":
+            params = {**params, **ctx.relay}
         try:
             result, _ = await gw.fleet.client.request(server, hs, method, params, timeout=float(server.timeout))
+            view = gw.view_for(req)
+            if server_name in view.uri_slug_of:  # upstream URIs in the answer, as the caller names them
+                map_uris(result, view, server_name)
             return result
         except UpstreamAuthError:
             if attempt == 0 and gw.broker.renewable(server):

@@ -150,7 +150,7 @@ async def get_prompt(gw: Gateway, req: Request, msg: Message) -> Forward:
     arguments = _object(msg.params, "arguments")
     view = await gw.current_view(req)
     route = view.prompt_routes.get(name)
-    if route is None:
+    if route is None or gw.tool_mode(req) == "meta":  # meta mode: prompts only through the meta-tools
         raise RpcError(INVALID_PARAMS, f"Unknown prompt: {name}")
     target, upstream_args = select_target(route, arguments, "prompt")
     params = {**msg.params, "name": target.original, "arguments": upstream_args}
@@ -174,8 +174,11 @@ async def _forward_by_uri(gw: Gateway, req: Request, msg: Message, uri: str) -> 
 
 async def read_resource(gw: Gateway, req: Request, msg: Message) -> Forward | Local:
     uri = _name(msg.params, "uri")
-    if uri == auth.AUTH_STATUS_URI and gw.offers_auth_status:
+    meta_mode = gw.tool_mode(req) == "meta"
+    if uri == auth.AUTH_STATUS_URI and (gw.offers_auth_status or meta_mode):
         return await auth.read_status(gw, req, msg)
+    if meta_mode:  # meta mode: backend resources only through the meta-tools
+        raise _not_found(msg, uri)
     return await _forward_by_uri(gw, req, msg, uri)
 
 

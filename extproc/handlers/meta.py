@@ -13,7 +13,7 @@ from catalog import ranking
 from extproc import tool_calls
 from extproc.edge_tools import ToolContext, text_result
 from extproc.handlers import auth
-from extproc.jsonrpc import INVALID_PARAMS, Message, RpcError
+from extproc.jsonrpc import INVALID_PARAMS, MODERN, Message, RpcError
 from extproc.replies import Local
 from extproc.request import Request
 
@@ -268,6 +268,11 @@ async def _call_tool(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
         result = await tool_calls.call_tool(ctx, name, arguments)
     except RpcError as exc:
         return _text(f"Tool execution failed: {exc.message}", error=True)
+    if result.get("resultType") == "input_required":  # relayed as it came: the client answers, then calls again
+        if ctx.era != MODERN:
+            return _text(f"Tool execution failed: tool {name} asks the client for input, which a handshake-era "
+                         "client cannot give through call_tool", error=True)
+        return {k: v for k, v in result.items() if k != "_meta"}
     return envelope(result)
 
 
@@ -399,5 +404,7 @@ async def run(ctx: ToolContext, name: str, arguments: dict[str, Any]) -> dict[st
 
 async def call(gw: Gateway, req: Request, msg: Message, name: str, arguments: dict[str, Any]) -> Local:
     """A native tools/call of one meta-tool."""
-    result = await run(ToolContext(gw, req, msg.era, msg.meta), name, arguments)
+    relay: dict[str, Any] = {k: msg.params[k] for k in ("inputResponses", "requestState")
+                             if k in msg.params and msg.era == MODERN}
+    result = await run(ToolContext(gw, req, msg.era, msg.meta, relay=relay), name, arguments)
     return tool_calls.finish(gw, msg, result)

@@ -97,14 +97,8 @@ class WorkflowTools:
     # ---- what a caller can reach -------------------------------------------------------------------------
     def tool_ok(self, ctx: ToolContext) -> Callable[[str], bool]:
         """Whether this caller can reach a (non-workflow) tool: in its own view, or an edge tool it has."""
-        gw, req = ctx.gateway, ctx.request
-        view = gw.view_for(req)
-
         def ok(tool: str) -> bool:
-            if tool in view.tool_routes:
-                return True
-            edge = gw.edge_tools.get(tool)
-            return edge is not None and edge.available(ctx) and tool_calls.edge_allowed(gw, req, edge)
+            return tool_calls.reachable(ctx, tool)
         return ok
 
     def read_only(self, name: str, seen: frozenset[str] = frozenset()) -> bool:

@@ -4,6 +4,7 @@ and the per-caller core tools."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -59,12 +60,18 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         k8s_b = stack.enter_context(start_demo_server("kubernetes", name=K8S[1]))
         prom = stack.enter_context(start_demo_server("prometheus", name="prometheus"))
         vendor = stack.enter_context(start_demo_server("vendor", name="vendor", era="legacy"))
+        fixture = stack.enter_context(start_demo_server("fixture", name="fixture"))
         servers = {K8S[0]: {"url": k8s_a.url, "family": FAMILY}, K8S[1]: {"url": k8s_b.url, "family": FAMILY},
-                   "prometheus": prom.url, "vendor": vendor.url}
+                   "prometheus": prom.url, "vendor": vendor.url, "fixture": fixture.url,
+                   # per-user OAuth with no login yet: listed under servers_requiring_auth
+                   "oauth-srv": {"url": prom.url, "auth": {"type": "oauth"}}}
         auth = {"issuer": idp.issuer, "jwksUri": idp.jwks_uri, "audiences": [resource], "resource": resource}
         audit = work / "audit.jsonl"
-        gateway = stack.enter_context(start_gateway(work / "gw", servers, listen=listen, auth=auth, policy=POLICY,
-                                                    toolMode="both", listTtlFloorMs=600_000, audit=str(audit)))
+        (work / "oauth-client-secret").write_text("unused-here")
+        gateway = stack.enter_context(start_gateway(
+            work / "gw", servers, listen=listen, auth=auth, policy=POLICY, toolMode="both", listTtlFloorMs=600_000,
+            audit=str(audit), upstreamOAuth={"clientId": "muster-edge",
+                                             "clientSecretFile": str(work / "oauth-client-secret")}))
         tokens = {c["client_id"]: idp.client_credentials(c["client_id"], c["client_secret"], resource=resource,
                                                          scope="mcp:tools") for c in clients}
         yield Setup(gateway, idp, tokens, audit)
@@ -145,7 +152,8 @@ async def test_list_tools_and_describe_tool_shapes_and_errors(setup: Setup, mode
         described = await meta_json(client, "describe_tool", {"name": "x_kubernetes_get_pods"})
         missing = await call(client, "describe_tool", {"name": "x_nope"})
         no_name = await call(client, "describe_tool", {})
-    assert set(listed) == {"tools"}  # no server needs a login here: servers_requiring_auth is omitted
+    assert listed["servers_requiring_auth"] == [{"name": "oauth-srv", "status": "auth_required",
+                                                 "auth_tool": "core_auth_login"}]
     names = [t["name"] for t in listed["tools"]]
     assert all(set(t) == {"name", "description"} for t in listed["tools"])
     assert not set(META) & set(names)
@@ -205,7 +213,8 @@ async def test_filter_tools_ranks_with_bm25f_and_pages(setup: Setup, mode: str) 
     assert all(set(t) == {"name", "summary", "score"} for t in ranked["tools"])
     assert [t["name"] for t in plain["tools"]] == ["x_prometheus_query"] and "score" not in plain["tools"][0]
     assert all(set(t) == {"name", "description", "inputSchema"} for t in schema["tools"])
-    assert [t["name"] for t in core["tools"]] == ["core_events", "core_mcpserver_get", "core_mcpserver_list",
+    assert [t["name"] for t in core["tools"]] == ["core_auth_login", "core_auth_logout", "core_events",
+                                                  "core_mcpserver_get", "core_mcpserver_list",
                                                   "core_workflow_available", "core_workflow_execution_get",
                                                   "core_workflow_execution_list", "core_workflow_get",
                                                   "core_workflow_list"]
@@ -235,7 +244,7 @@ async def test_call_tool_reaches_backend_family_legacy_and_core_tools_in_musters
     assert json.loads(json.loads(member[0])["content"][0]["text"]) == {"server": K8S[1]}
     assert "hi" in json.loads(legacy[0])["content"][0]["text"]
     servers = json.loads(json.loads(core[0])["content"][0]["text"])["mcpServers"]
-    assert {s["name"] for s in servers} == {*K8S, "prometheus", "vendor"}
+    assert {s["name"] for s in servers} == {*K8S, "prometheus", "vendor", "fixture", "oauth-srv"}
     assert bad_member[1] is True and bad_member[0].startswith("Tool execution failed: tool x_kubernetes_whoami is "
                                                               'not available on server "nope"')
     assert [e[:2] for e in errors] == [("name argument is required", True),
@@ -303,11 +312,12 @@ async def test_core_mcpserver_list_and_events_answer_per_caller(setup: Setup, mo
             answers[who] = (json.loads(listed["content"][0]["text"])["mcpServers"], got, events)
     dev, intern = answers["dev"], answers["intern"]
     dev_servers = {s["name"]: s for s in dev[0]}
-    assert set(dev_servers) == {*K8S, "prometheus", "vendor"}
+    assert set(dev_servers) == {*K8S, "prometheus", "vendor", "fixture", "oauth-srv"}
     assert dev_servers["prometheus"]["state"] == "Connected"
     assert dev_servers["prometheus"]["sessionStatus"] == "connected"
     assert dev_servers["prometheus"]["toolsCount"] == 3
-    assert {s["name"] for s in intern[0]} == {*K8S, "vendor"}
+    assert {s["name"] for s in intern[0]} == {*K8S, "vendor", "fixture", "oauth-srv"}
+    assert dev_servers["oauth-srv"]["sessionStatus"] == "auth_required" and dev_servers["oauth-srv"]["toolsCount"] == 0
     assert json.loads(json.loads(dev[1][0])["content"][0]["text"])["toolsCount"] == 3
     assert json.loads(intern[1][0])["content"][0]["text"] == "MCPServer 'prometheus' not found"
     events = json.loads(json.loads(dev[2][0])["content"][0]["text"])["events"]
@@ -315,3 +325,83 @@ async def test_core_mcpserver_list_and_events_answer_per_caller(setup: Setup, mo
     assert any(e["resourceName"] == "prometheus" and e["reason"] == "Connected" for e in events)
     assert all("subject" not in e for e in events)
     assert intern[2][:2] == ("Tool execution failed: Unknown tool: core_events", True)  # the policy applies
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_call_tool_maps_resource_links_like_a_native_call(setup: Setup, mode: str) -> None:
+    async with connect_as(setup, "dev", mode, meta=False) as client:
+        native = await client.call_tool("x_vendor_make_link", {})
+        wrapped = await call(client, "call_tool", {"name": "x_vendor_make_link"})
+    native_uri = str(native.content[1].uri)  # type: ignore[union-attr]
+    inner = json.loads(wrapped[0])["content"]
+    assert inner[1]["type"] == "resource_link" and inner[1]["uri"] == native_uri
+    assert native_uri != "vendor://docs/readme"
+
+
+async def test_events_are_shared_through_the_store(tmp_path: Path) -> None:
+    from extproc.events import Events
+    from tests.e2e.test_shared_state import start_redis
+
+    with start_redis(tmp_path) as url:
+        one, two = Events(url), Events(url)
+        one.record("MCPServer", "prom", "Connected", "prom is reachable")
+        for _ in range(100):
+            seen = await two.read(subject="", servers={"prom"})
+            if seen:
+                break
+            await asyncio.sleep(0.05)
+    assert [(e["resourceName"], e["reason"]) for e in seen] == [("prom", "Connected")]
+
+
+async def post(setup: Setup, method: str, params: dict[str, Any]) -> httpx2.Response:
+    meta = {"io.modelcontextprotocol/protocolVersion": MODERN, "io.modelcontextprotocol/clientCapabilities": {
+        "elicitation": {"form": {}}}}
+    headers = {"accept": "application/json, text/event-stream", "content-type": "application/json",
+               "mcp-protocol-version": MODERN, "mcp-method": method, "x-muster-tool-mode": "meta",
+               "authorization": f"Bearer {setup.tokens['dev']}"}
+    if "name" in params:
+        headers["mcp-name"] = params["name"]
+    if "uri" in params:
+        headers["mcp-name"] = params["uri"]
+    async with httpx2.AsyncClient(timeout=30) as http:
+        return await http.post(setup.gateway.url, headers=headers, json={
+            "jsonrpc": "2.0", "id": 7, "method": method, "params": {**params, "_meta": meta}})
+
+
+async def test_call_tool_relays_input_required_to_a_modern_client(setup: Setup) -> None:
+    call_params = {"name": "call_tool", "arguments": {"name": "x_fixture_test_input_required_result_elicitation"}}
+    first = (await post(setup, "tools/call", call_params)).json()["result"]
+    assert first["resultType"] == "input_required" and "user_name" in first["inputRequests"]
+    answer = {"user_name": {"action": "accept", "content": {"name": "Ada"}}}
+    retry = {**call_params, "inputResponses": answer}
+    if first.get("requestState"):
+        retry["requestState"] = first["requestState"]
+    second = (await post(setup, "tools/call", retry)).json()["result"]
+    assert second["resultType"] == "complete" and second["isError"] is False
+    assert json.loads(second["content"][0]["text"])["content"][0]["text"] == "Hello, Ada!"
+
+
+async def test_meta_mode_reaches_backend_prompts_and_resources_only_through_meta_tools(setup: Setup) -> None:
+    prompt = (await post(setup, "prompts/get", {"name": "x_prometheus_investigate_alert",
+                                                "arguments": {"alert": "a"}})).json()
+    resources = (await post(setup, "resources/list", {})).json()["result"]["resources"]
+    uri = next(r["uri"] for r in json.loads((await post(setup, "tools/call", {"name": "list_resources",
+                                                                              "arguments": {}})).json()
+                                             ["result"]["content"][0]["text"]) if r["uri"].endswith("/targets"))
+    read = (await post(setup, "resources/read", {"uri": uri})).json()
+    status = (await post(setup, "resources/read", {"uri": "auth://status"})).json()
+    assert prompt["error"]["code"] == -32602
+    assert [r["uri"] for r in resources] == ["auth://status"]
+    assert "error" in read and "Resource not found" in read["error"]["message"]
+    assert "prometheus" in status["result"]["contents"][0]["text"]
+
+
+async def test_backend_tools_named_like_edge_tools_are_left_out_and_named_in_the_status(tmp_path: Path) -> None:
+    with start_demo_server("prometheus", name="prometheus") as prom, \
+            start_gateway(tmp_path, {"prometheus": prom.url}, prefix="workflow", toolMode="both") as gw:
+        async with Client(gw.url, mode=MODERN) as client:
+            names = {t.name for t in (await client.list_tools()).tools}
+        collisions = gw.status()["collisions"]
+    assert "workflow_prometheus_query" in collisions and "workflow_prometheus_whoami" in collisions
+    assert not any(n.startswith("workflow_") for n in names)
+    assert set(META) <= names

@@ -29,3 +29,19 @@ async def test_a_caller_reads_only_events_about_servers_it_sees_and_never_anothe
     assert all("subject" not in e and e["timestamp"].endswith("Z") for e in alice)
     assert await events.read(subject="alice", servers={"prom"}, event_type="Warning") == []
     assert len(await events.read(subject="alice", servers={"saas", "prom"}, limit=1)) == 1
+
+
+def test_edge_tools_registry_replaces_one_kind_at_once() -> None:
+    from extproc.edge_tools import EdgeTool, EdgeTools, text_result
+
+    async def handler(ctx: object, arguments: dict[str, object]) -> dict[str, object]:
+        return text_result("ok")
+
+    tools = EdgeTools()
+    tools.register(EdgeTool({"name": "core_x", "inputSchema": {"type": "object"}}, handler))
+    tools.replace("workflow", [EdgeTool({"name": "workflow_a"}, handler, kind="workflow")])
+    generation = tools.generation
+    tools.replace("workflow", [EdgeTool({"name": "workflow_b"}, handler, kind="workflow")])
+    assert tools.names() == {"core_x", "workflow_b"} and tools.generation > generation
+    route, target = tools.get("workflow_b").route()  # type: ignore[union-attr]
+    assert (route.exposed, target.server, target.original) == ("workflow_b", "muster-edge", "workflow_b")
