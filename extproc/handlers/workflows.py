@@ -96,7 +96,7 @@ class WorkflowTools:
 
     # ---- what a caller can reach -------------------------------------------------------------------------
     def tool_ok(self, ctx: ToolContext) -> Callable[[str], bool]:
-        """Whether this caller can reach a (non-workflow) tool: in its own view, or an edge tool it has."""
+        """Whether this caller can reach a tool now: in its own view, or an edge tool it has and may call."""
         def ok(tool: str) -> bool:
             return tool_calls.reachable(ctx, tool)
         return ok
