@@ -50,7 +50,7 @@ SSE_HEADERS = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-cont
 KEEPALIVE_S = 20.0
 
 
-def tool_definitions(name: str, count: int, *, shared: bool = False) -> list[dict[str, Any]]:
+def tool_definitions(name: str, count: int, *, shared: bool = False, suffix: str = "") -> list[dict[str, Any]]:
     """`echo` plus `count - 1` filler tools with realistic descriptions and schemas (about 300 bytes each);
     `shared` descriptions do not name the server (identical servers, as family members are)."""
     who = "this server" if shared else f"server {name}"
@@ -62,7 +62,7 @@ def tool_definitions(name: str, count: int, *, shared: bool = False) -> list[dic
     for i in range(1, count):
         tools.append({
             "name": f"op_{i:03d}",
-            "description": f"Operation {i} of {who}: looks something up in a namespace and returns it.",
+            "description": f"Operation {i} of {who}: looks something up in a namespace and returns it.{suffix}",
             "inputSchema": {"type": "object", "properties": {
                 "namespace": {"type": "string", "description": "Kubernetes namespace"},
                 "limit": {"type": "integer", "minimum": 1, "maximum": 500}}, "required": ["namespace"]},
@@ -83,10 +83,10 @@ class RpcFailure(Exception):
 class Upstream:
     """The MCP logic, independent of the socket: one request in, one (status, headers, body) out."""
 
-    def __init__(self, name: str, tools: int, *, shared_descriptions: bool = False) -> None:
+    def __init__(self, name: str, tools: int, *, shared_descriptions: bool = False, suffix: str = "") -> None:
         self.name = name
         self.info = {"name": name, "version": "1.0.0"}
-        self.tools = tool_definitions(name, tools, shared=shared_descriptions)
+        self.tools = tool_definitions(name, tools, shared=shared_descriptions, suffix=suffix)
         self.tool_names = frozenset(t["name"] for t in self.tools)
         self.capabilities = {"tools": {"listChanged": True}}
         self.sessions: set[str] = set()
@@ -300,11 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--names", default="", help="comma-separated: serve one server per name at /NAME/mcp")
     parser.add_argument("--shared-descriptions", action="store_true",
                         help="tool descriptions without the server's name (family members)")
+    parser.add_argument("--description-suffix", default="", help="appended to every filler tool's description")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.names.split(",") if n.strip()]
     if len(set(names)) != len(names) or any("/" in n or "?" in n for n in names):
         parser.error("--names: distinct names without '/' or '?'")
-    servers = [Upstream(n, max(1, args.tools), shared_descriptions=args.shared_descriptions)
+    servers = [Upstream(n, max(1, args.tools), shared_descriptions=args.shared_descriptions,
+                        suffix=args.description_suffix)
                for n in names or [args.name]]
     fleet = Fleet(servers, by_name=bool(names))
     with contextlib.suppress(KeyboardInterrupt):

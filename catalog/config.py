@@ -13,6 +13,7 @@ import yaml
 from catalog.policy import Policy, PolicyError, parse_policy
 
 PREFIX_MODES = ("always", "conditional", "never")
+TOOL_MODES = ("native", "meta", "both")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 _PREFIX = re.compile(r"^[a-zA-Z][a-zA-Z0-9_-]*$")
 _KNOWN = {
@@ -20,8 +21,9 @@ _KNOWN = {
     "prefix", "prefixMode", "maxRequestBytes", "sessionKey", "stateDir", "listPageSize", "serverName",
     "instructions", "listTtlMs", "listTtlFloorMs", "allowedOrigins", "listWaitMs", "allowedHosts", "tls",
     "auth", "policy", "audit", "secretsDir", "store", "upstreamOAuth", "restart", "sessions", "edgeLogin",
-    "statusToken",
+    "statusToken", "toolMode", "workflows",
 }
+_KNOWN |= {"workflows"}
 
 
 class ConfigError(ValueError):
@@ -103,6 +105,19 @@ class EdgeLoginConfig:
 
 
 @dataclass(frozen=True)
+class WorkflowSettings:
+    """Workflow runs and their records (Muster's retention: newest 10,000, 21 days, 256 KB per record).
+
+    A run is bounded by timeout_s (at most 80 s): under the 85 s the processor asks Envoy to wait for a slow
+    answer, itself under Envoy's ext_proc max_message_timeout (90 s)."""
+
+    timeout_s: int = 60
+    max_executions: int = 10_000
+    retention_days: int = 21
+    max_record_bytes: int = 256 * 1024
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     source: str = ""
     listen: Address = Address("127.0.0.1", 8080)
@@ -125,6 +140,7 @@ class GatewayConfig:
     list_wait_ms: int = 5_000
     server_name: str = "muster-edge"
     instructions: str = ""
+    workflows: WorkflowSettings = field(default_factory=WorkflowSettings)
     allowed_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
     tls: TlsConfig | None = None
@@ -140,6 +156,7 @@ class GatewayConfig:
     edge_login: EdgeLoginConfig | None = None
     status_token_file: str = ""
     status_token_env: str = ""
+    tool_mode: str = "native"
 
     @property
     def callback_url(self) -> str:
@@ -305,6 +322,7 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
         list_wait_ms=_int(raw, "listWaitMs", 5_000, 100, 300_000, source),
         server_name=str(raw.get("serverName", "muster-edge")),
         instructions=str(raw.get("instructions", "")),
+        workflows=_workflows(raw.get("workflows"), source),
         allowed_origins=tuple(origins),
         allowed_hosts=tuple(h.lower() for h in hosts),
         tls=_tls(raw.get("tls"), source, path_of),
@@ -319,6 +337,7 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
         edge_login=_edge_login(raw.get("edgeLogin"), source, path_of),
         status_token_file=path_of(str(status_token["file"])) if status_token.get("file") else "",
         status_token_env=str(status_token.get("env", "")),
+        tool_mode=_tool_mode(raw.get("toolMode", "native"), source),
     )
     if cfg.edge_login is not None and cfg.auth is None:
         raise ConfigError(f"{source}: edgeLogin: needs auth (the edge IdP it signs in at is auth.issuer)")
@@ -350,6 +369,30 @@ def _sessions(raw: Any, source: str) -> SessionsConfig:
     return SessionsConfig(idle_timeout_s=_int(raw, "idleTimeoutSeconds", 1800, 1, 7 * 86_400, where),
                           max_upstream_sessions=_int(raw, "maxUpstreamSessions", 4000, 1, 1_000_000, where),
                           active_window_s=_int(raw, "activeWindowSeconds", 10, 0, 86_400, where))
+
+
+def _workflows(raw: Any, source: str) -> WorkflowSettings:
+    """`workflows: {timeoutSeconds, executions: {max, retentionDays, maxRecordBytes}}`."""
+    if raw is None:
+        return WorkflowSettings()
+    where = f"{source}: workflows"
+    if not isinstance(raw, dict) or set(raw) - {"timeoutSeconds", "executions"}:
+        raise ConfigError(f"{where}: expected timeoutSeconds and executions")
+    ex = raw.get("executions") or {}
+    if not isinstance(ex, dict) or set(ex) - {"max", "retentionDays", "maxRecordBytes"}:
+        raise ConfigError(f"{where}.executions: expected max, retentionDays and maxRecordBytes")
+    return WorkflowSettings(
+        timeout_s=_int(raw, "timeoutSeconds", 60, 1, 80, where),
+        max_executions=_int(ex, "max", 10_000, 1, 1_000_000, f"{where}.executions"),
+        retention_days=_int(ex, "retentionDays", 21, 1, 3650, f"{where}.executions"),
+        max_record_bytes=_int(ex, "maxRecordBytes", 256 * 1024, 1024, 16 << 20, f"{where}.executions"))
+
+
+def _tool_mode(raw: Any, source: str) -> str:
+    """native: the fleet's tools; meta: Muster's 11 meta-tools only; both: both, and X-Muster-Tool-Mode picks."""
+    if raw not in TOOL_MODES:
+        raise ConfigError(f"{source}: toolMode: must be one of {', '.join(TOOL_MODES)}, got {raw!r}")
+    return str(raw)
 
 
 def _store(raw: Any, source: str) -> str:

@@ -114,9 +114,10 @@ class AdmissionError:
     field: str
     message: str
     name: str = ""
+    kind: str = "MCPServer"
 
     def __str__(self) -> str:
-        who = f" (MCPServer {self.name})" if self.name else ""
+        who = f" ({self.kind} {self.name})" if self.name else ""
         return f"{self.source}{who}: {self.field}: {self.message}"
 
 
@@ -362,6 +363,7 @@ def _parse_spec(root: Mapping[str, Any], name: str, namespace: str, source: str)
 class LoadResult:
     servers: tuple[MCPServer, ...]
     errors: tuple[AdmissionError, ...]
+    workflows: tuple[Any, ...] = ()  # catalog.workflows.Workflow, admitted by extproc.catalog_files
 
 
 def _documents(text: str) -> tuple[list[Any], str]:
@@ -386,8 +388,8 @@ def load_documents(files: Iterable[tuple[str, str]]) -> LoadResult:
                                          f"invalid YAML: {broken}"))
         several = len([d for d in docs if d is not None]) > 1 or bool(broken)
         for index, doc in enumerate(docs):
-            if doc is None:
-                continue
+            if doc is None or (isinstance(doc, dict) and doc.get("kind") == "Workflow"):
+                continue  # Workflows are admitted by catalog.workflows
             where = f"{source}[{index}]" if several else source
             try:
                 server = parse_server(doc, where)

@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 
 from catalog.manifests import AdmissionError, LoadResult, load_documents
+from catalog.workflows import load_workflows
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ def read_catalog(folder: str) -> LoadResult:
         except (OSError, UnicodeDecodeError) as exc:
             unreadable.append(AdmissionError(os.path.relpath(path), "file", f"cannot read: {exc}"))
     result = load_documents(texts)
-    return LoadResult(result.servers, (*unreadable, *result.errors))
+    flows = load_workflows(texts)
+    return LoadResult(result.servers, (*unreadable, *result.errors, *flows.errors), flows.workflows)
 
 
 async def watch(folder: str, on_change: Callable[[LoadResult], None], interval: float = 0.5) -> None:

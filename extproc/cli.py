@@ -75,6 +75,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     result = read_catalog(config.catalog_dir)
     for server in result.servers:
         print(f"admitted: {server.name} ({server.type} {server.url}) from {server.source}")
+    for flow in result.workflows:
+        print(f"admitted: Workflow {flow.name} (tool {flow.tool_name}, {len(flow.steps)} steps) from {flow.source}")
     for err in result.errors:
         print(f"refused: {err}")
     return 1 if result.errors else 0

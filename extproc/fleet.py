@@ -131,6 +131,7 @@ class Fleet:
         task = asyncio.get_running_loop().create_task(self.client.delete_session(server, hs))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+        self.on_change: Callable[[MCPServer, str, bool, str], None] | None = None  # (server, owner, up, why)
 
     # ---- catalog ---------------------------------------------------------------------------------------
     def set_catalog(self, servers: Sequence[MCPServer], errors: Sequence[AdmissionError]) -> None:
@@ -240,6 +241,7 @@ class Fleet:
         tools = self._valid_tools(server.name, tools)
         self._generation += 1
         previously_failed = (state.snapshot is not None and not state.snapshot.ok) or bool(state.down)
+        first = state.snapshot is None
         state.auth_required = False
         state.down = ""
         state.snapshot = UpstreamSnapshot(
@@ -251,6 +253,8 @@ class Fleet:
         state.expires_at = time.monotonic() + life_ms / 1000.0 * random.uniform(0.9, 1.0)
         if previously_failed:
             log.warning("upstream %s: recovered", server.name)
+        if (previously_failed or first) and self.on_change is not None:
+            self.on_change(server, state.owner, True, "")
         who = f" (for {state.owner})" if state.owner else ""
         log.info("upstream %s%s: %s %s, %d tools, %d prompts, %d resources, %d templates", server.name, who, hs.era,
                  hs.version, len(tools), len(prompts), len(resources), len(templates))
@@ -281,6 +285,8 @@ class Fleet:
         if state.snapshot is None or state.snapshot.ok or state.snapshot.error != reason:
             who = f" (for {state.owner})" if state.owner else ""
             log.error("upstream %s%s: %s: %s", name, who, "auth required" if auth_required else "failed", reason)
+            if self.on_change is not None and (state.snapshot is None or state.snapshot.ok):
+                self.on_change(state.server, state.owner, False, reason)
         self._generation += 1
         state.snapshot = UpstreamSnapshot(server=name, ok=False, error=reason, generation=self._generation)
         state.auth_required = auth_required

@@ -9,20 +9,24 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
 from cachetools import LRUCache
 
 from catalog.config import GatewayConfig
+from catalog.manifests import MCPServer
 from catalog.policy import Decision, ToolFacts
 from catalog.view import Route, Target, View, restrict
-from extproc import jsonrpc
+from extproc import core_tools, jsonrpc
 from extproc.answer import Resend
 from extproc.credentials import Broker, CredentialError
+from extproc.edge_tools import EdgeTool, EdgeTools, ToolContext
+from extproc.events import Events
 from extproc.fleet import Fleet
 from extproc.handlers import auth, calls, lifecycle, lists
+from extproc.handlers.meta import META_TOOL_NAMES
 from extproc.jsonrpc import INVALID_REQUEST, LEGACY, MODERN, Message, RpcError
 from extproc.metrics import Metrics
 from extproc.peers import Peers
@@ -55,7 +59,9 @@ HANDLERS: dict[str, Handler] = {
     "resources/unsubscribe": calls.subscribe,
 }
 
-_DROP_UPSTREAM = ("last-event-id", "cookie", "origin", "x-envoy-original-path", RETRY_HEADER)
+TOOL_MODE_HEADER = "x-muster-tool-mode"
+RESERVED_PREFIXES = ("core_", "workflow_")
+_DROP_UPSTREAM = ("x-muster-tool-mode", "last-event-id", "cookie", "origin", "x-envoy-original-path", RETRY_HEADER)
 
 
 def _accepts(accept: str) -> tuple[bool, bool]:
@@ -87,6 +93,55 @@ class Gateway:
         self.peers: Peers | None = None
         fleet.owner_ended = sessions.owner_ended
         self.metrics.collectors.append(self._session_metrics)
+        self.edge_tools = EdgeTools()
+        self.events = Events(config.redis_url)
+        core_tools.register_builtin(self)
+        self.fleet.on_change = self._upstream_changed
+        self.collisions: dict[str, list[str]] = {}
+
+    def _upstream_changed(self, server: MCPServer, owner: str, up: bool, why: str) -> None:
+        self.events.record("MCPServer", server.name, "Connected" if up else "Failed",
+                           f"{server.name} is reachable" if up else f"{server.name} failed: {why}",
+                           event_type="Normal" if up else "Warning", subject=owner)
+
+    def set_catalog(self, servers: Sequence[MCPServer], errors: Sequence[Any]) -> None:
+        """A catalog (re)load: swapped into the fleet and recorded as events (reload, each refused manifest)."""
+        before = set(self.fleet.errors)
+        self.fleet.set_catalog(servers, errors)
+        self.events.record("Catalog", "catalog", "Reloaded", f"{len(servers)} MCPServers admitted, "
+                                                             f"{len(errors)} refused")
+        for err in errors:
+            if err not in before:
+                self.events.record("Catalog", "catalog", "Refused", str(err), event_type="Warning")
+
+    def reserved(self, name: str) -> bool:
+        """Names answered at the edge: a backend tool exposed under one is left out (and named in the status)."""
+        if name in self.edge_tools:
+            return True
+        return self.config.tool_mode != "native" and (name in META_TOOL_NAMES or name.startswith(RESERVED_PREFIXES))
+
+    def status(self) -> dict[str, Any]:
+        out = self.fleet.status()
+        view = self.fleet.view()
+        out["collisions"] = sorted(name for name in view.tool_routes if self.reserved(name))
+        out["toolMode"] = self.config.tool_mode
+        return out
+
+    def tool_mode(self, req: Request) -> str:
+        """native | meta | both for this request: the setting, narrowed to meta by X-Muster-Tool-Mode."""
+        mode = self.config.tool_mode
+        if mode == "both" and req.headers.get(TOOL_MODE_HEADER, "").strip().lower() == "meta":
+            return "meta"
+        return mode
+
+    def edge_listing(self, req: Request, era: str) -> tuple[dict[str, Any], ...]:
+        """The edge tools this caller has (availability and policy), as listed in a native tools/list."""
+        ctx = ToolContext(self, req, era)
+        return tuple(dict(t.definition) for t in self.edge_tools.for_caller(ctx, lambda t: self.edge_allowed(req, t)))
+
+    def edge_allowed(self, req: Request, tool: EdgeTool) -> bool:
+        route, target = tool.route()
+        return self.decide(req, route, target).allowed
 
     def cache_scope(self, req: Request) -> str:
         """Lists are filtered per caller (policy, toolset), so they are private whenever callers differ."""
@@ -121,11 +176,13 @@ class Gateway:
 
     def view_for(self, req: Request) -> View:
         base = self.fleet.view(req.caller.subject)
-        key = req.view_key = (base.fingerprint, req.caller.claims.key, req.toolset)
+        key = req.view_key = (base.fingerprint, req.caller.claims.key, req.toolset, self.edge_tools.generation)
         view = self._caller_views.get(key)
         if view is None:
-            view = self._caller_views[key] = restrict(
-                base, lambda route, target: self.decide(req, route, target).allowed, key)
+            def allowed(route: Route, target: Target) -> bool:
+                return not self.reserved(route.exposed) and self.decide(req, route, target).allowed
+
+            view = self._caller_views[key] = restrict(base, allowed, key)
         return view
 
     def audit(self, req: Request, *, tool: str, decision: str, rule: str, server: str = "",
@@ -189,6 +246,12 @@ class Gateway:
         refused = self._authorized(req)
         if refused is not None:
             return refused
+        mode = req.headers.get(TOOL_MODE_HEADER, "").strip().lower()
+        if mode and (mode not in ("meta", "native") or (mode == "meta" and self.config.tool_mode == "native")):
+            why = (f"the gateway's toolMode is {self.config.tool_mode}; set toolMode: both or meta to use it"
+                   if mode == "meta" else "use meta or native")
+            return Local.error(RpcError(INVALID_REQUEST, f"X-Muster-Tool-Mode: {mode!r} is not available: {why}",
+                                        status=400), MODERN)
         if not self.config.policy.known_toolset(req.toolset):
             known = ", ".join(["full", "read-only", "none", *self.config.policy.toolsets])
             return Local.error(RpcError(INVALID_REQUEST, f"Unknown toolset {req.toolset!r} (known: {known})",

@@ -17,11 +17,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from catalog.config import GatewayConfig
-from catalog.manifests import MCPServer
+from catalog.manifests import LoadResult, MCPServer
 from extproc.catalog_files import read_catalog, watch
 from extproc.credentials import Broker, Exchanger, MemoryStore, RedisStore, SecretFiles, TokenStore
+from extproc.executions import Executions
 from extproc.fleet import Fleet
 from extproc.gateway import Gateway
+from extproc.handlers import workflows
 from extproc.oauth import EdgeLogin, UserTokens
 from extproc.peers import Peers
 from extproc.sessions import Cursors, Sealer, Sessions, load_key
@@ -103,7 +105,9 @@ def build_gateway(config: GatewayConfig) -> Gateway:
                   max_upstream_sessions=config.sessions.max_upstream_sessions,
                   active_window_s=config.sessions.active_window_s)
     sessions = Sessions(sealer, idle_timeout_s=config.sessions.idle_timeout_s)
-    return Gateway(config, fleet, sessions, Cursors(sealer), broker)
+    gateway = Gateway(config, fleet, sessions, Cursors(sealer), broker)
+    workflows.install(gateway, Executions(config.workflows, sealer, config.redis_url))
+    return gateway
 
 
 def sibling_urls(config: GatewayConfig, status_port: int | None) -> list[str]:
@@ -130,16 +134,21 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
     await healthy.set("", health_pb2.HealthCheckResponse.SERVING)
     fleet = gateway.fleet
     first = read_catalog(config.catalog_dir)
-    fleet.set_catalog(first.servers, first.errors)
+    gateway.set_catalog(first.servers, first.errors)
+    workflows.of(gateway).set_workflows(first.workflows)
+
+    def changed(result: LoadResult) -> None:
+        gateway.set_catalog(result.servers, result.errors)
+        workflows.of(gateway).set_workflows(result.workflows)
+
     maintainer = asyncio.get_running_loop().create_task(fleet.maintain())
     sweeper = asyncio.get_running_loop().create_task(gateway.sweep_sessions())
     listener = asyncio.get_running_loop().create_task(gateway.peers.listen(gateway.end_here))
-    watcher = asyncio.get_running_loop().create_task(
-        watch(config.catalog_dir, lambda result: fleet.set_catalog(result.servers, result.errors)))
+    watcher = asyncio.get_running_loop().create_task(watch(config.catalog_dir, changed))
     status_server = None
     if status_port is not None:
         status_server = await serve_status(config.status_listen.host, status_port,
-                                           with_supervisor(lambda: {**fleet.status(),
+                                           with_supervisor(lambda: {**gateway.status(),
                                                                     "sessions": gateway.session_status()}),
                                            gateway.metrics.render, gateway.peer_message, token=status_token(config))
     log.info("processor listening on %s:%d", config.processor_listen.host, port)
@@ -150,6 +159,7 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await shutdown(server, healthy, fleet, [watcher, maintainer, sweeper, listener], status_server, gateway.peers)
+    await workflows.of(gateway).executions.aclose()
 
 
 async def shutdown(server: grpc.aio.Server, healthy: Any, fleet: Fleet, tasks: list[asyncio.Task[None]],

@@ -169,6 +169,7 @@ async def callback(gw: Gateway, req: Request) -> Local:
     server, subject = outcome.server, outcome.subject
     assert server is not None
     gw.fleet.suspect(server.name, subject)
+    gw.events.record("MCPServer", server.name, "LoggedIn", f"signed in to {server.name}", subject=subject)
     return _page("Signed in", f"You are signed in to {server.name}. You can close this window and go back to your "
                               "agent.", 200)
 

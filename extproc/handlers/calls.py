@@ -10,9 +10,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from catalog.policy import ToolFacts
-from catalog.view import Route, Target
-from extproc import jsonrpc
-from extproc.handlers import auth
+from catalog.view import Route, Target, View
+from extproc import jsonrpc, tool_calls
+from extproc.handlers import auth, meta
+from extproc.handlers.meta import META_TOOL_NAMES
 from extproc.jsonrpc import INVALID_PARAMS, LEGACY_RESOURCE_NOT_FOUND, MODERN, Message, RpcError
 from extproc.replies import Forward, Local
 from extproc.request import Request
@@ -127,17 +128,15 @@ def _repeatable(definition: Mapping[str, Any]) -> bool:
     return isinstance(hints, dict) and (hints.get("readOnlyHint") is True or hints.get("idempotentHint") is True)
 
 
-async def call_tool(gw: Gateway, req: Request, msg: Message) -> Forward | Local:
-    name = _name(msg.params)
-    arguments = _object(msg.params, "arguments")
-    if name in auth.CORE_TOOL_NAMES and gw.core_tools():
-        return await auth.core_tool(gw, req, msg, name, arguments)
-    view = await gw.current_view(req)
+def resolve_call(gw: Gateway, req: Request, view: View, name: str, arguments: Mapping[str, Any]
+                 ) -> tuple[Route, Target, dict[str, Any]]:
+    """The route, member and upstream arguments of a routed tool call, with its policy decision audited.
+
+    Shared by a native tools/call and the processor's own calls (call_tool, workflow steps): one decision,
+    one audit line, one refusal text, whichever way the call came."""
     route = view.tool_routes.get(name)
     if route is None:
         raise _refused(gw, req, name, arguments)
-    if msg.era == MODERN:
-        jsonrpc.check_param_headers(route.header_map, arguments, req.param_headers)
     try:
         target, upstream_args = select_target(route, arguments)
     except RpcError:
@@ -151,6 +150,25 @@ async def call_tool(gw: Gateway, req: Request, msg: Message) -> Forward | Local:
     decision = gw.decide(req, route, target)
     gw.audit(req, tool=name, decision="allow", rule=decision.rule, server=target.server,
              upstream_tool=target.original)
+    return route, target, upstream_args
+
+
+async def call_tool(gw: Gateway, req: Request, msg: Message) -> Forward | Local:
+    name = _name(msg.params)
+    arguments = _object(msg.params, "arguments")
+    mode = gw.tool_mode(req)
+    if name in META_TOOL_NAMES and mode != "native":
+        return await meta.call(gw, req, msg, name, arguments)
+    if mode == "meta":
+        gw.audit(req, tool=name, decision="unknown", rule="meta-mode")
+        raise RpcError(INVALID_PARAMS, f"Unknown tool: {name}")
+    if name in gw.edge_tools:
+        return await tool_calls.edge_call(gw, req, msg, name, arguments)
+    view = await gw.current_view(req)
+    route = view.tool_routes.get(name)
+    if route is not None and msg.era == MODERN:
+        jsonrpc.check_param_headers(route.header_map, arguments, req.param_headers)
+    route, target, upstream_args = resolve_call(gw, req, view, name, arguments)
     params = {**msg.params, "name": target.original, "arguments": upstream_args}
     return await gw.forward(req, msg, target.server, params, name=target.original, header_map=target.header_map,
                             arguments=upstream_args, repeatable=_repeatable(target.definition))
@@ -161,7 +179,7 @@ async def get_prompt(gw: Gateway, req: Request, msg: Message) -> Forward:
     arguments = _object(msg.params, "arguments")
     view = await gw.current_view(req)
     route = view.prompt_routes.get(name)
-    if route is None:
+    if route is None or gw.tool_mode(req) == "meta":  # meta mode: prompts only through the meta-tools
         raise RpcError(INVALID_PARAMS, f"Unknown prompt: {name}")
     target, upstream_args = select_target(route, arguments, "prompt")
     params = {**msg.params, "name": target.original, "arguments": upstream_args}
@@ -185,8 +203,11 @@ async def _forward_by_uri(gw: Gateway, req: Request, msg: Message, uri: str) -> 
 
 async def read_resource(gw: Gateway, req: Request, msg: Message) -> Forward | Local:
     uri = _name(msg.params, "uri")
-    if uri == auth.AUTH_STATUS_URI and gw.offers_auth_status:
+    meta_mode = gw.tool_mode(req) == "meta"
+    if uri == auth.AUTH_STATUS_URI and (gw.offers_auth_status or meta_mode):
         return await auth.read_status(gw, req, msg)
+    if meta_mode:  # meta mode: backend resources only through the meta-tools
+        raise _not_found(msg, uri)
     return await _forward_by_uri(gw, req, msg, uri)
 
 

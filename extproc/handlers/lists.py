@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from extproc import jsonrpc
-from extproc.handlers import auth
+from extproc.handlers import auth, meta
 from extproc.jsonrpc import INVALID_PARAMS, MODERN, Message, RpcError
 from extproc.replies import Local
 from extproc.request import Request
@@ -38,15 +38,26 @@ async def list_items(gw: Gateway, req: Request, msg: Message) -> Local:
             raise RpcError(INVALID_PARAMS, "Invalid cursor: the list changed or the cursor is not ours; list again")
         offset = parsed.offset
     scope = gw.cache_scope(req)
+    mode = gw.tool_mode(req)
     extra: tuple[dict[str, Any], ...] = ()
+    native: tuple[dict[str, Any], ...] = ()
     if attr == "tools":
-        extra = gw.core_tools()
-    elif attr == "resources" and gw.offers_auth_status:
-        extra = (auth.AUTH_STATUS_RESOURCE,)
-    cache_key = (view.fingerprint, msg.method, offset, msg.era, scope, len(extra))
+        if mode != "native":
+            extra = meta.META_TOOLS
+        if mode != "meta":
+            extra = (*extra, *gw.edge_listing(req, msg.era))
+            native = view.legacy_tools if msg.era != MODERN else view.tools
+    elif mode == "meta":
+        extra = (auth.AUTH_STATUS_RESOURCE,) if attr == "resources" else ()
+    else:
+        if attr == "resources" and gw.offers_auth_status:
+            extra = (auth.AUTH_STATUS_RESOURCE,)
+        native = getattr(view, attr)
+    cache_key = (view.fingerprint, msg.method, offset, msg.era, scope, mode, gw.edge_tools.generation,
+                 tuple(t.get("name") for t in extra))
     page = gw.pages.get(cache_key)
     if page is None:
-        items = (*extra, *(view.legacy_tools if attr == "tools" and msg.era != MODERN else getattr(view, attr)))
+        items = (*extra, *native)
         size = gw.config.list_page_size or max(len(items), 1)
         result: dict[str, Any] = {key: list(items[offset:offset + size])}
         if offset + size < len(items):

@@ -338,9 +338,9 @@ def test_wrong_api_version_is_refused() -> None:
 
 
 def test_wrong_kind_is_refused() -> None:
-    err = refused(manifest(kind="Workflow"))
+    err = refused(manifest(kind="ServiceClass"))
     assert err.field == "kind"
-    assert "'Workflow'" in err.message
+    assert "'ServiceClass'" in err.message
 
 
 def test_document_that_is_not_a_mapping_is_refused() -> None:
