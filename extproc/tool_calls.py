@@ -8,18 +8,24 @@ call is bounded by its server's timeout. Free of ext_proc/gRPC types: the workfl
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import itertools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+import httpx2
+import orjson
 
 from catalog.manifests import MCPServer
 from extproc import jsonrpc
 from extproc.credentials import CredentialError
 from extproc.edge_tools import EdgeTool, ToolContext
+from extproc.hop import Hop, HopError
 from extproc.jsonrpc import INVALID_PARAMS, MODERN, Message, RpcError
 from extproc.replies import Local
 from extproc.rewrite import _map_uris as map_uris
-from extproc.upstream import UpstreamAuthError, UpstreamError, UpstreamRpcError
+from extproc.upstream import CLIENT_INFO, Handshake, UpstreamAuthError, UpstreamClient, UpstreamError, UpstreamRpcError
 
 if TYPE_CHECKING:
     from extproc.gateway import Gateway
@@ -97,6 +103,42 @@ def _unavailable(server: str, why: str) -> RpcError:
                     status=502)
 
 
+_IDS = itertools.count(1)
+_HOPS: dict[tuple[str, int, int], Hop] = {}
+
+
+def _hop(gw: Gateway) -> Hop:
+    """One lean client per event loop and internal listener."""
+    address = gw.config.internal_listen
+    key = (address.host, address.port, id(asyncio.get_running_loop()))
+    hop = _HOPS.get(key)
+    if hop is None:
+        hop = _HOPS[key] = Hop(address.host, address.port)
+    return hop
+
+
+async def _send(gw: Gateway, server: MCPServer, hs: Handshake, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """One JSON-RPC request through Envoy's internal listener, framed as UpstreamClient frames it."""
+    params = dict(params)
+    if hs.era == MODERN:
+        meta = dict(params.get("_meta") or {})
+        meta.update({jsonrpc.META_VERSION: hs.version, jsonrpc.META_CAPABILITIES: {},
+                     jsonrpc.META_CLIENT_INFO: CLIENT_INFO})
+        params["_meta"] = meta
+    msg_id = next(_IDS)
+    key = jsonrpc.NAME_BEARING.get(method)
+    headers = gw.fleet.client.headers(server, era=hs.era, version=hs.version, session_id=hs.session_id, method=method,
+                                      name=params.get(key) if key else None, auth=hs.auth)
+    body = orjson.dumps({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
+    try:
+        status, answer_headers, content = await _hop(gw).post(server.path, headers, body, float(server.timeout))
+    except TimeoutError as exc:
+        raise UpstreamError(f"timed out after {server.timeout}s") from exc
+    except HopError as exc:
+        raise UpstreamError(str(exc)) from exc
+    return UpstreamClient.answer(httpx2.Response(status, headers=answer_headers, content=content), msg_id)
+
+
 async def request(ctx: ToolContext, server_name: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
     """One request to an upstream as ctx's caller, through Envoy's internal listener; returns its result.
 
@@ -124,7 +166,7 @@ async def request(ctx: ToolContext, server_name: str, method: str, params: dict[
         if ctx.relay and hs.era == MODERN and method == "tools/call":
             params = {**params, **ctx.relay}
         try:
-            result, _ = await gw.fleet.client.request(server, hs, method, params, timeout=float(server.timeout))
+            result = await _send(gw, server, hs, method, params)
             view = gw.view_for(req)
             if server_name in view.uri_slug_of:  # upstream URIs in the answer, as the caller names them
                 map_uris(result, view, server_name)

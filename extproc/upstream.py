@@ -146,6 +146,11 @@ class UpstreamClient:
         return self._answer(resp, msg_id), resp
 
     @staticmethod
+    def answer(resp: httpx2.Response, msg_id: int) -> dict[str, Any]:
+        """The result of request `msg_id` in an upstream's answer (JSON or SSE); raises on a JSON-RPC error."""
+        return UpstreamClient._answer(resp, msg_id)
+
+    @staticmethod
     def _answer(resp: httpx2.Response, msg_id: int) -> dict[str, Any]:
         if resp.status_code in (401, 403):
             raise UpstreamAuthError(f"HTTP {resp.status_code}: the upstream refused the credential")
