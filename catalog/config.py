@@ -14,12 +14,14 @@ from catalog.policy import Policy, PolicyError, parse_policy
 
 PREFIX_MODES = ("always", "conditional", "never")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+# The bridge port rendered for Envoy when the config leaves it to the gateway (`muster-edge render`).
+DEFAULT_BRIDGE_PORT = 18081
 _PREFIX = re.compile(r"^[a-zA-Z][a-zA-Z0-9_-]*$")
 _KNOWN = {
     "apiVersion", "kind", "listen", "path", "internalListen", "envoyAdmin", "processor", "catalog",
     "prefix", "prefixMode", "maxRequestBytes", "sessionKey", "stateDir", "listPageSize", "serverName",
     "instructions", "listTtlMs", "listTtlFloorMs", "allowedOrigins", "listWaitMs", "allowedHosts", "tls",
-    "auth", "policy", "audit", "secretsDir", "store", "upstreamOAuth",
+    "auth", "policy", "audit", "secretsDir", "store", "upstreamOAuth", "bridges",
 }
 
 
@@ -113,6 +115,10 @@ class GatewayConfig:
     secrets_dir: str = ""
     redis_url: str = ""
     upstream_oauth: UpstreamOAuthConfig | None = None
+    # Where the bridge serving stdio and sse servers listens (loopback, per replica); port 0: any free port.
+    bridge_listen: Address = Address("127.0.0.1", 0)
+    bridge_idle_seconds: int = 300
+    bridge_max_connections: int = 100
 
     @property
     def callback_url(self) -> str:
@@ -284,8 +290,24 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
         secrets_dir=path_of(str(raw.get("secretsDir", "secrets"))),
         redis_url=_store(raw.get("store"), source),
         upstream_oauth=_upstream_oauth(raw.get("upstreamOAuth"), source, path_of),
+        **_bridges(raw.get("bridges"), source),
     )
     return cfg
+
+
+def _bridges(raw: Any, source: str) -> dict[str, Any]:
+    """`bridges: {listen, idleSeconds, maxConnections}`: the loopback bridge for stdio and sse servers."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or set(raw) - {"listen", "idleSeconds", "maxConnections"}:
+        raise ConfigError(f"{source}: bridges: expected listen, idleSeconds and maxConnections")
+    out: dict[str, Any] = {
+        "bridge_idle_seconds": _int(raw, "idleSeconds", 300, 1, 86_400, f"{source}: bridges"),
+        "bridge_max_connections": _int(raw, "maxConnections", 100, 1, 100_000, f"{source}: bridges"),
+    }
+    if "listen" in raw:
+        out["bridge_listen"] = Address.parse(raw["listen"], f"{source}: bridges.listen")
+    return out
 
 
 def _store(raw: Any, source: str) -> str:

@@ -56,7 +56,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     envoy_config.write_atomic(os.path.join(out, "bootstrap.yaml"),
                               envoy_config.dump(envoy_config.bootstrap(config, ports, cds_dir)))
     envoy_config.write_atomic(os.path.join(cds_dir, envoy_config.CDS_FILE),
-                              envoy_config.dump(envoy_config.cds(result.servers)))
+                              envoy_config.dump(envoy_config.cds(result.servers, config.bridge_listen
+                                                                 if config.bridge_listen.port else None)))
     envoy_config.write_atomic(os.path.join(out, "mesh.yaml"),
                               envoy_config.dump(envoy_config.mesh_pieces(config, ports, cds_dir)))
     for err in result.errors:
@@ -71,7 +72,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     config = _config(args.config)
     result = read_catalog(config.catalog_dir)
     for server in result.servers:
-        print(f"admitted: {server.name} ({server.type} {server.url}) from {server.source}")
+        where = server.url if server.url else " ".join((server.command, *server.args))
+        print(f"admitted: {server.name} ({server.type} {where}) from {server.source}")
     for err in result.errors:
         print(f"refused: {err}")
     return 1 if result.errors else 0
@@ -217,6 +219,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 proc.kill()
 
 
+def cmd_bridges(args: argparse.Namespace) -> int:
+    from extproc.bridges.host import run_bridges
+
+    config = _config(args.config)
+    run_bridges(config, args.port or config.bridge_listen.port)
+    return 0
+
+
+def cmd_bridge(args: argparse.Namespace) -> int:
+    from extproc.bridges.single import run_single
+
+    return run_single(args)
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from extproc.agent.main import run_agent
+
+    return run_agent(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="muster-edge", description=__doc__)
     parser.add_argument("--log-level", default=os.environ.get("MUSTER_EDGE_LOG_LEVEL", "INFO"))
@@ -252,6 +274,28 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("status", help="show each upstream's state as the processor sees it")
     p.add_argument("-c", "--config", required=True)
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("bridges", help="(internal) the bridge process of `run`: its stdio and sse servers")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--port", type=int, default=0)
+    p.set_defaults(func=cmd_bridges)
+    p = sub.add_parser("bridge", help="serve one stdio MCP server over streamable HTTP (for a pod of its own)")
+    p.add_argument("--listen", default="0.0.0.0:8080", help="host:port to serve on (path /mcp)")
+    p.add_argument("--name", default="stdio", help="the server's name in logs and errors")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment for the server (${env:…} and ${file:…} are resolved); repeatable")
+    p.add_argument("--home", default="", help="the server's HOME (default: a private temporary folder)")
+    p.add_argument("argv", nargs=argparse.REMAINDER, help="-- command and arguments of the stdio server")
+    p.set_defaults(func=cmd_bridge)
+    p = sub.add_parser("agent", help="a stdio MCP server that forwards to a gateway (for stdio-only clients)")
+    p.add_argument("--url", default=os.environ.get("MUSTER_EDGE_URL", "https://localhost:8443/mcp"),
+                   help="the gateway's MCP endpoint (default: $MUSTER_EDGE_URL)")
+    p.add_argument("--token", default="", help="a bearer token (default: $MUSTER_EDGE_TOKEN, else the login)")
+    p.add_argument("--client-id", default=os.environ.get("MUSTER_EDGE_CLIENT_ID", ""),
+                   help="OAuth client id when the IdP offers no dynamic client registration")
+    p.add_argument("--cafile", default="", help="a CA bundle to trust (a self-signed gateway certificate)")
+    p.add_argument("--no-browser", action="store_true", help="print the login URL instead of opening a browser")
+    p.add_argument("--login", action="store_true", help="log in now (interactive) and exit")
+    p.set_defaults(func=cmd_agent)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

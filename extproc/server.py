@@ -16,6 +16,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 
 from catalog.config import GatewayConfig
 from catalog.manifests import MCPServer
+from extproc.bridges.state import with_bridges
 from extproc.catalog_files import read_catalog, watch
 from extproc.credentials import Broker, Exchanger, MemoryStore, RedisStore, SecretFiles, TokenStore
 from extproc.fleet import Fleet
@@ -104,7 +105,8 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
         watch(config.catalog_dir, lambda result: fleet.set_catalog(result.servers, result.errors)))
     status_server = None
     if status_port is not None:
-        status_server = await serve_status(config.status_listen.host, status_port, fleet.status,
+        status_server = await serve_status(config.status_listen.host, status_port,
+                                           lambda: with_bridges(fleet.status(), config.state_dir),
                                            gateway.metrics.render)
     log.info("processor listening on %s:%d", config.processor_listen.host, port)
     stop = asyncio.Event()

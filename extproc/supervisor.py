@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from catalog.config import GatewayConfig
 from extproc import envoy_config
+from extproc.bridges import launch as bridges
 from extproc.catalog_files import read_catalog, signature
 from extproc.server import SESSION_KEY_ENV
 
@@ -48,7 +49,7 @@ def write_cds(config: GatewayConfig, paths: Paths) -> list[str]:
     """Write the clusters of the admitted catalog; returns the refusals to report."""
     result = read_catalog(config.catalog_dir)
     envoy_config.write_atomic(os.path.join(paths.cds_dir, envoy_config.CDS_FILE),
-                              envoy_config.dump(envoy_config.cds(result.servers)))
+                              envoy_config.dump(envoy_config.cds(result.servers, config.bridge_listen)))
     return [str(e) for e in result.errors]
 
 
@@ -111,6 +112,7 @@ def client_snippet(config: GatewayConfig) -> str:
 
 def run(config: GatewayConfig, *, on_ready: Callable[[], None] | None = None) -> int:
     """Run Envoy and the processor workers until SIGINT/SIGTERM; keeps the CDS file following the catalog."""
+    config = bridges.with_port(config)
     paths = Paths(config.state_dir)
     render(config, paths)
     env = dict(os.environ)
@@ -129,6 +131,7 @@ def run(config: GatewayConfig, *, on_ready: Callable[[], None] | None = None) ->
         for i, port in enumerate(envoy_config.processor_ports(config)):
             children.start([sys.executable, "-m", "extproc.cli", "processor", "-c", config.source,
                             "--port", str(port), "--status-port", str(config.status_listen.port + i)], env)
+        children.procs.append(bridges.start(config, env))
         children.start([envoy_binary(), "-c", paths.bootstrap, "--reject-unknown-dynamic-fields",
                         "--disable-hot-restart", "--concurrency", str(max(1, min(os.cpu_count() or 1, 4))),
                         "--log-level", "warn"], env)
