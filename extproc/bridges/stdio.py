@@ -16,7 +16,7 @@ from extproc.bridges.relay import UNAVAILABLE, Relay
 log = logging.getLogger("muster_edge.bridge")
 
 INIT_TIMEOUT = 10.0  # Muster's fixed stdio initialize timeout
-BACKOFF_FIRST = 0.5
+BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 30.0
 HEALTHY_AFTER = 30.0  # a run this long resets the backoff
 

@@ -7,12 +7,14 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from mcp.shared.exceptions import MCPError
 
 from tests.e2e.conftest import connect
 from tests.gateway_harness import Gateway, start_gateway
@@ -115,3 +117,31 @@ async def test_stdio_servers_from_npm_and_the_sdk_are_listed_and_called(tmp_path
         assert state["state"] == "Running" and state["pid"] > 0
         assert "env" not in json.dumps(state).lower()
         assert "[local]" in gw.log() or "[everything]" in gw.log()
+
+
+async def test_a_killed_stdio_server_fails_cleanly_then_is_restarted_and_removal_stops_it(tmp_path: Path) -> None:
+    with gateway(tmp_path, {"local": sdk_stdio(autoStart=True)}) as gw:
+        async with connect(gw.url, MODERN) as client:
+            assert text(await client.call_tool("x_local_echo", {"text": "one"})) == "one"
+            first = wait(lambda: process_state(gw, "local").get("pid"), what="a pid in the status")
+            os.killpg(first, signal.SIGKILL)
+            wait(lambda: process_state(gw, "local")["state"] != "Running", what="the crash in the status")
+            with pytest.raises(MCPError) as gap:  # in the gap: a JSON-RPC error naming the server
+                await client.call_tool("x_local_echo", {"text": "gap"})
+            assert "MCP server local is unavailable" in gap.value.error.message
+            state = wait(lambda: process_state(gw, "local").get("state") == "Running" and process_state(gw, "local"),
+                         what="the restart")
+            assert state["restarts"] >= 1 and state["pid"] != first and state["lastExitCode"] == -9
+            assert text(await client.call_tool("x_local_echo", {"text": "two"})) == "two"
+        second = state["pid"]
+        gw.remove_manifest("local.yaml")
+        wait(lambda: not in_group(second), what="the process group to be gone after the manifest was removed")
+
+
+async def test_a_sigkilled_gateway_leaves_no_process(tmp_path: Path) -> None:
+    servers = {"everything": everything_stdio(autoStart=True), "local": sdk_stdio(autoStart=True)}
+    with gateway(tmp_path, servers) as gw:
+        pids = [wait(lambda n=n: process_state(gw, n).get("pid"), what=f"{n} running") for n in servers]
+        assert all(in_group(p) for p in pids)
+        os.kill(gw.process.pid, signal.SIGKILL)
+        wait(lambda: not any(in_group(p) for p in pids), what="every stdio process group to be gone")
