@@ -57,7 +57,7 @@ async def spawn(server: MCPServer, env: dict[str, str], home: str) -> asyncio.su
     os.makedirs(home, mode=0o700, exist_ok=True)
     return await asyncio.create_subprocess_exec(
         server.command, *server.args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=env, cwd=home, start_new_session=True,
+        stderr=asyncio.subprocess.PIPE, env=env, start_new_session=True,
         preexec_fn=die_with_parent(), limit=64 * 1024 * 1024)
 
 

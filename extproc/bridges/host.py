@@ -46,8 +46,10 @@ class Upstream(Protocol):
 
 class BridgeHost:
     def __init__(self, state_dir: str, secrets_dir: str, *,
-                 make_sse: Callable[[MCPServer, Callable[[], None]], Upstream] | None = None) -> None:
+                 make_sse: Callable[[MCPServer, Callable[[], None]], Upstream] | None = None,
+                 alias: dict[str, str] | None = None) -> None:
         self.state_dir = state_dir
+        self._alias = alias or {}
         self.upstreams: dict[str, Upstream] = {}
         self._files = SecretFiles(secrets_dir)
         self._make_sse = make_sse
@@ -140,7 +142,7 @@ class BridgeHost:
         if path == "/healthz":
             await _reply(send, 200, b"ok\n", "text/plain")
             return
-        name = path[len("/bridge/"):] if path.startswith("/bridge/") else ""
+        name = path[len("/bridge/"):] if path.startswith("/bridge/") else self._alias.get(path.rstrip("/"), "")
         upstream = self.upstreams.get(name.rstrip("/"))
         if upstream is None:
             await _reply(send, 404, orjson.dumps(error(None, INTERNAL, f"no bridged MCP server at {path}")))
