@@ -13,12 +13,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import mcp_types as types
 import pytest
+from mcp import Client
 from mcp.shared.exceptions import MCPError
 
 from tests.e2e.conftest import connect
 from tests.gateway_harness import Gateway, start_gateway
-from tests.procs import PYTHON, ROOT, SERVERS
+from tests.procs import PYTHON, ROOT, SERVERS, start_demo_server
 
 MODERN = "2026-07-28"
 LEGACY = "legacy"
@@ -145,3 +147,35 @@ async def test_a_sigkilled_gateway_leaves_no_process(tmp_path: Path) -> None:
         assert all(in_group(p) for p in pids)
         os.kill(gw.process.pid, signal.SIGKILL)
         wait(lambda: not any(in_group(p) for p in pids), what="every stdio process group to be gone")
+
+
+def sse_spec(url: str, **spec: Any) -> dict[str, Any]:
+    return {"url": url, "type": "sse", **spec}
+
+
+async def accept_contact(context: Any, params: Any) -> types.ElicitResult:
+    return types.ElicitResult(action="accept", content={"username": "alice", "email": "alice@example.com"})
+
+
+@pytest.mark.parametrize("mode", [LEGACY, MODERN])
+async def test_an_sse_upstream_with_static_headers_relays_an_elicitation(tmp_path: Path, mode: str) -> None:
+    (tmp_path / "token").write_text("sse-static-bearer\n")
+    records = tmp_path / "sse.jsonl"
+    with contextlib.ExitStack() as stack:
+        up = stack.enter_context(start_demo_server("fixture", name="legacy", transport="sse",
+                                                   require_bearer="sse-static-bearer", record_headers=records))
+        headers = {"Authorization": f"Bearer ${{file:{tmp_path / 'token'}}}"}
+        gw = stack.enter_context(gateway(tmp_path / "gw", {"legacy": sse_spec(up.url, headers=headers)}))
+        async with Client(gw.url, mode=mode, elicitation_callback=accept_contact) as client:
+            names = {t.name for t in (await client.list_tools()).tools}
+            assert "x_legacy_test_simple_text" in names
+            result = await client.call_tool("x_legacy_test_simple_text", {})
+            assert "This is a simple text response for testing." in text(result)
+            if mode == LEGACY:  # the 2026-07-28 revision has no server-to-client requests
+                result = await client.call_tool("x_legacy_test_elicitation", {"message": "Who are you?"})
+                assert "action=accept" in text(result) and "alice@example.com" in text(result), text(result)
+        seen = [json.loads(line) for line in records.read_text().splitlines()]
+        assert {r["headers"].get("authorization") for r in seen} == {"Bearer sse-static-bearer"}
+        assert any(r["path"].startswith("/messages") for r in seen) and any(r["path"] == "/sse" for r in seen)
+        assert gw.server_state("legacy")["process"]["state"] == "Connected"  # type: ignore[index]
+        assert "sse-static-bearer" not in gw.log() and "sse-static-bearer" not in json.dumps(gw.status())
