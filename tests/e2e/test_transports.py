@@ -13,14 +13,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx2
+import jwt
 import mcp_types as types
 import pytest
 from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from tests.e2e.conftest import connect
 from tests.gateway_harness import Gateway, start_gateway
-from tests.procs import PYTHON, ROOT, SERVERS, start_demo_server
+from tests.idp import GRANT_TOKEN_EXCHANGE, start_idp
+from tests.procs import PYTHON, ROOT, SERVERS, free_port, start_demo_server
 
 MODERN = "2026-07-28"
 LEGACY = "legacy"
@@ -179,3 +183,48 @@ async def test_an_sse_upstream_with_static_headers_relays_an_elicitation(tmp_pat
         assert any(r["path"].startswith("/messages") for r in seen) and any(r["path"] == "/sse" for r in seen)
         assert gw.server_state("legacy")["process"]["state"] == "Connected"  # type: ignore[index]
         assert "sse-static-bearer" not in gw.log() and "sse-static-bearer" not in json.dumps(gw.status())
+
+
+async def test_an_sse_upstream_with_token_exchange_gets_its_own_token_per_user(tmp_path: Path) -> None:
+    listen = f"127.0.0.1:{free_port()}"
+    resource = f"http://{listen}/mcp"
+    sse_port = free_port()
+    audience = f"http://127.0.0.1:{sse_port}/sse"
+    users = ("alice", "bob")
+    clients: list[dict[str, Any]] = [{"client_id": u, "client_secret": f"{u}-secret"} for u in users]
+    clients.append({"client_id": "exchanger", "client_secret": "exchanger-secret",
+                    "grant_types": ["client_credentials", GRANT_TOKEN_EXCHANGE]})
+    resources = [{"audience": resource, "scope": "mcp:tools", "accessTokenTTL": 600},
+                 {"audience": audience, "scope": "mcp:tools", "accessTokenTTL": 600}]
+    secrets = tmp_path / "secrets" / "default" / "exchanger-creds"
+    secrets.mkdir(parents=True)
+    (secrets / "client-id").write_text("exchanger\n")
+    (secrets / "client-secret").write_text("exchanger-secret\n")
+    records = tmp_path / "sse.jsonl"
+    with contextlib.ExitStack() as stack:
+        idp = stack.enter_context(start_idp(tmp_path / "idp", clients=clients, resources=resources,
+                                            token_exchange=True))
+        stack.enter_context(start_demo_server("kubernetes", port=sse_port, name="remote", transport="sse",
+                                              require_jwt=idp.issuer, audience=audience, record_headers=records))
+        exchange = {"enabled": True, "dexTokenEndpoint": idp.token_endpoint, "connectorId": "central-dex",
+                    "expectedIssuer": idp.issuer, "audience": audience, "scopes": "mcp:tools",
+                    "clientCredentialsSecretRef": {"name": "exchanger-creds"}}
+        gw = stack.enter_context(gateway(
+            tmp_path / "gw", {"remote": sse_spec(audience, auth={"tokenExchange": exchange})}, listen=listen,
+            secretsDir=str(tmp_path / "secrets"), auth={"issuer": idp.issuer, "jwksUri": idp.jwks_uri,
+                                                        "resource": resource}))
+        tokens = {u: idp.client_credentials(u, f"{u}-secret", resource=resource, scope="mcp:tools") for u in users}
+        for user in users:
+            http = httpx2.AsyncClient(headers={"authorization": f"Bearer {tokens[user]}"}, timeout=30)
+            try:
+                async with Client(streamable_http_client(gw.url, http_client=http), mode=LEGACY) as client:
+                    result = await client.call_tool("x_remote_whoami", {})
+                    assert json.loads(text(result))["server"] == "remote", text(result)
+            finally:
+                await http.aclose()
+        seen = [json.loads(line) for line in records.read_text().splitlines()]
+        bearers = {r["headers"].get("authorization", "")[7:] for r in seen}
+        subjects = {jwt.decode(b, options={"verify_signature": False})["sub"] for b in bearers if b}
+        assert subjects == set(users) and not bearers & set(tokens.values())  # exchanged, never the caller's
+        assert all(jwt.decode(b, options={"verify_signature": False})["aud"] == audience for b in bearers)
+        assert gw.server_state("remote")["process"]["connections"] == 2  # type: ignore[index]  # one per user
