@@ -319,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="OAuth client id when the IdP offers no dynamic client registration")
     p.add_argument("--cafile", default="", help="a CA bundle to trust (a self-signed gateway certificate)")
     p.add_argument("--no-browser", action="store_true", help="print the login URL instead of opening a browser")
+    p.add_argument("--redirect-port", type=int, default=0,
+                   help="loopback port of the login redirect (default: any free port; RFC 8252)")
     p.add_argument("--login", action="store_true", help="log in now (interactive) and exit")
     p.set_defaults(func=cmd_agent)
     args = parser.parse_args(argv)

@@ -18,6 +18,7 @@ import jwt
 import mcp_types as types
 import pytest
 from mcp import Client
+from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
@@ -228,3 +229,77 @@ async def test_an_sse_upstream_with_token_exchange_gets_its_own_token_per_user(t
         assert subjects == set(users) and not bearers & set(tokens.values())  # exchanged, never the caller's
         assert all(jwt.decode(b, options={"verify_signature": False})["aud"] == audience for b in bearers)
         assert gw.server_state("remote")["process"]["connections"] == 2  # type: ignore[index]  # one per user
+
+
+# ---- muster-edge agent ---------------------------------------------------------------------------------------
+
+MUSTER_EDGE = ROOT / ".venv" / "bin" / "muster-edge"
+
+
+@contextlib.contextmanager
+def protected_gateway(tmp_path: Path, redirect_port: int) -> Iterator[tuple[Gateway, Any, str]]:
+    listen = f"127.0.0.1:{free_port()}"
+    resource = f"http://{listen}/mcp"
+    clients = [{"client_id": "alice", "client_secret": "alice-secret"},
+               {"client_id": "agent-cli", "grant_types": ["authorization_code", "refresh_token"],
+                "redirect_uris": [f"http://127.0.0.1:{redirect_port}/callback"]}]
+    resources = [{"audience": resource, "scope": "mcp:tools", "accessTokenTTL": 600}]
+    with contextlib.ExitStack() as stack:
+        idp = stack.enter_context(start_idp(tmp_path / "idp", clients=clients, resources=resources,
+                                            users=[{"sub": "alice", "password": "pw"}]))
+        gw = stack.enter_context(gateway(tmp_path / "gw", {"local": sdk_stdio()}, listen=listen, auth={
+            "issuer": idp.issuer, "jwksUri": idp.jwks_uri, "resource": resource, "scopesSupported": ["mcp:tools"]}))
+        yield gw, idp, resource
+
+
+def agent_params(gw: Gateway, home: Path, **env: str) -> StdioServerParameters:
+    base = {"PATH": os.environ["PATH"], "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"), **env}
+    return StdioServerParameters(command=str(MUSTER_EDGE),
+                                 args=["--log-level", "WARNING", "agent", "--url", gw.url, "--no-browser",
+                                       "--client-id", "agent-cli", "--redirect-port", env.get("PORT", "0")],
+                                 env=base)
+
+
+@pytest.mark.parametrize("mode", [LEGACY, MODERN])
+async def test_the_agent_forwards_a_stdio_client_to_the_gateway_with_a_token(tmp_path: Path, mode: str) -> None:
+    with protected_gateway(tmp_path, free_port()) as (gw, idp, resource):
+        token = idp.client_credentials("alice", "alice-secret", resource=resource, scope="mcp:tools")
+        async with Client(stdio_client(agent_params(gw, tmp_path, MUSTER_EDGE_TOKEN=token)), mode=mode) as client:
+            names = {t.name for t in (await client.list_tools()).tools}
+            assert "x_local_echo" in names and "authenticate_muster" not in names
+            assert text(await client.call_tool("x_local_echo", {"text": "through the agent"})) == "through the agent"
+            progress: list[float] = []
+
+            async def on_progress(done: float, total: float | None, message: str | None) -> None:
+                progress.append(done)
+
+            result = await client.call_tool("x_local_slow_count", {"n": 2}, progress_callback=on_progress)
+            assert text(result) == "counted to 2"
+        assert token not in gw.log()
+
+
+async def test_the_agent_login_flow_caches_a_private_token_and_offers_authenticate_muster_until_then(
+        tmp_path: Path) -> None:
+    port = free_port()
+    with protected_gateway(tmp_path, port) as (gw, idp, _resource):
+        home = tmp_path / "home"
+        async with Client(stdio_client(agent_params(gw, home, PORT=str(port))), mode=LEGACY) as client:
+            assert [t.name for t in (await client.list_tools()).tools] == ["authenticate_muster"]
+            status = json.loads(text(await client.call_tool("authenticate_muster", {})))
+            assert status["status"] == "auth_required" and status["auth_url"].startswith(idp.issuer)
+            # The test is the user's browser: sign in, and follow the redirect to the agent's loopback.
+            location = idp.browse(status["auth_url"], f"http://127.0.0.1:{port}/callback", user="alice", password="pw")
+            async with httpx2.AsyncClient() as browser:
+                assert (await browser.get(location)).status_code == 200
+
+            deadline = time.monotonic() + 20
+            names: set[str] = set()
+            while time.monotonic() < deadline and "x_local_echo" not in names:
+                names = {t.name for t in (await client.list_tools()).tools}
+            assert "x_local_echo" in names
+            assert text(await client.call_tool("x_local_echo", {"text": "signed in"})) == "signed in"
+        cached = list((home / ".config" / "muster-edge" / "agent").glob("*.json"))
+        assert len(cached) == 1 and (cached[0].stat().st_mode & 0o777) == 0o600
+        # A new agent uses the cached token without a login.
+        async with Client(stdio_client(agent_params(gw, home)), mode=MODERN) as client:
+            assert text(await client.call_tool("x_local_echo", {"text": "cached"})) == "cached"
