@@ -107,7 +107,16 @@ def wait_ready(config: GatewayConfig, children: Children, timeout: float = 30.0)
 
 
 def client_snippet(config: GatewayConfig) -> str:
-    return json.dumps({"mcpServers": {"muster-edge": {"type": "http", "url": config.public_url}}}, indent=2)
+    """The HTTP entry, and beside it the stdio one for clients that only launch commands (`muster-edge agent`)."""
+    return json.dumps({"mcpServers": {"muster-edge": {"type": "http", "url": config.public_url},
+                                      "muster-edge-stdio": agent_entry(config)}}, indent=2)
+
+
+def agent_entry(config: GatewayConfig) -> dict[str, object]:
+    args = ["agent", "--url", config.public_url]
+    if config.tls is not None:
+        args += ["--cafile", config.tls.cert_file]
+    return {"type": "stdio", "command": os.path.join(os.path.dirname(sys.executable), "muster-edge"), "args": args}
 
 
 def run(config: GatewayConfig, *, on_ready: Callable[[], None] | None = None) -> int:
