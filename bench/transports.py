@@ -109,7 +109,8 @@ def main() -> int:
     print(f"  added by the bridge        p50 {p50['x_s1_echo'] - p50['x_http_echo']:+.3f}")
     print("bridge process memory (kB) with N stdio servers (their own processes not counted):")
     for count, (rss, pss) in memory.items():
-        print(f"  N={count:<3} RSS {rss:>7}  PSS {pss:>7}  per server: RSS {rss / count:>8.0f}  PSS {pss / count:>8.0f}")
+        print(f"  N={count:<3} RSS {rss:>7}  PSS {pss:>7}  "
+              f"per server: RSS {rss / count:>8.0f}  PSS {pss / count:>8.0f}")
     marginal = (memory[10][0] - memory[1][0]) / 9
     print(f"  marginal RSS per extra stdio server: {marginal:.0f} kB")
     return 0
