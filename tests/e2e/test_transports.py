@@ -102,9 +102,16 @@ def text(result: Any) -> str:
     return "".join(getattr(c, "text", "") for c in result.content)
 
 
+SECRET = "stdio-secret-value-4711"
+
+
 @pytest.mark.parametrize("mode", [MODERN, LEGACY])
-async def test_stdio_servers_from_npm_and_the_sdk_are_listed_and_called(tmp_path: Path, mode: str) -> None:
-    servers = {"everything": everything_stdio(autoStart=True), "local": sdk_stdio(toolPrefix="loc")}
+async def test_stdio_servers_from_npm_and_the_sdk_are_listed_and_called(tmp_path: Path, mode: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MUSTER_EDGE_TEST_STDIO_SECRET", SECRET)  # in the gateway's environment, not the child's
+    (tmp_path / "greeting").write_text("hello from a file\n")
+    env = {"API_TOKEN": "${env:MUSTER_EDGE_TEST_STDIO_SECRET}", "GREETING": f"${{file:{tmp_path / 'greeting'}}}"}
+    servers = {"everything": everything_stdio(autoStart=True, env=env), "local": sdk_stdio(toolPrefix="loc")}
     with gateway(tmp_path, servers) as gw:
         async with connect(gw.url, mode) as client:
             names = {t.name for t in (await client.list_tools()).tools}
@@ -120,10 +127,15 @@ async def test_stdio_servers_from_npm_and_the_sdk_are_listed_and_called(tmp_path
 
             result = await client.call_tool("x_loc_slow_count", {"n": 3}, progress_callback=on_progress)
             assert text(result) == "counted to 3"
+            child_env = json.loads(text(await client.call_tool("x_everything_get-env", {})))
+        # Only PATH, a private HOME, LANG and the manifest's env (resolved); nothing else of the gateway's.
+        assert set(child_env) - {"PATH", "HOME", "LANG", "API_TOKEN", "GREETING"} <= {"PWD", "OLDPWD", "SHLVL", "_"}
+        assert "MUSTER_EDGE_TEST_STDIO_SECRET" not in child_env and child_env["API_TOKEN"] == SECRET
+        assert child_env["GREETING"] == "hello from a file" and child_env["HOME"] != os.environ.get("HOME")
         state = process_state(gw, "everything")
         assert state["state"] == "Running" and state["pid"] > 0
-        assert "env" not in json.dumps(state).lower()
-        assert "[local]" in gw.log() or "[everything]" in gw.log()
+        assert SECRET not in json.dumps(gw.status()) and SECRET not in gw.log()
+        assert "[everything] Starting default (STDIO) server" in gw.log()  # stderr, with the server's name
 
 
 async def test_a_killed_stdio_server_fails_cleanly_then_is_restarted_and_removal_stops_it(tmp_path: Path) -> None:
