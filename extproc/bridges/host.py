@@ -178,7 +178,10 @@ class BridgeHost:
         try:
             relay = await upstream.relay_for(headers)
         except Unavailable as exc:
-            if is_request:
+            if exc.status:
+                extra = [(b"www-authenticate", exc.challenge.encode("latin-1"))] if exc.challenge else []
+                await _reply(send, exc.status, orjson.dumps(error(msg_id, exc.code, str(exc))), extra=extra)
+            elif is_request:
                 await _reply(send, 200, orjson.dumps(error(msg_id, exc.code, str(exc))))
             else:
                 await _reply(send, 503, orjson.dumps(error(None, exc.code, str(exc))))
@@ -290,7 +293,8 @@ async def serve(host: BridgeHost, address: str, port: int, catalog_dir: str | No
     import uvicorn
 
     config = uvicorn.Config(host, host=address, port=port, log_level="warning", access_log=False,
-                            lifespan="on", loop="asyncio", http="h11", timeout_keep_alive=300)
+                            lifespan="on", loop="asyncio", http="h11", timeout_keep_alive=300,
+                            timeout_graceful_shutdown=2)  # open GET streams must not hold the children
     server = uvicorn.Server(config)
     watcher = asyncio.get_running_loop().create_task(host.watch(catalog_dir)) if catalog_dir else None
     try:

@@ -77,8 +77,11 @@ class SseConnection:
                                          timeout=httpx2.Timeout(self.server.timeout, read=None)) as resp:
                 if resp.status_code != 200:
                     reason = f"answered HTTP {resp.status_code} to GET {self._origin.path}"
+                    refused = resp.status_code in (401, 403)
                     if not self._ready.done():
-                        self._ready.set_exception(Unavailable(f"MCP server {self.server.name} {reason}"))
+                        self._ready.set_exception(Unavailable(
+                            f"MCP server {self.server.name} {reason}", resp.status_code if refused else 0,
+                            resp.headers.get("www-authenticate", "") if refused else ""))
                     return
                 event, data = "message", list[str]()
                 async for line in resp.aiter_lines():

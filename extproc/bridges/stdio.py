@@ -22,9 +22,15 @@ HEALTHY_AFTER = 30.0  # a run this long resets the backoff
 
 
 class Unavailable(Exception):
-    """The server cannot take a request now; the message names it and says why."""
+    """The server cannot take a request now; the message names it and says why. `status` 401/403: the upstream
+    refused the credential, passed on as such (with its challenge) so the processor's own handling applies."""
 
     code = UNAVAILABLE
+
+    def __init__(self, message: str, status: int = 0, challenge: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.challenge = challenge
 
 
 class StdioUpstream:

@@ -315,3 +315,16 @@ async def test_the_agent_login_flow_caches_a_private_token_and_offers_authentica
         # A new agent uses the cached token without a login.
         async with Client(stdio_client(agent_params(gw, home)), mode=MODERN) as client:
             assert text(await client.call_tool("x_local_echo", {"text": "cached"})) == "cached"
+
+
+async def test_an_sse_upstream_that_refuses_the_credential_is_reported_not_hidden(tmp_path: Path) -> None:
+    with contextlib.ExitStack() as stack:
+        up = stack.enter_context(start_demo_server("fixture", name="locked", transport="sse", require_bearer="right"))
+        wrong = {"Authorization": "Bearer wrong"}
+        gw = stack.enter_context(gateway(tmp_path / "gw", {"locked": sse_spec(up.url, headers=wrong),
+                                                           "local": sdk_stdio()}))
+        entry = wait(lambda: (e := gw.server_state("locked")) and e["state"] not in ("Connecting",) and e,
+                     what="the refused sse server in the status")
+        assert entry["state"] != "Connected" and "401" in json.dumps(entry), entry
+        async with connect(gw.url, LEGACY) as client:  # the rest of the fleet keeps serving
+            assert text(await client.call_tool("x_local_echo", {"text": "still here"})) == "still here"
