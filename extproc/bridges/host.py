@@ -15,17 +15,17 @@ import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import orjson
 
 from catalog.config import GatewayConfig
 from catalog.manifests import MCPServer
+from extproc.bridges.refs import resolve
 from extproc.bridges.relay import INTERNAL, Call, Relay, error
 from extproc.bridges.state import status_path
 from extproc.bridges.stdio import StdioUpstream, Unavailable
 from extproc.catalog_files import read_catalog, signature
-from extproc.credentials import SecretFiles, resolve_value
 
 log = logging.getLogger("muster_edge.bridge")
 
@@ -51,13 +51,13 @@ class BridgeHost:
         self.state_dir = state_dir
         self._alias = alias or {}
         self.upstreams: dict[str, Upstream] = {}
-        self._files = SecretFiles(secrets_dir)
+        self.secrets_dir = secrets_dir
         self._make_sse = make_sse
         self._status_dirty = False
         atexit.register(self.kill_now)
 
     def _resolve(self, value: str) -> str:
-        return resolve_value(value, self._files)
+        return resolve(value)
 
     def _make(self, server: MCPServer) -> Upstream | None:
         if server.type == "stdio":
@@ -307,8 +307,14 @@ async def serve(host: BridgeHost, address: str, port: int, catalog_dir: str | No
 
 def run_bridges(config: GatewayConfig, port: int) -> None:
     """`muster-edge bridges`: the gateway's bridge process (started by `muster-edge run`)."""
-    from extproc.bridges.sse import SseFactory
+    factories: list[Any] = []
 
-    factory = SseFactory(config)
-    host = BridgeHost(config.state_dir, config.secrets_dir, make_sse=factory.make)
+    def make_sse(server: MCPServer, on_change: Callable[[], None]) -> Upstream:
+        if not factories:  # httpx2 is loaded only when there is an sse server
+            from extproc.bridges.sse import SseFactory
+
+            factories.append(SseFactory(config))
+        return cast(Upstream, factories[0].make(server, on_change))
+
+    host = BridgeHost(config.state_dir, config.secrets_dir, make_sse=make_sse)
     asyncio.run(serve(host, config.bridge_listen.host, port, config.catalog_dir))

@@ -4,12 +4,14 @@ and a stdio child's environment built from the manifest alone."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import orjson
 import pytest
 
 from catalog.manifests import MCPServer
 from extproc.bridges.children import child_env
+from extproc.bridges.refs import resolve
 from extproc.bridges.relay import Relay
 
 
@@ -79,3 +81,11 @@ def test_an_unresolvable_env_value_names_the_variable_not_the_value() -> None:
 
     with pytest.raises(ValueError, match="env TOKEN: environment variable MISSING is not set"):
         child_env(server, "/h", resolve, {})
+
+
+def test_env_references_resolve_from_the_environment_and_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "token").write_text("from-file\n")
+    monkeypatch.setenv("BRIDGE_TEST_VALUE", "from-env")
+    assert resolve(f"a ${{env:BRIDGE_TEST_VALUE}} b ${{file:{tmp_path / 'token'}}}") == "a from-env b from-file"
+    with pytest.raises(OSError, match="cannot read"):
+        resolve(f"${{file:{tmp_path / 'missing'}}}")
