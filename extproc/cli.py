@@ -225,8 +225,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
             if config.auth is None:
                 return
             token = demo_token(config, "demo-user", "demo-user-secret")
+            from extproc.supervisor import agent_entry
+
+            stdio = {**agent_entry(config), "env": {"MUSTER_EDGE_TOKEN": token}}
             snippet = {"mcpServers": {"muster-edge": {"type": "http", "url": config.public_url,
-                                                      "headers": {"Authorization": f"Bearer {token}"}}}}
+                                                      "headers": {"Authorization": f"Bearer {token}"}},
+                                      "muster-edge-stdio": stdio}}
             print(f"Token for the demo user (group sre, 1 hour):\n{token}", flush=True)
             print(f"MCP client config with the token:\n{json.dumps(snippet, indent=2)}", flush=True)
             if config.tls is not None:
