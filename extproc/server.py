@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from catalog.config import GatewayConfig
 from catalog.manifests import LoadResult, MCPServer
+from extproc.bridges.state import with_bridges
 from extproc.catalog_files import read_catalog, watch
 from extproc.credentials import Broker, Exchanger, MemoryStore, RedisStore, SecretFiles, TokenStore
 from extproc.executions import Executions
@@ -148,8 +149,9 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
     status_server = None
     if status_port is not None:
         status_server = await serve_status(config.status_listen.host, status_port,
-                                           with_supervisor(lambda: {**gateway.status(),
-                                                                    "sessions": gateway.session_status()}),
+                                           with_supervisor(lambda: with_bridges({**gateway.status(),
+                                                                                 "sessions": gateway.session_status()},
+                                                                                config.state_dir)),
                                            gateway.metrics.render, gateway.peer_message, token=status_token(config))
     log.info("processor listening on %s:%d", config.processor_listen.host, port)
     stop = asyncio.Event()

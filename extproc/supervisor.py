@@ -23,6 +23,7 @@ from typing import Any
 
 from catalog.config import GatewayConfig
 from extproc import envoy_config
+from extproc.bridges import launch as bridges
 from extproc.catalog_files import read_catalog, signature
 from extproc.server import SESSION_KEY_ENV, SUPERVISOR_STATE_ENV
 
@@ -52,7 +53,7 @@ def write_cds(config: GatewayConfig, paths: Paths) -> list[str]:
     """Write the clusters of the admitted catalog; returns the refusals to report."""
     result = read_catalog(config.catalog_dir)
     envoy_config.write_atomic(os.path.join(paths.cds_dir, envoy_config.CDS_FILE),
-                              envoy_config.dump(envoy_config.cds(result.servers)))
+                              envoy_config.dump(envoy_config.cds(result.servers, config.bridge_listen)))
     envoy_config.write_atomic(os.path.join(paths.cds_dir, envoy_config.RDS_FILE),
                               envoy_config.dump(envoy_config.route_table(config, result.servers)))
     return [str(e) for e in result.errors]
@@ -254,11 +255,21 @@ def wait_ready(config: GatewayConfig, children: Children, timeout: float = 30.0)
 
 
 def client_snippet(config: GatewayConfig) -> str:
-    return json.dumps({"mcpServers": {"muster-edge": {"type": "http", "url": config.public_url}}}, indent=2)
+    """The HTTP entry, and beside it the stdio one for clients that only launch commands (`muster-edge agent`)."""
+    return json.dumps({"mcpServers": {"muster-edge": {"type": "http", "url": config.public_url},
+                                      "muster-edge-stdio": agent_entry(config)}}, indent=2)
+
+
+def agent_entry(config: GatewayConfig) -> dict[str, object]:
+    args = ["agent", "--url", config.public_url]
+    if config.tls is not None:
+        args += ["--cafile", config.tls.cert_file]
+    return {"type": "stdio", "command": os.path.join(os.path.dirname(sys.executable), "muster-edge"), "args": args}
 
 
 def run(config: GatewayConfig, *, on_ready: Callable[[], None] | None = None) -> int:
     """Run Envoy and the processor workers until SIGINT/SIGTERM; keeps the CDS file following the catalog."""
+    config = bridges.with_port(config)
     paths = Paths(config.state_dir)
     render(config, paths)
     env = dict(os.environ)
@@ -280,6 +291,7 @@ def run(config: GatewayConfig, *, on_ready: Callable[[], None] | None = None) ->
             children.start([sys.executable, "-m", "extproc.cli", "processor", "-c", config.source,
                             "--port", str(port), "--status-port", str(config.status_listen.port + i)], env,
                            name=f"processor {i}")
+        children.start(bridges.command(config), env, name="bridges")
         children.start([envoy_binary(), "-c", paths.bootstrap, "--reject-unknown-dynamic-fields",
                         "--disable-hot-restart", "--concurrency", str(max(1, min(os.cpu_count() or 1, 4))),
                         "--log-level", "warn"], env, name="envoy")

@@ -36,6 +36,11 @@ def cluster_name(server: str) -> str:
     return f"mcp.{server}"
 
 
+def origin_cluster_name(server: str) -> str:
+    """An sse server's own address (the bridge's outbound calls); `mcp.<name>` is the bridge in front of it."""
+    return f"mcp-origin.{server}"
+
+
 class UpstreamError(Exception):
     """The upstream could not be reached or answered something that is not MCP."""
 

@@ -200,6 +200,7 @@ def start_demo_server(
     require_jwt: str = "",
     audience: str = "",
     max_token_uses: int = 0,
+    transport: str = "streamable-http",
     timeout: float = 20,
 ) -> Iterator[DemoServer]:
     """Start one demo MCP server (see deploy/demo/servers.py) and stop it on exit.
@@ -218,6 +219,8 @@ def start_demo_server(
         cmd += ["--record-headers", os.fspath(record_headers)]
     if variant:
         cmd += ["--variant", variant]
+    if transport != "streamable-http":
+        cmd += ["--transport", transport]
     if require_jwt:
         cmd += ["--require-jwt", require_jwt, "--audience", audience, "--max-token-uses", str(max_token_uses)]
     with spawn(cmd, "READY ", timeout) as spawned:

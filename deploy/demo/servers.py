@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
 import jwt
 import mcp_types as types
 import uvicorn
@@ -933,16 +934,24 @@ class QuietServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def build_app(args: argparse.Namespace) -> ASGIApp:
+def build_server(args: argparse.Namespace) -> MCPServer:
     name = args.name or args.kind
-    server = build_kubernetes(name, args.variant) if args.kind == "kubernetes" else BUILDERS[args.kind](name)
+    return build_kubernetes(name, args.variant) if args.kind == "kubernetes" else BUILDERS[args.kind](name)
+
+
+def build_app(args: argparse.Namespace) -> ASGIApp:
+    server = build_server(args)
     resumable = args.kind in ("vendor", "fixture") and not args.json_response
-    app: ASGIApp = server.streamable_http_app(
-        json_response=args.json_response,
-        event_store=MemoryEventStore() if resumable else None,
-        retry_interval=100 if resumable else None,
-        host=args.host,
-    )
+    app: ASGIApp
+    if args.transport == "sse":
+        app = server.sse_app(host=args.host)
+    else:
+        app = server.streamable_http_app(
+            json_response=args.json_response,
+            event_store=MemoryEventStore() if resumable else None,
+            retry_interval=100 if resumable else None,
+            host=args.host,
+        )
     if args.era == "legacy":
         app = legacy_only(app)
     if args.require_bearer:
@@ -989,7 +998,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variant", default="", choices=("", "skewed"),
                         help="kubernetes only: 'skewed' changes one description and adds a tool with an "
                              "argument named management_cluster (family fallbacks)")
-    parser.add_argument("--port", type=int, required=True, help="0 picks a free port (reported on the READY line)")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (reported on the READY line)")
+    parser.add_argument("--transport", choices=("streamable-http", "sse", "stdio"), default="streamable-http",
+                        help="sse: the 2024-11-05 HTTP+SSE transport (GET /sse); stdio: serve on stdin/stdout")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--name", help="server name, used in whoami and fake data (default: the kind)")
     parser.add_argument("--era", choices=("dual", "legacy"), default="dual")
@@ -1001,13 +1012,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.transport == "stdio":
+        anyio.run(build_server(args).run_stdio_async)
+        return 0
     app = build_app(args)
     sock = listen(args.host, args.port)
     port = sock.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
 
     def ready() -> None:
-        print(f"READY http://{host}:{port}/mcp", flush=True)
+        print(f"READY http://{host}:{port}/{'sse' if args.transport == 'sse' else 'mcp'}", flush=True)
 
     asyncio.run(serve(app, sock, ready))
     return 0

@@ -48,3 +48,14 @@ def test_the_crd_knows_every_spec_field_the_catalog_reads() -> None:
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     assert set(spec) == {"type", "toolPrefix", "family", "description", "autoStart", "command", "args", "url", "env",
                          "headers", "auth", "timeout"}
+
+
+def test_the_stdio_bridge_example_is_a_deployment_and_service_the_catalog_points_at() -> None:
+    docs = {d["kind"]: d for d in yaml.safe_load_all((DEPLOY / "stdio-bridge.yaml").read_text())}
+    container = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][0] == "bridge" and "--" in container["args"]
+    port = docs["Service"]["spec"]["ports"][0]["port"]
+    service = f"{docs['Service']['metadata']['name']}.{docs['Service']['metadata']['namespace']}.svc"
+    result = load_documents(list(docs["ConfigMap"]["data"].items()))
+    assert not result.errors and [s.type for s in result.servers] == ["streamable-http"]
+    assert result.servers[0].url == f"http://{service}:{port}/mcp"

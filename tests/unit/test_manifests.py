@@ -150,18 +150,24 @@ def test_stdio_with_oauth_is_refused_as_remote_only() -> None:
         "spec.auth", "auth configuration is only supported for remote server types (streamable-http or sse)")
 
 
-# ---- transports muster-edge does not carry yet --------------------------------------------------------------
+# ---- transports served through the bridge ----------------------------------------------------------------
 
-def test_stdio_is_refused_as_not_supported_yet() -> None:
-    err = refused(manifest({"type": "stdio", "command": "mcp-k8s", "args": ["serve"]}))
-    assert err.field == "spec.type"
-    assert "not supported yet" in err.message and "'stdio'" in err.message
+def test_stdio_is_admitted_and_reached_through_the_bridge() -> None:
+    server = admitted(manifest({"type": "stdio", "command": "mcp-k8s", "args": ["serve"],
+                                "env": {"TOKEN": "${file:/run/token}"}, "autoStart": True}))
+    assert (server.command, server.args, dict(server.env), server.auto_start) == (
+        "mcp-k8s", ("serve",), {"TOKEN": "${file:/run/token}"}, True)
+    assert server.bridged and server.authority == "muster-edge-bridge" and server.path == f"/bridge/{server.name}"
 
 
-def test_sse_is_refused_as_not_supported_yet() -> None:
-    err = refused(manifest({"type": "sse", "url": URL}))
-    assert err.field == "spec.type"
-    assert "not supported yet" in err.message and "'sse'" in err.message
+def test_sse_is_admitted_and_reached_through_the_bridge() -> None:
+    server = admitted(manifest({"type": "sse", "url": URL}))
+    assert server.bridged and server.url == URL and server.path == f"/bridge/{server.name}"
+
+
+def test_stdio_with_an_empty_command_is_refused() -> None:
+    err = refused(manifest({"type": "stdio", "command": " "}))
+    assert (err.field, err.message) == ("spec.command", "command must not be empty")
 
 
 # ---- patterns --------------------------------------------------------------------------------------------
