@@ -19,8 +19,9 @@ _KNOWN = {
     "apiVersion", "kind", "listen", "path", "internalListen", "envoyAdmin", "processor", "catalog",
     "prefix", "prefixMode", "maxRequestBytes", "sessionKey", "stateDir", "listPageSize", "serverName",
     "instructions", "listTtlMs", "listTtlFloorMs", "allowedOrigins", "listWaitMs", "allowedHosts", "tls",
-    "auth", "policy", "audit", "secretsDir", "store", "upstreamOAuth",
+    "auth", "policy", "audit", "secretsDir", "store", "upstreamOAuth", "logFormat",
 }
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(ValueError):
@@ -113,6 +114,7 @@ class GatewayConfig:
     secrets_dir: str = ""
     redis_url: str = ""
     upstream_oauth: UpstreamOAuthConfig | None = None
+    log_format: str = "text"
 
     @property
     def callback_url(self) -> str:
@@ -253,6 +255,9 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
     listen = Address.parse(raw.get("listen", "127.0.0.1:8080"), f"{source}: listen")
     if hosts is None:
         hosts = list(LOOPBACK_HOSTS) if listen.host in LOOPBACK_HOSTS or listen.host == "::1" else []
+    log_format = raw.get("logFormat", "text")
+    if log_format not in LOG_FORMATS:
+        raise ConfigError(f"{source}: logFormat: must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
     cfg = GatewayConfig(
         source=source,
         listen=listen,
@@ -284,6 +289,7 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
         secrets_dir=path_of(str(raw.get("secretsDir", "secrets"))),
         redis_url=_store(raw.get("store"), source),
         upstream_oauth=_upstream_oauth(raw.get("upstreamOAuth"), source, path_of),
+        log_format=log_format,
     )
     return cfg
 

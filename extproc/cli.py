@@ -23,23 +23,29 @@ from catalog.config import ConfigError, GatewayConfig, load_config
 DEMO_DIR = Path(__file__).resolve().parents[1] / "deploy" / "demo"
 
 
-def _config(path: str) -> GatewayConfig:
+def _config(path: str, log_level: str = "") -> GatewayConfig:
+    """Load the gateway config; with a log level, also switch logging to the config's `logFormat`."""
     try:
-        return load_config(path)
+        config = load_config(path)
     except ConfigError as exc:
         raise SystemExit(f"muster-edge: {exc}") from None
+    if log_level:
+        from extproc import logs
+
+        logs.configure(config.log_format, log_level)
+    return config
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from extproc.supervisor import run
 
-    return run(_config(args.config))
+    return run(_config(args.config, args.log_level))
 
 
 def cmd_processor(args: argparse.Namespace) -> int:
     from extproc.server import run_processor
 
-    config = _config(args.config)
+    config = _config(args.config, args.log_level)
     run_processor(config, port=args.port or config.processor_listen.port, status_port=args.status_port)
     return 0
 

@@ -16,6 +16,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 
 from catalog.config import GatewayConfig
 from catalog.manifests import MCPServer
+from extproc import logs
 from extproc.catalog_files import read_catalog, watch
 from extproc.credentials import Broker, Exchanger, MemoryStore, RedisStore, SecretFiles, TokenStore
 from extproc.fleet import Fleet
@@ -47,6 +48,7 @@ class Processor(epg.ExternalProcessorServicer):
 
     async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         stream = Stream(self.gateway, context.write)
+        logs.tag_request(stream.log_facts)
         try:
             async for msg in request_iterator:
                 reply = await stream.handle(msg)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from catalog.config import GatewayConfig
-from extproc import envoy_config
+from extproc import envoy_config, logs
 from extproc.catalog_files import read_catalog, signature
 from extproc.server import SESSION_KEY_ENV
 
@@ -105,6 +105,11 @@ def wait_ready(config: GatewayConfig, children: Children, timeout: float = 30.0)
         raise SystemExit(f"muster-edge: not ready in time ({pending[0]} did not answer)")
 
 
+def envoy_log_args(config: GatewayConfig) -> list[str]:
+    """Envoy's own lines in the gateway's log format."""
+    return ["--log-format", logs.ENVOY_JSON_FORMAT] if config.log_format == "json" else []
+
+
 def client_snippet(config: GatewayConfig) -> str:
     return json.dumps({"mcpServers": {"muster-edge": {"type": "http", "url": config.public_url}}}, indent=2)
 
@@ -131,7 +136,7 @@ def run(config: GatewayConfig, *, on_ready: Callable[[], None] | None = None) ->
                             "--port", str(port), "--status-port", str(config.status_listen.port + i)], env)
         children.start([envoy_binary(), "-c", paths.bootstrap, "--reject-unknown-dynamic-fields",
                         "--disable-hot-restart", "--concurrency", str(max(1, min(os.cpu_count() or 1, 4))),
-                        "--log-level", "warn"], env)
+                        "--log-level", "warn", *envoy_log_args(config)], env)
         wait_ready(config, children)
         print(f"muster-edge is ready. MCP endpoint: {config.public_url}", flush=True)
         print(f"MCP client config:\n{client_snippet(config)}", flush=True)
