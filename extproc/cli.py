@@ -14,7 +14,7 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import yaml
 
@@ -51,24 +51,50 @@ def cmd_processor(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from extproc import envoy_config
-    from extproc.catalog_files import read_catalog
+    from extproc.catalog_files import read_catalog, signature
 
     config = _config(args.config)
     out = os.path.normpath(args.out)
+    target = _mesh_target(args)
+    last = None
+    while True:
+        result = read_catalog(config.catalog_dir)
+        written = _render_once(config, result.servers, out, args.target, target)
+        for err in result.errors:
+            print(f"refused: {err}", file=sys.stderr)
+        print(f"wrote {', '.join(written)}", flush=True)
+        if not args.watch:
+            return 0
+        last = signature(config.catalog_dir)
+        while signature(config.catalog_dir) == last:  # re-render on every catalog change (--watch)
+            time.sleep(0.5)
+
+
+def _mesh_target(args: argparse.Namespace) -> Any:
+    from extproc.mesh_render import MeshTarget
+
+    host, _, port = (args.processor or "").rpartition(":")
+    return MeshTarget(namespace=args.namespace, gateway=args.gateway, listener=args.listener, port=args.port,
+                      processor_host=host, processor_port=int(port) if port.isdigit() else 0)
+
+
+def _render_once(config: GatewayConfig, servers: Any, out: str, kind: str, target: Any) -> list[str]:
+    from extproc import envoy_config, mesh_render
+
+    if kind != "standalone":
+        path = os.path.join(out, f"{kind}.yaml")
+        docs = mesh_render.render(kind, config, servers, target)
+        envoy_config.write_atomic(path, "".join("---\n" + envoy_config.dump(d) for d in docs))
+        return [path]
     cds_dir = os.path.join(out, "cds")
     ports = envoy_config.processor_ports(config)
-    result = read_catalog(config.catalog_dir)
     envoy_config.write_atomic(os.path.join(out, "bootstrap.yaml"),
                               envoy_config.dump(envoy_config.bootstrap(config, ports, cds_dir)))
     envoy_config.write_atomic(os.path.join(cds_dir, envoy_config.CDS_FILE),
-                              envoy_config.dump(envoy_config.cds(result.servers)))
+                              envoy_config.dump(envoy_config.cds(servers)))
     envoy_config.write_atomic(os.path.join(out, "mesh.yaml"),
                               envoy_config.dump(envoy_config.mesh_pieces(config, ports, cds_dir)))
-    for err in result.errors:
-        print(f"refused: {err}", file=sys.stderr)
-    print(f"wrote {out}/bootstrap.yaml, {cds_dir}/{envoy_config.CDS_FILE}, {out}/mesh.yaml")
-    return 0
+    return [f"{out}/bootstrap.yaml", f"{cds_dir}/{envoy_config.CDS_FILE}", f"{out}/mesh.yaml"]
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -243,6 +269,18 @@ def main(argv: list[str] | None = None) -> int:
     r = envoy_sub.add_parser("render", help="write the standalone bootstrap, the CDS file and the mesh pieces")
     r.add_argument("-c", "--config", required=True)
     r.add_argument("--out", required=True)
+    r.add_argument("--target", choices=("standalone", "envoy-gateway", "istio"), default="standalone",
+                   help="standalone: bootstrap + CDS + mesh pieces; envoy-gateway: an EnvoyPatchPolicy; "
+                        "istio: an EnvoyFilter")
+    r.add_argument("--namespace", default="default", help="namespace of the rendered resources (and, for "
+                   "envoy-gateway, of the Gateway)")
+    r.add_argument("--gateway", default="eg", help="envoy-gateway: the Gateway's name; istio: the gateway "
+                   "workload's app label")
+    r.add_argument("--listener", default="http", help="envoy-gateway: the Gateway listener that serves MCP")
+    r.add_argument("--port", type=int, default=0, help="istio: the gateway listener port that serves MCP "
+                   "(default: the port of `listen`)")
+    r.add_argument("--processor", default="", help="HOST:PORT of the processor Service (default: processor.listen)")
+    r.add_argument("--watch", action="store_true", help="render again on every catalog change")
     r.set_defaults(func=cmd_render)
     p = sub.add_parser("validate", help="check the catalog's manifests against the admission rules")
     p.add_argument("-c", "--config", required=True)
