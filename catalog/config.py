@@ -23,9 +23,10 @@ _KNOWN = {
     "prefix", "prefixMode", "maxRequestBytes", "sessionKey", "stateDir", "listPageSize", "serverName",
     "instructions", "listTtlMs", "listTtlFloorMs", "allowedOrigins", "listWaitMs", "allowedHosts", "tls",
     "auth", "policy", "audit", "secretsDir", "store", "upstreamOAuth", "restart", "sessions", "edgeLogin",
-    "statusToken", "toolMode", "workflows", "bridges",
+    "statusToken", "toolMode", "workflows", "bridges", "logFormat",
 }
 _KNOWN |= {"workflows"}
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(ValueError):
@@ -163,6 +164,7 @@ class GatewayConfig:
     bridge_listen: Address = Address("127.0.0.1", 0)
     bridge_idle_seconds: int = 300
     bridge_max_connections: int = 100
+    log_format: str = "text"
 
     @property
     def callback_url(self) -> str:
@@ -306,6 +308,9 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
     listen = Address.parse(raw.get("listen", "127.0.0.1:8080"), f"{source}: listen")
     if hosts is None:
         hosts = list(LOOPBACK_HOSTS) if listen.host in LOOPBACK_HOSTS or listen.host == "::1" else []
+    log_format = raw.get("logFormat", "text")
+    if log_format not in LOG_FORMATS:
+        raise ConfigError(f"{source}: logFormat: must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
     cfg = GatewayConfig(
         source=source,
         listen=listen,
@@ -345,6 +350,7 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
         status_token_env=str(status_token.get("env", "")),
         tool_mode=_tool_mode(raw.get("toolMode", "native"), source),
         **_bridges(raw.get("bridges"), source),
+        log_format=log_format,
     )
     if cfg.edge_login is not None and cfg.auth is None:
         raise ConfigError(f"{source}: edgeLogin: needs auth (the edge IdP it signs in at is auth.issuer)")

@@ -14,7 +14,7 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import yaml
 
@@ -23,50 +23,82 @@ from catalog.config import ConfigError, GatewayConfig, load_config
 DEMO_DIR = Path(__file__).resolve().parents[1] / "deploy" / "demo"
 
 
-def _config(path: str) -> GatewayConfig:
+def _config(path: str, log_level: str = "") -> GatewayConfig:
+    """Load the gateway config; with a log level, also switch logging to the config's `logFormat`."""
     try:
-        return load_config(path)
+        config = load_config(path)
     except ConfigError as exc:
         raise SystemExit(f"muster-edge: {exc}") from None
+    if log_level:
+        from extproc import logs
+
+        logs.configure(config.log_format, log_level)
+    return config
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from extproc.supervisor import run
 
-    return run(_config(args.config))
+    return run(_config(args.config, args.log_level))
 
 
 def cmd_processor(args: argparse.Namespace) -> int:
     from extproc.server import run_processor
 
-    config = _config(args.config)
+    config = _config(args.config, args.log_level)
     run_processor(config, port=args.port or config.processor_listen.port, status_port=args.status_port)
     return 0
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from extproc import envoy_config
-    from extproc.catalog_files import read_catalog
+    from extproc.catalog_files import read_catalog, signature
 
     config = _config(args.config)
     out = os.path.normpath(args.out)
+    target = _mesh_target(args)
+    last = None
+    while True:
+        result = read_catalog(config.catalog_dir)
+        written = _render_once(config, result.servers, out, args.target, target)
+        for err in result.errors:
+            print(f"refused: {err}", file=sys.stderr)
+        print(f"wrote {', '.join(written)}", flush=True)
+        if not args.watch:
+            return 0
+        last = signature(config.catalog_dir)
+        while signature(config.catalog_dir) == last:  # re-render on every catalog change (--watch)
+            time.sleep(0.5)
+
+
+def _mesh_target(args: argparse.Namespace) -> Any:
+    from extproc.mesh_render import MeshTarget
+
+    host, _, port = (args.processor or "").rpartition(":")
+    return MeshTarget(namespace=args.namespace, gateway=args.gateway, listener=args.listener, port=args.port,
+                      processor_host=host, processor_port=int(port) if port.isdigit() else 0)
+
+
+def _render_once(config: GatewayConfig, servers: Any, out: str, kind: str, target: Any) -> list[str]:
+    from extproc import envoy_config, mesh_render
+
+    if kind != "standalone":
+        path = os.path.join(out, f"{kind}.yaml")
+        docs = mesh_render.render(kind, config, servers, target)
+        envoy_config.write_atomic(path, "".join("---\n" + envoy_config.dump(d) for d in docs))
+        return [path]
     cds_dir = os.path.join(out, "cds")
     ports = envoy_config.processor_ports(config)
-    result = read_catalog(config.catalog_dir)
     envoy_config.write_atomic(os.path.join(out, "bootstrap.yaml"),
                               envoy_config.dump(envoy_config.bootstrap(config, ports, cds_dir)))
     envoy_config.write_atomic(os.path.join(cds_dir, envoy_config.CDS_FILE),
-                              envoy_config.dump(envoy_config.cds(result.servers, config.bridge_listen
+                              envoy_config.dump(envoy_config.cds(servers, config.bridge_listen
                                                                  if config.bridge_listen.port else None)))
     envoy_config.write_atomic(os.path.join(cds_dir, envoy_config.RDS_FILE),
-                              envoy_config.dump(envoy_config.route_table(config, result.servers)))
+                              envoy_config.dump(envoy_config.route_table(config, servers)))
     envoy_config.write_atomic(os.path.join(out, "mesh.yaml"),
                               envoy_config.dump(envoy_config.mesh_pieces(config, ports, cds_dir)))
-    for err in result.errors:
-        print(f"refused: {err}", file=sys.stderr)
-    print(f"wrote {out}/bootstrap.yaml, {cds_dir}/{envoy_config.CDS_FILE}, {cds_dir}/{envoy_config.RDS_FILE}, "
-          f"{out}/mesh.yaml")
-    return 0
+    return [f"{out}/bootstrap.yaml", f"{cds_dir}/{envoy_config.CDS_FILE}", f"{cds_dir}/{envoy_config.RDS_FILE}",
+            f"{out}/mesh.yaml"]
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -298,6 +330,18 @@ def main(argv: list[str] | None = None) -> int:
     r = envoy_sub.add_parser("render", help="write the standalone bootstrap, the CDS file and the mesh pieces")
     r.add_argument("-c", "--config", required=True)
     r.add_argument("--out", required=True)
+    r.add_argument("--target", choices=("standalone", "envoy-gateway", "istio"), default="standalone",
+                   help="standalone: bootstrap + CDS + mesh pieces; envoy-gateway: an EnvoyPatchPolicy; "
+                        "istio: an EnvoyFilter")
+    r.add_argument("--namespace", default="default", help="namespace of the rendered resources (and, for "
+                   "envoy-gateway, of the Gateway)")
+    r.add_argument("--gateway", default="eg", help="envoy-gateway: the Gateway's name; istio: the gateway "
+                   "workload's app label")
+    r.add_argument("--listener", default="http", help="envoy-gateway: the Gateway listener that serves MCP")
+    r.add_argument("--port", type=int, default=0, help="istio: the gateway listener port that serves MCP "
+                   "(default: the port of `listen`)")
+    r.add_argument("--processor", default="", help="HOST:PORT of the processor Service (default: processor.listen)")
+    r.add_argument("--watch", action="store_true", help="render again on every catalog change")
     r.set_defaults(func=cmd_render)
     p = sub.add_parser("validate", help="check the catalog's manifests against the admission rules")
     p.add_argument("-c", "--config", required=True)

@@ -188,10 +188,9 @@ class Gateway:
     def audit(self, req: Request, *, tool: str, decision: str, rule: str, server: str = "",
               upstream_tool: str = "") -> None:
         """One structured line per decision on a call; never a token or header value."""
-        audit_log.info("%s", orjson.dumps({
-            "event": "tools/call", "subject": req.caller.subject, "tool": tool, "upstream_tool": upstream_tool,
-            "server": server, "decision": decision, "rule": rule, "toolset": req.toolset or "full",
-        }).decode())
+        fields = {"event": "tools/call", "subject": req.caller.subject, "tool": tool, "upstream_tool": upstream_tool,
+                  "server": server, "decision": decision, "rule": rule, "toolset": req.toolset or "full"}
+        audit_log.info("%s", orjson.dumps(fields).decode(), extra={"fields": fields})
         self.metrics.inc("muster_edge_policy_decisions_total", decision=decision, rule=rule, server=server)
 
     # ---- headers ------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from catalog.config import GatewayConfig
 from catalog.manifests import LoadResult, MCPServer
+from extproc import logs
 from extproc.bridges.state import with_bridges
 from extproc.catalog_files import read_catalog, watch
 from extproc.credentials import Broker, Exchanger, MemoryStore, RedisStore, SecretFiles, TokenStore
@@ -54,6 +55,7 @@ class Processor(epg.ExternalProcessorServicer):
 
     async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         stream = Stream(self.gateway, context.write)
+        logs.tag_request(stream.log_facts)
         try:
             async for msg in request_iterator:
                 reply = await stream.handle(msg)

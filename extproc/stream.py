@@ -112,6 +112,12 @@ class Stream:
         self.sse: SseRewriter | None = None
         self.error_status = 0  # an upstream's JSON error answer whose body this stream asked for
 
+    def log_facts(self) -> tuple[str, str, str]:
+        """(request id, method, server) for the log lines written while this stream is handled."""
+        req = self.req
+        return (req.headers.get("x-request-id", ""), req.message.method if req.message is not None else "",
+                self.plan.server if self.plan is not None else "")
+
     async def handle(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse | None:
         kind = msg.WhichOneof("request")
         if kind == "request_headers":

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from catalog.config import GatewayConfig
-from extproc import envoy_config
+from extproc import envoy_config, logs
 from extproc.bridges import launch as bridges
 from extproc.catalog_files import read_catalog, signature
 from extproc.server import SESSION_KEY_ENV, SUPERVISOR_STATE_ENV
@@ -254,6 +254,11 @@ def wait_ready(config: GatewayConfig, children: Children, timeout: float = 30.0)
         raise SystemExit(f"muster-edge: not ready in time ({what} did not pass)")
 
 
+def envoy_log_args(config: GatewayConfig) -> list[str]:
+    """Envoy's own lines in the gateway's log format."""
+    return ["--log-format", logs.ENVOY_JSON_FORMAT] if config.log_format == "json" else []
+
+
 def client_snippet(config: GatewayConfig) -> str:
     """The HTTP entry, and beside it the stdio one for clients that only launch commands (`muster-edge agent`)."""
     return json.dumps({"mcpServers": {"muster-edge": {"type": "http", "url": config.public_url},
@@ -294,7 +299,7 @@ def run(config: GatewayConfig, *, on_ready: Callable[[], None] | None = None) ->
         children.start(bridges.command(config), env, name="bridges")
         children.start([envoy_binary(), "-c", paths.bootstrap, "--reject-unknown-dynamic-fields",
                         "--disable-hot-restart", "--concurrency", str(max(1, min(os.cpu_count() or 1, 4))),
-                        "--log-level", "warn"], env, name="envoy")
+                        "--log-level", "warn", *envoy_log_args(config)], env, name="envoy")
         children.write_state()
         wait_ready(config, children)
         print(f"muster-edge is ready. MCP endpoint: {config.public_url}", flush=True)

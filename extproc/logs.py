@@ -1,0 +1,75 @@
+"""Log lines as text or as one JSON object per line, tagged with the HTTP request they belong to.
+
+Each ext_proc stream runs in a task of its own, so a context variable set once per stream tags every line
+logged while handling it, with no per-message cost: the request id, method and server are read only when a
+line is actually written. Values come from what the gateway already parsed; a header, a token or a tool's
+arguments are never copied into a line.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Envoy's own lines in the same shape (its --log-format; %j is the message, JSON-escaped)
+ENVOY_JSON_FORMAT = ('{"time":"%Y-%m-%dT%T.%eZ","level":"%l","logger":"envoy.%n","message":"%j",'
+                     '"thread":"%t"}')
+
+# () -> (request id, JSON-RPC method, server) of the request being handled, read only when a line is written
+RequestFacts = Callable[[], tuple[str, str, str]]
+_current: contextvars.ContextVar[RequestFacts | None] = contextvars.ContextVar("muster_edge_request", default=None)
+
+
+def tag_request(facts: RequestFacts) -> None:
+    """Tag the lines the current task writes from now on (call once per ext_proc stream)."""
+    _current.set(facts)
+
+
+def request_facts() -> tuple[str, str, str]:
+    facts = _current.get()
+    return facts() if facts is not None else ("", "", "")
+
+
+class JsonFormatter(logging.Formatter):
+    """level, time, logger, message, request_id, server, method; an audit line keeps its own fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        request_id, method, server = request_facts()
+        line: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line["message"] = str(fields.get("event", "audit"))
+            line.update({k: v for k, v in fields.items() if k not in line})
+        if request_id:
+            line["request_id"] = request_id
+        if method and "method" not in line:
+            line["method"] = method
+        if server and not line.get("server"):
+            line["server"] = server
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(line).decode()
+
+
+def configure(fmt: str = "text", level: str = "INFO") -> None:
+    """Replace the root handler: every logger of ours (and of our libraries) writes in this one format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
