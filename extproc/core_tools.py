@@ -69,7 +69,7 @@ def server_entry(ctx: ToolContext, name: str) -> dict[str, Any]:
         session = "connected" if described["state"] == "Connected" else "sso_pending"
     else:
         session = "connected" if described["state"] == "Connected" else "disconnected"
-    entry: dict[str, Any] = {"name": name, "type": "streamable-http", "url": server.url,
+    entry: dict[str, Any] = {"name": name, "type": server.type, "url": server.url,
                              "state": described["state"], "sessionStatus": session, "toolsCount": count,
                              "authRequired": server.auth.type == "oauth"}
     if server.family is not None:

@@ -52,6 +52,12 @@ async def _no_auth(server: MCPServer, owner: str, bearer: str) -> Mapping[str, s
     return {}
 
 
+def _waits_for_use(state: UpstreamState) -> bool:
+    """A stdio server with `autoStart: false` is started by the first list that needs it (Fleet.ready), not by
+    the catalog load: its process, run by the bridge, starts when the bridge first hears from us."""
+    return state.server.type == "stdio" and not state.server.auto_start and state.snapshot is None
+
+
 async def _no_renew(server: MCPServer, owner: str) -> None:
     return None
 
@@ -155,7 +161,8 @@ class Fleet:
         self.errors = tuple(errors)
         self.catalog_generation += 1
         for state in self.states.values():
-            self._schedule(state)
+            if not _waits_for_use(state):
+                self._schedule(state)
 
     def _drop(self, state: UpstreamState, reason: str = "catalog") -> None:
         state.cancel()

@@ -68,10 +68,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         auth = {"issuer": idp.issuer, "jwksUri": idp.jwks_uri, "audiences": [resource], "resource": resource}
         audit = work / "audit.jsonl"
         (work / "oauth-client-secret").write_text("unused-here")
+        (work / "edge-login-secret").write_text("unused-here")
         gateway = stack.enter_context(start_gateway(
             work / "gw", servers, listen=listen, auth=auth, policy=POLICY, toolMode="both", listTtlFloorMs=600_000,
             audit=str(audit), upstreamOAuth={"clientId": "muster-edge",
-                                             "clientSecretFile": str(work / "oauth-client-secret")}))
+                                             "clientSecretFile": str(work / "oauth-client-secret")},
+            edgeLogin={"clientId": "muster-edge-login", "clientSecretFile": str(work / "edge-login-secret")}))
         tokens = {c["client_id"]: idp.client_credentials(c["client_id"], c["client_secret"], resource=resource,
                                                          scope="mcp:tools") for c in clients}
         yield Setup(gateway, idp, tokens, audit)

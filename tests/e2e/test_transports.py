@@ -157,6 +157,18 @@ async def test_a_killed_stdio_server_fails_cleanly_then_is_restarted_and_removal
         wait(lambda: not in_group(second), what="the process group to be gone after the manifest was removed")
 
 
+async def test_auto_start_false_starts_the_process_on_first_list_not_with_the_gateway(tmp_path: Path) -> None:
+    with gateway(tmp_path, {"eager": sdk_stdio(name="eager", autoStart=True),
+                            "lazy": sdk_stdio(name="lazy", autoStart=False)}) as gw:
+        wait(lambda: process_state(gw, "eager").get("state") == "Running", what="the autoStart server running")
+        assert not process_state(gw, "lazy").get("pid"), process_state(gw, "lazy")  # not started yet
+        async with connect(gw.url, MODERN) as client:
+            names = {t.name for t in (await client.list_tools()).tools}
+            assert "x_lazy_echo" in names  # the first list started it and waited for it
+            assert text(await client.call_tool("x_lazy_echo", {"text": "hi"})) == "hi"
+        assert process_state(gw, "lazy").get("state") == "Running"
+
+
 async def test_a_sigkilled_gateway_leaves_no_process(tmp_path: Path) -> None:
     servers = {"everything": everything_stdio(autoStart=True), "local": sdk_stdio(autoStart=True)}
     with gateway(tmp_path, servers) as gw:
