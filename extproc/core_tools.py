@@ -41,8 +41,8 @@ def _auth_handler(name: str) -> Any:
 
 
 def agent_layer(ctx: ToolContext) -> bool:
-    """Muster's own core tools come with the agent layer: toolMode meta or both (native stays today's list)."""
-    return ctx.gateway.config.tool_mode != "native"
+    """Muster's own core tools are listed in every mode (native lists carry them too, as Muster's do)."""
+    return True
 
 
 # ---- core_mcpserver_list / core_mcpserver_get ------------------------------------------------------------

@@ -27,6 +27,11 @@ EXPECTED_TOOLS = {
     "x_vendor_toggle_beta",
 }
 
+CORE_TOOLS = {
+    "core_mcpserver_list", "core_mcpserver_get", "core_events", "core_workflow_list", "core_workflow_get",
+    "core_workflow_available", "core_workflow_execution_list", "core_workflow_execution_get",
+}
+
 
 def modern_body(method: str, params: dict[str, Any] | None = None, msg_id: int = 1) -> dict[str, Any]:
     meta = {"io.modelcontextprotocol/protocolVersion": MODERN, "io.modelcontextprotocol/clientCapabilities": {}}
@@ -56,9 +61,11 @@ async def test_lists_merge_every_upstream_under_prefixed_names(fleet: Fleet, mod
         prompts = {p.name for p in (await client.list_prompts()).prompts}
         resources = {r.uri for r in (await client.list_resources()).resources}
         templates = {t.uri_template for t in (await client.list_resource_templates()).resource_templates}
-    assert set(tools) == EXPECTED_TOOLS  # kubectl_delete is in the default deny set (see test_policy.py)
+    backend = [t for t in tools if t.startswith("x_")]
+    assert set(backend) == EXPECTED_TOOLS  # kubectl_delete is in the default deny set (see test_policy.py)
+    assert set(tools) - set(backend) == CORE_TOOLS  # Muster's read-only core tools, listed in native mode too
     assert len(tools) == len(set(tools))
-    assert tools == sorted(tools, key=lambda n: n.split("_")[1])  # grouped by server, in server order
+    assert backend == sorted(backend, key=lambda n: n.split("_")[1])  # grouped by server, in server order
     assert prompts == {"x_kubernetes_debug_pod", "x_prometheus_investigate_alert", "x_vendor_summarize"}
     assert resources == {"x+kubernetes+k8s://kubernetes/cluster-info", "x+prometheus+prom://prometheus/targets",
                          "x+vendor+vendor://docs/readme"}
