@@ -23,6 +23,7 @@ from extproc import answer
 from extproc.upstream import RETRY_HEADER, ROUTE_HEADER, cluster_name, origin_cluster_name
 
 CDS_FILE = "cds.yaml"
+UPSTREAM_IDLE_S = 4  # under the common 5 s keep-alive of upstream HTTP servers
 RDS_FILE = "rds.yaml"  # the public routes, with one route per server (its timeout), next to the clusters
 ROUTE_TABLE = "muster_edge_routes"
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -75,6 +76,13 @@ def _cluster(name: str, url: str, timeout: int) -> dict[str, Any]:
                                              "max_connections": 10000}]},
         "load_assignment": {"cluster_name": name,
                             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(host, port)}}]}]},
+        # Envoy closes a kept-alive upstream connection before the upstream does (uvicorn and Node close after
+        # 5 s idle): a request then never meets a connection the upstream is closing, the one loss a retry could
+        # not safely repair for a call that is not read-only or idempotent.
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "common_http_protocol_options": {"idle_timeout": f"{UPSTREAM_IDLE_S}s"},
+            "explicit_http_config": {"http_protocol_options": {}}}},
     }
     if tls:
         cluster["transport_socket"] = {
