@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import signal
@@ -112,7 +113,10 @@ async def until(predicate: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(Exception):
-            if await predicate() if asyncio.iscoroutinefunction(predicate) else predicate():
+            result = predicate()
+            if inspect.isawaitable(result):  # a lambda around a coroutine function is not one itself
+                result = await result
+            if result:
                 return
         await asyncio.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
