@@ -287,6 +287,17 @@ _SPEC_FIELDS = ("type", "toolPrefix", "family", "description", "autoStart", "com
                 "env", "headers", "auth", "timeout")
 
 
+def metadata_name(meta: dict[str, Any]) -> str:
+    """metadata.name of any catalog resource (MCPServer, Workflow): required, and a Kubernetes name."""
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        raise _Refused("metadata.name", "name is required")
+    if len(name) > 253 or not _NAME.fullmatch(name):
+        raise _Refused("metadata.name",
+                       f"{name!r} is not a valid Kubernetes name (lower-case letters, digits, '-', '.')")
+    return name
+
+
 def parse_server(doc: Any, source: str) -> MCPServer:
     """Validate one YAML document as an MCPServer; raises AdmissionError-carrying _Refused."""
     root = _obj(doc, "document")
@@ -295,12 +306,7 @@ def parse_server(doc: Any, source: str) -> MCPServer:
     if root.get("kind") != KIND:
         raise _Refused("kind", f"must be {KIND!r}, got {root.get('kind')!r}")
     meta = _obj(root.get("metadata"), "metadata")
-    name = meta.get("name")
-    if not isinstance(name, str) or not name:
-        raise _Refused("metadata.name", "name is required")
-    if len(name) > 253 or not _NAME.fullmatch(name):
-        raise _Refused("metadata.name",
-                       f"{name!r} is not a valid Kubernetes name (lower-case letters, digits, '-', '.')")
+    name = metadata_name(meta)
     namespace = meta.get("namespace") or "default"
     if not isinstance(namespace, str):
         raise _Refused("metadata.namespace", "must be a string")

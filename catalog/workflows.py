@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from catalog import templates
-from catalog.manifests import API_VERSION, AdmissionError, _documents
+from catalog.manifests import API_VERSION, AdmissionError, _documents, _Refused, metadata_name
 
 KIND = "Workflow"
 PREFIX = "workflow_"
 ARG_TYPES = ("string", "integer", "boolean", "number", "object", "array")
 
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _STEP_ID = re.compile(r"^[a-zA-Z0-9_-]+$")
 # Muster's structured path also accepts these snake_case spellings.
 _ALIASES = {"allow_failure": "allowFailure", "from_step": "fromStep", "expect_not": "expectNot",
@@ -97,13 +96,6 @@ class Workflow:
     @property
     def tool_name(self) -> str:
         return PREFIX + self.name
-
-
-class _Refused(Exception):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
 
 
 def _norm(raw: Any, path: str) -> dict[str, Any]:
@@ -258,12 +250,7 @@ def _args(raw: Any) -> tuple[Arg, ...]:
 
 def parse_workflow(doc: Mapping[str, Any], source: str) -> Workflow:
     meta = _norm(doc.get("metadata"), "metadata")
-    name = meta.get("name")
-    if not isinstance(name, str) or not name:
-        raise _Refused("metadata.name", "name is required")
-    if len(name) > 253 or not _NAME.fullmatch(name):
-        raise _Refused("metadata.name",
-                       f"{name!r} is not a valid Kubernetes name (lower-case letters, digits, '-', '.')")
+    name = metadata_name(meta)
     namespace = meta.get("namespace") or "default"
     labels = meta.get("labels") or {}
     if not isinstance(labels, dict):
