@@ -23,7 +23,7 @@ _KNOWN = {
     "prefix", "prefixMode", "maxRequestBytes", "sessionKey", "stateDir", "listPageSize", "serverName",
     "instructions", "listTtlMs", "listTtlFloorMs", "allowedOrigins", "listWaitMs", "allowedHosts", "tls",
     "auth", "policy", "audit", "secretsDir", "store", "upstreamOAuth", "restart", "sessions", "edgeLogin",
-    "statusToken", "toolMode", "workflows", "bridges", "logFormat",
+    "statusToken", "toolMode", "workflows", "bridges", "logFormat", "metrics",
 }
 _KNOWN |= {"workflows"}
 LOG_FORMATS = ("text", "json")
@@ -165,6 +165,8 @@ class GatewayConfig:
     bridge_idle_seconds: int = 300
     bridge_max_connections: int = 100
     log_format: str = "text"
+    # latency histograms (and Envoy's access log to the processor that feeds the call histograms); counters stay
+    metrics: bool = True
 
     @property
     def callback_url(self) -> str:
@@ -351,6 +353,7 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
         tool_mode=_tool_mode(raw.get("toolMode", "native"), source),
         **_bridges(raw.get("bridges"), source),
         log_format=log_format,
+        metrics=_flag(raw, "metrics", True, source),
     )
     if cfg.edge_login is not None and cfg.auth is None:
         raise ConfigError(f"{source}: edgeLogin: needs auth (the edge IdP it signs in at is auth.issuer)")
@@ -359,6 +362,13 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
                           "auth.issuer): a login callback stores a token only after the browser signs in there as "
                           "the user who started it")
     return cfg
+
+
+def _flag(raw: dict[str, Any], key: str, default: bool, source: str) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{source}: {key}: must be true or false")
+    return value
 
 
 def _restart(raw: Any, source: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import quote_plus, urlsplit
@@ -301,6 +301,8 @@ class Exchanger:
         self._local = MemoryStore()
         self._inflight: dict[str, asyncio.Future[Issued]] = {}
         self.exchanges = 0
+        # each exchange at the IdP (server, seconds, ok), for /metrics
+        self.on_exchange: Callable[[str, float, bool], None] = lambda _server, _seconds, _ok: None
 
     @staticmethod
     @functools.lru_cache(maxsize=65_536)
@@ -373,6 +375,15 @@ class Exchanger:
             await self._store.delete(key)
 
     async def _exchange(self, server: MCPServer, exchange: TokenExchange, subject_token: str) -> Issued:
+        started, ok = time.perf_counter(), False
+        try:
+            issued = await self._post_exchange(server, exchange, subject_token)
+            ok = True
+            return issued
+        finally:
+            self.on_exchange(server.name, time.perf_counter() - started, ok)
+
+    async def _post_exchange(self, server: MCPServer, exchange: TokenExchange, subject_token: str) -> Issued:
         if len(subject_token) > MAX_SUBJECT_TOKEN:
             raise CredentialError(server.name, "token exchange refused: the subject token is larger than 64 KB")
         headers = {}

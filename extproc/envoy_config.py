@@ -604,6 +604,32 @@ def http_connection_manager(stat_prefix: str, virtual_host: dict[str, Any], filt
     return hcm
 
 
+def call_access_log(config: GatewayConfig) -> list[dict[str, Any]]:
+    """Envoy's gRPC access log of routed calls, to the processor (extproc/access_log.py feeds the call histograms
+    from it): only requests the processor routed (its `muster_edge` metadata names a server), batched by Envoy
+    (one gRPC message per second or per 64 KiB per Envoy worker). Off with `metrics: false`."""
+    if not config.metrics:
+        return []
+    return [{
+        "name": "envoy.access_loggers.http_grpc",
+        "filter": {"metadata_filter": {"matcher": {"filter": answer.NAMESPACE, "path": [{"key": "server"}],
+                                                   "value": {"present_match": True}},
+                                       "match_if_key_not_found": False}},
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+            "common_config": {"log_name": "muster_edge_calls", "transport_api_version": "V3",
+                              "grpc_service": {"envoy_grpc": {"cluster_name": "muster_edge_processor"}},
+                              "buffer_flush_interval": "1s", "buffer_size_bytes": 65536}},
+    }]
+
+
+def _with_call_log(config: GatewayConfig, hcm: dict[str, Any]) -> dict[str, Any]:
+    logs = call_access_log(config)
+    if logs:
+        hcm["typed_config"].setdefault("access_log", []).extend(logs)
+    return hcm
+
+
 def http_filters(config: GatewayConfig) -> list[dict[str, Any]]:
     auth = [jwt_filter(config)] if config.auth is not None else []
     return [body_size_filter(config), *auth, ext_proc_filter(config), *map(answer_filter, ANSWER_CASES)]
@@ -620,7 +646,8 @@ def public_listeners(config: GatewayConfig, cds_dir: str | None = None) -> list[
         "name": "muster_edge_public",
         "address": _socket(config.listen.host, config.listen.port),
         "per_connection_buffer_limit_bytes": connection_buffer_limit(config),
-        "filter_chains": [{"filters": [http_connection_manager("muster_edge", vhost, filters, replies, rds)]}],
+        "filter_chains": [{"filters": [_with_call_log(config, http_connection_manager("muster_edge", vhost, filters,
+                                                                                   replies, rds))]}],
     }]
     if config.tls is not None:
         folder = os.path.dirname(config.tls.cert_file)
@@ -638,7 +665,8 @@ def public_listeners(config: GatewayConfig, cds_dir: str | None = None) -> list[
                                               "private_key": {"filename": config.tls.key_file},
                                               "watched_directory": {"path": folder or "."}}],
                     }}},
-                "filters": [http_connection_manager("muster_edge_https", vhost, filters, replies, rds)],
+                "filters": [_with_call_log(config, http_connection_manager("muster_edge_https", vhost, filters,
+                                                                          replies, rds))],
             }],
         })
     return out
@@ -721,6 +749,7 @@ def mesh_pieces(config: GatewayConfig, ports: Sequence[int], cds_dir: str) -> di
         "local_reply_config": local_replies(config) if config.auth else {"mappers": public_reply_mappers()},
         "listeners": [internal_listener(config)],
         "cds_config": bootstrap(config, ports, cds_dir)["dynamic_resources"]["cds_config"],
+        "access_log": call_access_log(config),
     }
 
 

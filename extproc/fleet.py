@@ -82,6 +82,7 @@ class UpstreamState:
     down: str = ""  # a routed call just failed (503/504): calls fail fast until a refresh succeeds
     created: float = field(default_factory=time.monotonic)
     settle_until: float = 0.0
+    fetched_at: float = 0.0  # when the current lists were fetched (their age in /metrics)
 
     @property
     def fresh(self) -> bool:
@@ -122,6 +123,8 @@ class Fleet:
         # whether an owner's gateway session has ended (set by the gateway): a session opened for an owner whose
         # DELETE arrived meanwhile is closed at once, not kept
         self.owner_ended: Callable[[str], bool] = lambda _owner: False
+        # one upstream's fetch (server, seconds, ok), for the fan-out histogram
+        self.on_fetch: Callable[[str, float, bool], None] = lambda _server, _seconds, _ok: None
 
     def _new_state(self, server: MCPServer, owner: str = "") -> UpstreamState:
         state = UpstreamState(server, owner=owner)
@@ -188,12 +191,17 @@ class Fleet:
         return dict(await self.auth(state.server, state.owner, state.bearer))
 
     async def _fetch(self, state: UpstreamState) -> tuple[Handshake, list[tuple[list[dict[str, Any]], int | None]]]:
-        auth = await self._credentials(state)
-        hs = state.handshake or await self.client.probe(state.server, auth)
-        hs.auth = auth
-        state.handshake = hs
-        results = await asyncio.gather(*(self._list(state.server, hs, m, k, cap) for m, k, cap in _LISTS))
-        return hs, list(results)
+        started, ok = time.perf_counter(), False
+        try:
+            auth = await self._credentials(state)
+            hs = state.handshake or await self.client.probe(state.server, auth)
+            hs.auth = auth
+            state.handshake = hs
+            results = await asyncio.gather(*(self._list(state.server, hs, m, k, cap) for m, k, cap in _LISTS))
+            ok = True
+            return hs, list(results)
+        finally:
+            self.on_fetch(state.server.name, time.perf_counter() - started, ok)
 
     async def _refresh(self, state: UpstreamState) -> None:
         while True:
@@ -256,6 +264,7 @@ class Fleet:
             instructions=hs.instructions, tools=tuple(tools), prompts=tuple(prompts), resources=tuple(resources),
             templates=tuple(templates), ttl_ms=ttl, generation=self._generation)
         state.last_good = state.snapshot
+        state.fetched_at = time.monotonic()
         life_ms = max(ttl if ttl is not None else self.default_ttl_ms, self.ttl_floor_ms)
         state.expires_at = time.monotonic() + life_ms / 1000.0 * random.uniform(0.9, 1.0)
         if previously_failed:
@@ -540,6 +549,11 @@ class Fleet:
         for state in self._all_states():
             counts[state.server.name] = counts.get(state.server.name, 0) + len(state.pooled)
         return counts
+
+    def list_ages(self) -> dict[str, float]:
+        """Seconds since each shared upstream's lists were fetched (the last good ones while it is down)."""
+        now = time.monotonic()
+        return {name: now - state.fetched_at for name, state in self.states.items() if state.fetched_at}
 
     def session_metrics(self) -> str:
         return self.session_counts.render(self.open_sessions())

@@ -8,24 +8,28 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
 import httpx2
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from catalog.config import GatewayConfig
 from catalog.manifests import LoadResult, MCPServer
 from extproc import logs
+from extproc.access_log import AccessLogs
 from extproc.bridges.state import with_bridges
 from extproc.catalog_files import read_catalog, watch
 from extproc.credentials import Broker, Exchanger, MemoryStore, RedisStore, SecretFiles, TokenStore
 from extproc.executions import Executions
 from extproc.fleet import Fleet
-from extproc.gateway import Gateway
+from extproc.gateway import KNOWN_METHODS, Gateway
 from extproc.handlers import workflows
+from extproc.metrics import Metrics, merge_workers
 from extproc.oauth import EdgeLogin, UserTokens
 from extproc.peers import Peers
 from extproc.sessions import Cursors, Sealer, Sessions, load_key
@@ -58,7 +62,9 @@ class Processor(epg.ExternalProcessorServicer):
         logs.tag_request(stream.log_facts)
         try:
             async for msg in request_iterator:
+                started = time.perf_counter()
                 reply = await stream.handle(msg)
+                self.gateway.metrics.message(msg.WhichOneof("request") or "", time.perf_counter() - started)
                 if reply is not None:
                     await context.write(reply)
         except asyncio.CancelledError:
@@ -108,7 +114,11 @@ def build_gateway(config: GatewayConfig) -> Gateway:
                   max_upstream_sessions=config.sessions.max_upstream_sessions,
                   active_window_s=config.sessions.active_window_s)
     sessions = Sessions(sealer, idle_timeout_s=config.sessions.idle_timeout_s)
-    gateway = Gateway(config, fleet, sessions, Cursors(sealer), broker)
+    metrics = Metrics(histograms=config.metrics)
+    gateway = Gateway(config, fleet, sessions, Cursors(sealer), broker, metrics)
+    fleet.on_fetch = metrics.fetched
+    broker.exchanger.on_exchange = metrics.exchanged
+    metrics.list_ages(fleet.list_ages)
     workflows.install(gateway, Executions(config.workflows, sealer, config.redis_url))
     return gateway
 
@@ -123,12 +133,53 @@ def sibling_urls(config: GatewayConfig, status_port: int | None) -> list[str]:
     return [f"http://{host}:{p}/peer" for p in ports if p != status_port]
 
 
+def workers_metrics(config: GatewayConfig, status_port: int,
+                    own: Callable[[], str]) -> Callable[[], Awaitable[str]]:
+    """GET /metrics/all: every worker's /metrics in one exposition, each sample labelled with its worker (its
+    index from the first status port), read from the siblings' status ports at scrape time."""
+    first = config.status_listen.port
+    host = config.status_listen.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host in ("::", "[::]") else host.strip("[]")
+    token = status_token(config)
+
+    async def scrape() -> str:
+        ports = [first + i for i in range(config.workers)] if first <= status_port < first + config.workers \
+            else [status_port]
+        others = [p for p in ports if p != status_port]
+        texts = await asyncio.gather(*(fetch_metrics(host, p, token()) for p in others))
+        found: dict[str, str | None] = {str(p - first): t for p, t in zip(others, texts, strict=True)}
+        found[str(max(0, status_port - first))] = own()
+        return merge_workers(found)
+
+    return scrape
+
+
+async def fetch_metrics(host: str, port: int, token: str, timeout: float = 2.0) -> str | None:
+    """One sibling worker's /metrics (None if it does not answer in time: a frozen or restarting worker)."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError):
+        return None
+    try:
+        auth = f"authorization: Bearer {token}\r\n" if token else ""
+        writer.write(f"GET /metrics HTTP/1.1\r\nhost: {host}\r\n{auth}connection: close\r\n\r\n".encode())
+        raw = await asyncio.wait_for(reader.read(), timeout)
+    except (OSError, TimeoutError):
+        return None
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return body.decode("utf-8", "replace") if head.startswith(b"HTTP/1.1 200") else None
+
+
 async def serve(config: GatewayConfig, *, port: int, status_port: int | None) -> None:
     gateway = build_gateway(config)
     gateway.peers = Peers(gateway.sessions.sealer, sibling_urls(config, status_port), config.redis_url,
                           idle_timeout_s=config.sessions.idle_timeout_s, max_age_s=gateway.sessions.max_age_s)
     server = grpc.aio.server(options=GRPC_OPTIONS, maximum_concurrent_rpcs=20_000)
     epg.add_ExternalProcessorServicer_to_server(Processor(gateway), server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+        AccessLogs(gateway.metrics, lambda: gateway.fleet.servers, KNOWN_METHODS), server)
     # grpc.health.v1 for Envoy's health checks on the processor cluster: a frozen worker misses them.
     healthy = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(healthy, server)
@@ -154,7 +205,8 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
                                            with_supervisor(lambda: with_bridges({**gateway.status(),
                                                                                  "sessions": gateway.session_status()},
                                                                                 config.state_dir)),
-                                           gateway.metrics.render, gateway.peer_message, token=status_token(config))
+                                           gateway.metrics.render, gateway.peer_message, token=status_token(config),
+                                           all_metrics=workers_metrics(config, status_port, gateway.metrics.render))
     log.info("processor listening on %s:%d", config.processor_listen.host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -12,7 +12,7 @@ import ipaddress
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -79,9 +79,10 @@ def redact(status: dict[str, Any]) -> dict[str, Any]:
 async def serve_status(host: str, port: int, status: Callable[[], dict[str, Any]],
                        metrics: Callable[[], str] = lambda: "",
                        peer: Callable[[bytes], tuple[int, bytes]] | None = None,
-                       token: Callable[[], str] = lambda: "") -> asyncio.Server:
+                       token: Callable[[], str] = lambda: "",
+                       all_metrics: Callable[[], Awaitable[str]] | None = None) -> asyncio.Server:
     """`peer` answers `POST /peer`: messages from sibling workers, sealed with the session key (extproc/peers.py),
-    so they need no statusToken."""
+    so they need no statusToken. `/metrics` is this worker's; `/metrics/all` (`all_metrics`) every worker's."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -105,7 +106,8 @@ async def serve_status(host: str, port: int, status: Callable[[], dict[str, Any]
                 ctype = "application/json"
             elif path == "/healthz":
                 code, body, ctype = 200, b"ok\n", "text/plain"
-            elif path not in ("/status", "/metrics"):
+            elif path not in ("/status", "/metrics", "/metrics/all") or (path == "/metrics/all" and
+                                                                          all_metrics is None):
                 code, body, ctype = 404, b"not found\n", "text/plain"
             elif not authorized(writer.get_extra_info("peername"), authorization, token()):
                 code, body, ctype = 401, _UNAUTHORIZED, "text/plain"
@@ -113,6 +115,8 @@ async def serve_status(host: str, port: int, status: Callable[[], dict[str, Any]
             elif path == "/status":
                 code, body, ctype = 200, orjson.dumps(redact(status()), option=orjson.OPT_INDENT_2), \
                     "application/json"
+            elif path == "/metrics/all" and all_metrics is not None:
+                code, body, ctype = 200, (await all_metrics()).encode(), "text/plain; version=0.0.4"
             else:
                 code, body, ctype = 200, metrics().encode(), "text/plain; version=0.0.4"
             writer.write(f"HTTP/1.1 {code} X\r\ncontent-type: {ctype}\r\ncontent-length: {len(body)}\r\n{extra}"

@@ -191,6 +191,9 @@ class Stream:
             fields = resp.dynamic_metadata.fields[namespace].struct_value.fields
             for key, value in values.items():
                 fields[key].string_value = value
+        if self.req.message is not None:  # for the call histograms (extproc/access_log.py); bounded there
+            resp.dynamic_metadata.fields[answer.NAMESPACE].struct_value.fields["method"].string_value = \
+                self.req.message.method
 
     async def _response_headers(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
         resp = ep.ProcessingResponse()

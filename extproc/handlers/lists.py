@@ -6,6 +6,7 @@ splice, with no upstream traffic.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from extproc import jsonrpc
@@ -26,6 +27,7 @@ LISTS = {
 
 
 async def list_items(gw: Gateway, req: Request, msg: Message) -> Local:
+    started = time.perf_counter()
     attr, key = LISTS[msg.method]
     view = await gw.current_view(req)
     cursor = msg.params.get("cursor")
@@ -56,6 +58,7 @@ async def list_items(gw: Gateway, req: Request, msg: Message) -> Local:
     cache_key = (view.fingerprint, msg.method, offset, msg.era, scope, mode, gw.edge_tools.generation,
                  tuple(t.get("name") for t in extra))
     page = gw.pages.get(cache_key)
+    hit = page is not None
     if page is None:
         items = (*extra, *native)
         size = gw.config.list_page_size or max(len(items), 1)
@@ -66,4 +69,5 @@ async def list_items(gw: Gateway, req: Request, msg: Message) -> Local:
             result.update(ttlMs=view.ttl_ms, cacheScope=scope, resultType="complete",
                           _meta={jsonrpc.META_SERVER_INFO: gw.server_info})
         page = gw.pages[cache_key] = jsonrpc.dumps(result)
+    gw.metrics.listed(msg.method, hit, time.perf_counter() - started)
     return Local.raw_result(msg.id, page)

@@ -166,6 +166,9 @@ class WorkflowTools:
             return result
 
         async def record(ex: Execution) -> None:
+            if ex.status != "inprogress":
+                gw.metrics.workflow(ex.workflow if ex.workflow in self.workflows else "other", ex.status,
+                                    ex.duration_ms / 1000)
             try:
                 await self.executions.put(subject, ex.record())
             except Exception as exc:  # a lost record must not fail the caller's run
