@@ -98,9 +98,11 @@ class AccessLogs(als_pb2_grpc.AccessLogServiceServicer):
         """Observe every routed call in one batch; returns how many."""
         servers = self.servers()
         seen = 0
+        self.metrics.access_log_batches.inc()
         for entry in msg.http_logs.log_entry:
             facts = call_facts(entry, servers, self.methods)
             if facts is not None:
                 self.metrics.routed_call(*facts)
                 seen += 1
+        self.metrics.access_log_entries.inc(seen)
         return seen

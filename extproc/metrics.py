@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import Counter as PromCounter
 
 disable_created_metrics()  # no *_created series: they double the output and nobody alerts on them
 
@@ -75,6 +76,11 @@ class Metrics:
         self.listening_clients = Gauge(
             "muster_edge_listening_clients", "Clients holding a notification stream open on this worker.",
             registry=reg)
+        self.access_log_batches = PromCounter(
+            "muster_edge_access_log_batches", "Batches of Envoy's access log of routed calls this worker received.",
+            registry=reg)
+        self.access_log_entries = PromCounter(
+            "muster_edge_access_log_entries", "Entries (routed calls) in those batches.", registry=reg)
         self._children: dict[tuple[Any, ...], Any] = {}
         self._list_ages: Callable[[], Mapping[str, float]] = dict
 
