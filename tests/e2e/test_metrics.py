@@ -102,6 +102,11 @@ def metered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Metered]:
             work / "gw", servers, listen=listen, processor={"workers": 2}, listTtlFloorMs=600_000,
             secretsDir=str(work / "secrets"), auth={"issuer": idp.issuer, "jwksUri": idp.jwks_uri,
                                                      "resource": resource}))
+        gw.write_manifest("workflows.yaml", [{
+            "apiVersion": "muster.giantswarm.io/v1alpha1", "kind": "Workflow", "metadata": {"name": "pods"},
+            "spec": {"args": {"ns": {"type": "string", "default": "default"}},
+                     "steps": [{"id": "p", "tool": "x_kubernetes_get_pods",
+                                "args": {"namespace": "{{ .input.ns }}"}}]}}])
         token = idp.client_credentials(SUBJECT, "s-secret", resource=resource, scope="mcp:tools")
         port = int(gw.status_url.rsplit(":", 1)[1].split("/")[0])
         yield Metered(gw, idp, token, port)
@@ -122,10 +127,17 @@ def test_histograms_appear_with_bounded_labels_across_workers(metered: Metered) 
         for i in range(calls):
             _call(http, gw, token, "x_kubernetes_get_pods", {"namespace": SECRET_ARG}, i + 1)
         _call(http, gw, token, "x_exchanged_query", {"promql": SECRET_ARG}, 1000)
-        for i in range(3):
+        for i in range(8):  # both workers: each renders the page once, then serves it
             resp = http.post(gw.url, json=modern_body("tools/list", {}, 2000 + i),
                              headers=modern_headers("tools/list", authorization=f"Bearer {token}"))
             assert resp.status_code == 200, resp.text
+        def workflow_ran() -> bool:
+            resp = http.post(gw.url, json=modern_body("tools/call", {"name": "workflow_pods",
+                                                                     "arguments": {"ns": SECRET_ARG}}, 4000),
+                             headers=modern_headers("tools/call", "workflow_pods", authorization=f"Bearer {token}"))
+            return resp.status_code == 200 and "result" in resp.json() and not resp.json()["result"].get("isError")
+
+        gw.wait_for(workflow_ran, 15, "the workflow to run")
         # an unknown method: counted, but its name never becomes a label value
         http.post(gw.url, json=modern_body(f"x/{SECRET_ARG}", {}, 3000),
                   headers=modern_headers(f"x/{SECRET_ARG}", authorization=f"Bearer {token}"))
@@ -158,13 +170,14 @@ def test_histograms_appear_with_bounded_labels_across_workers(metered: Metered) 
     assert total(samples, "muster_edge_list_cache_seconds_count", list="tools", result="miss") >= 1
     assert any(s.name == "muster_edge_list_cache_age_seconds" and s.labels["server"] == "kubernetes"
                for s in samples)
+    assert total(samples, "muster_edge_workflow_execution_seconds_count", workflow="pods", status="completed") >= 1
     assert any(s.name == "muster_edge_listening_clients" for s in samples)
     assert any(s.name == "muster_edge_sessions_live" for s in samples)
     # the original counters keep their names
     assert total(samples, "muster_edge_requests_total", method="tools/call", outcome="routed") >= calls
     assert total(samples, "muster_edge_requests_total", method="other") >= 1
     # bounded labels: servers from the catalog, known methods, fixed outcomes and kinds
-    allowed = {"server": {"kubernetes", "exchanged", "other", ""},
+    allowed = {"server": {"kubernetes", "exchanged", "other", "", "muster-edge"},  # the last: edge tools (config)
                "outcome": {"ok", "error", "refused", "unavailable", "timeout", "cancelled", "failed", "routed",
                            "answered"},
                "worker": {"0", "1"}}
