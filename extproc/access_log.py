@@ -35,13 +35,19 @@ def outcome(entry: al.HTTPAccessLogEntry) -> str:
     """How the call ended, one of metrics.CALL_OUTCOMES: from Envoy's response flags, then the status sent."""
     flags = entry.common_properties.response_flags
     code = entry.response.response_code.value
-    if flags.downstream_connection_termination or flags.downstream_remote_reset or code == 0:
+    if flags.ByteSize():  # rare: reading the flags one by one costs more than this check
+        if flags.downstream_connection_termination or flags.downstream_remote_reset:
+            return "cancelled"
+        if flags.upstream_request_timeout or flags.stream_idle_timeout:
+            return "timeout"
+        if (flags.no_healthy_upstream or flags.upstream_connection_failure or flags.upstream_overflow
+                or flags.upstream_remote_reset or flags.upstream_connection_termination or flags.no_cluster_found):
+            return "unavailable"
+    if code == 0:
         return "cancelled"
-    if flags.upstream_request_timeout or flags.stream_idle_timeout or code == 504:
+    if code == 504:
         return "timeout"
-    if (flags.no_healthy_upstream or flags.upstream_connection_failure or flags.upstream_overflow
-            or flags.upstream_remote_reset or flags.upstream_connection_termination or flags.no_cluster_found
-            or code == 503):
+    if code == 503:
         return "unavailable"
     details = entry.response.response_code_details
     if code in (401, 403) or details == "muster_edge_upstream_refused_credential":

@@ -132,6 +132,10 @@ def istio(config: GatewayConfig, servers: Sequence[MCPServer], target: MeshTarge
         patches.append({"applyTo": "NETWORK_FILTER", "match": hcm_match, "patch": {"operation": "MERGE", "value": {
             "name": _HCM_NAME, "typed_config": {"@type": envoy_config._HCM,
                                                 "local_reply_config": envoy_config.local_replies(config)}}}})
+    if envoy_config.call_access_log(config):  # the call histograms' source (extproc/access_log.py)
+        patches.append({"applyTo": "NETWORK_FILTER", "match": hcm_match, "patch": {"operation": "MERGE", "value": {
+            "name": _HCM_NAME, "typed_config": {"@type": envoy_config._HCM,
+                                                "access_log": envoy_config.call_access_log(config)}}}})
     for route in reversed(_routed(config, servers)):  # each goes first: the last inserted ends up first
         patches.append({"applyTo": "HTTP_ROUTE",
                         "match": {"context": context, "routeConfiguration": {"portNumber": port}},
