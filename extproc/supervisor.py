@@ -306,6 +306,7 @@ def run(config: GatewayConfig, *, on_ready: Callable[[], None] | None = None) ->
         print(f"MCP client config:\n{client_snippet(config)}", flush=True)
         print(f"Processor status: http://{config.status_listen}/status   Envoy admin: http://{config.envoy_admin}",
               flush=True)
+        print(f"Metrics (every worker): http://{config.status_listen}/metrics/all", flush=True)
         if on_ready is not None:
             on_ready()
         last = signature(config.catalog_dir)
