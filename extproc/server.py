@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -29,11 +29,11 @@ from extproc.executions import Executions
 from extproc.fleet import Fleet
 from extproc.gateway import KNOWN_METHODS, Gateway
 from extproc.handlers import workflows
-from extproc.metrics import Metrics, merge_workers
+from extproc.metrics import Metrics
 from extproc.oauth import EdgeLogin, UserTokens
 from extproc.peers import Peers
 from extproc.sessions import Cursors, Sealer, Sessions, load_key
-from extproc.status import serve_status, status_token
+from extproc.status import serve_status, status_token, workers_metrics
 from extproc.stream import Stream
 from extproc.upstream import UpstreamClient
 
@@ -131,45 +131,6 @@ def sibling_urls(config: GatewayConfig, status_port: int | None) -> list[str]:
     host = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host in ("::", "[::]") else host
     ports = [config.status_listen.port + i for i in range(config.workers)]
     return [f"http://{host}:{p}/peer" for p in ports if p != status_port]
-
-
-def workers_metrics(config: GatewayConfig, status_port: int,
-                    own: Callable[[], str]) -> Callable[[], Awaitable[str]]:
-    """GET /metrics/all: every worker's /metrics in one exposition, each sample labelled with its worker (its
-    index from the first status port), read from the siblings' status ports at scrape time."""
-    first = config.status_listen.port
-    host = config.status_listen.host
-    host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host in ("::", "[::]") else host.strip("[]")
-    token = status_token(config)
-
-    async def scrape() -> str:
-        ports = [first + i for i in range(config.workers)] if first <= status_port < first + config.workers \
-            else [status_port]
-        others = [p for p in ports if p != status_port]
-        texts = await asyncio.gather(*(fetch_metrics(host, p, token()) for p in others))
-        found: dict[str, str | None] = {str(p - first): t for p, t in zip(others, texts, strict=True)}
-        found[str(max(0, status_port - first))] = own()
-        return merge_workers(found)
-
-    return scrape
-
-
-async def fetch_metrics(host: str, port: int, token: str, timeout: float = 2.0) -> str | None:
-    """One sibling worker's /metrics (None if it does not answer in time: a frozen or restarting worker)."""
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, TimeoutError):
-        return None
-    try:
-        auth = f"authorization: Bearer {token}\r\n" if token else ""
-        writer.write(f"GET /metrics HTTP/1.1\r\nhost: {host}\r\n{auth}connection: close\r\n\r\n".encode())
-        raw = await asyncio.wait_for(reader.read(), timeout)
-    except (OSError, TimeoutError):
-        return None
-    finally:
-        writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    return body.decode("utf-8", "replace") if head.startswith(b"HTTP/1.1 200") else None
 
 
 async def serve(config: GatewayConfig, *, port: int, status_port: int | None) -> None:

@@ -1,4 +1,5 @@
-"""The processor's status endpoint: GET /status (JSON), GET /metrics (Prometheus), GET /healthz.
+"""The processor's status endpoint: GET /status (JSON), GET /metrics (Prometheus, this worker), GET /metrics/all
+(every worker of this gateway, read from the siblings' status ports at scrape time), GET /healthz.
 
 /healthz is open (probes). /status and /metrics answer a loopback peer, or anyone who sends the `statusToken`
 as a bearer; everyone else gets 401. /status never names a user: per-user states are counted, not listed.
@@ -19,6 +20,7 @@ import orjson
 
 from catalog.config import GatewayConfig
 from extproc.credentials import SecretFiles
+from extproc.metrics import merge_workers
 
 log = logging.getLogger(__name__)
 
@@ -129,3 +131,42 @@ async def serve_status(host: str, port: int, status: Callable[[], dict[str, Any]
             writer.close()
 
     return await asyncio.start_server(handle, host, port)
+
+
+def workers_metrics(config: GatewayConfig, status_port: int,
+                    own: Callable[[], str]) -> Callable[[], Awaitable[str]]:
+    """GET /metrics/all: every worker's /metrics in one exposition, each sample labelled with its worker (its
+    index from the first status port), read from the siblings' status ports at scrape time."""
+    first = config.status_listen.port
+    host = config.status_listen.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host in ("::", "[::]") else host.strip("[]")
+    token = status_token(config)
+
+    async def scrape() -> str:
+        ports = [first + i for i in range(config.workers)] if first <= status_port < first + config.workers \
+            else [status_port]
+        others = [p for p in ports if p != status_port]
+        texts = await asyncio.gather(*(fetch_metrics(host, p, token()) for p in others))
+        found: dict[str, str | None] = {str(p - first): t for p, t in zip(others, texts, strict=True)}
+        found[str(max(0, status_port - first))] = own()
+        return merge_workers(found)
+
+    return scrape
+
+
+async def fetch_metrics(host: str, port: int, token: str, timeout: float = 2.0) -> str | None:
+    """One sibling worker's /metrics (None if it does not answer in time: a frozen or restarting worker)."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError):
+        return None
+    try:
+        auth = f"authorization: Bearer {token}\r\n" if token else ""
+        writer.write(f"GET /metrics HTTP/1.1\r\nhost: {host}\r\n{auth}connection: close\r\n\r\n".encode())
+        raw = await asyncio.wait_for(reader.read(), timeout)
+    except (OSError, TimeoutError):
+        return None
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return body.decode("utf-8", "replace") if head.startswith(b"HTTP/1.1 200") else None
