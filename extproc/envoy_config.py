@@ -607,7 +607,7 @@ def http_connection_manager(stat_prefix: str, virtual_host: dict[str, Any], filt
 def call_access_log(config: GatewayConfig) -> list[dict[str, Any]]:
     """Envoy's gRPC access log of routed calls, to the processor (extproc/access_log.py feeds the call histograms
     from it): only requests the processor routed (its `muster_edge` metadata names a server), batched by Envoy
-    (one gRPC message per second or per 64 KiB per Envoy worker). Off with `metrics: false`."""
+    (one gRPC message per second or per 256 KiB per Envoy worker). Off with `metrics: false`."""
     if not config.metrics:
         return []
     return [{
@@ -619,7 +619,7 @@ def call_access_log(config: GatewayConfig) -> list[dict[str, Any]]:
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
             "common_config": {"log_name": "muster_edge_calls", "transport_api_version": "V3",
                               "grpc_service": {"envoy_grpc": {"cluster_name": "muster_edge_processor"}},
-                              "buffer_flush_interval": "1s", "buffer_size_bytes": 65536}},
+                              "buffer_flush_interval": "1s", "buffer_size_bytes": 262144}},
     }]
 
 
