@@ -28,6 +28,7 @@ import orjson
 from cachetools import TLRUCache, TTLCache
 
 from catalog.manifests import MCPServer, TokenExchange
+from extproc import tracing
 from extproc.sessions import Sealer
 
 log = logging.getLogger(__name__)
@@ -373,6 +374,10 @@ class Exchanger:
             await self._store.delete(key)
 
     async def _exchange(self, server: MCPServer, exchange: TokenExchange, subject_token: str) -> Issued:
+        with tracing.span("muster_edge.token_exchange", {"muster_edge.server": server.name}):
+            return await self._exchange_at_idp(server, exchange, subject_token)
+
+    async def _exchange_at_idp(self, server: MCPServer, exchange: TokenExchange, subject_token: str) -> Issued:
         if len(subject_token) > MAX_SUBJECT_TOKEN:
             raise CredentialError(server.name, "token exchange refused: the subject token is larger than 64 KB")
         headers = {}

@@ -27,6 +27,16 @@ RequestFacts = Callable[[], tuple[str, str, str]]
 _current: contextvars.ContextVar[RequestFacts | None] = contextvars.ContextVar("muster_edge_request", default=None)
 
 
+# () -> the current trace id; set by extproc/tracing.py when tracing is on (this module imports no tracing)
+_trace_ids: Callable[[], str] | None = None
+
+
+def set_trace_ids(source: Callable[[], str] | None) -> None:
+    """With tracing on, JSON lines carry the trace id of the request they were written for."""
+    global _trace_ids
+    _trace_ids = source
+
+
 def tag_request(facts: RequestFacts) -> None:
     """Tag the lines the current task writes from now on (call once per ext_proc stream)."""
     _current.set(facts)
@@ -38,7 +48,8 @@ def request_facts() -> tuple[str, str, str]:
 
 
 class JsonFormatter(logging.Formatter):
-    """level, time, logger, message, request_id, server, method; an audit line keeps its own fields."""
+    """level, time, logger, message, request_id, server, method (and trace_id with tracing on); an audit line
+    keeps its own fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         request_id, method, server = request_facts()
@@ -58,6 +69,10 @@ class JsonFormatter(logging.Formatter):
             line["method"] = method
         if server and not line.get("server"):
             line["server"] = server
+        if _trace_ids is not None:
+            trace_id = _trace_ids()
+            if trace_id:
+                line["trace_id"] = trace_id
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(line).decode()
