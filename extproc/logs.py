@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextvars
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any
 
 import orjson
@@ -88,3 +90,12 @@ def configure(fmt: str = "text", level: str = "INFO") -> None:
     root.addHandler(handler)
     root.setLevel(level.upper())
     logging.getLogger("httpx2").setLevel(logging.WARNING)
+    if fmt == "json":  # what Python would write to stderr itself goes through the same format
+        logging.captureWarnings(True)
+        sys.excepthook = _log_uncaught
+        threading.excepthook = lambda args: _log_uncaught(args.exc_type, args.exc_value, args.exc_traceback)
+
+
+def _log_uncaught(exc_type: type[BaseException], exc: BaseException | None, tb: TracebackType | None) -> None:
+    if exc is not None and not issubclass(exc_type, KeyboardInterrupt):
+        logging.getLogger("muster_edge").critical("uncaught exception", exc_info=(exc_type, exc, tb))

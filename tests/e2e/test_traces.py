@@ -28,6 +28,7 @@ from tests.procs import start_demo_server
 
 T = TypeVar("T")
 ARGUMENT = "ns-arg-41c9d2"
+CALLER_TOKEN = "caller-token-5e0b7a"
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,8 @@ def traceparent(record: dict[str, Any]) -> tuple[str, str] | None:
 
 def call(gw: Gateway, http: httpx2.Client, request_id: str) -> None:
     body = modern_body("tools/call", {"name": "x_kubernetes_get_pods", "arguments": {"namespace": ARGUMENT}})
-    resp = http.post(gw.url, json=body, headers=modern_headers("tools/call", "x_kubernetes_get_pods",
-                                                              **{"x-request-id": request_id}))
+    extra = {"x-request-id": request_id, "authorization": f"Bearer {CALLER_TOKEN}"}
+    resp = http.post(gw.url, json=body, headers=modern_headers("tools/call", "x_kubernetes_get_pods", **extra))
     assert resp.status_code == 200, resp.text
     assert "error" not in resp.json(), resp.text
 
@@ -155,7 +156,7 @@ def test_one_trace_holds_envoy_the_processor_and_the_upstream(tmp_path: Path) ->
         assert decide.attributes["muster_edge.outcome"] == "routed"
         assert decide.attributes["gen_ai.tool.name"] == "x_kubernetes_get_pods"
         assert decide.attributes["muster_edge.decision"] == "allow"
-        assert ARGUMENT not in repr(spans), "a tool argument in a span"
+        assert ARGUMENT not in repr(spans) and CALLER_TOKEN not in repr(spans), "an argument or token in a span"
 
         # the processor's own upstream calls carry its span's context: a list after the cache expired refreshes
         # the upstream's lists behind it, as a child of that list's decision
@@ -185,6 +186,9 @@ def test_one_trace_holds_envoy_the_processor_and_the_upstream(tmp_path: Path) ->
             return None
 
         assert poll(audit, "the call's audit line")["trace_id"] == trace_id
+    lines = [json.loads(line) for line in gw.log().splitlines() if line.strip()]  # every line parses
+    assert not [line for line in lines if line["level"] == "error"], "the exporter or a worker failed"
+    assert CALLER_TOKEN not in gw.log() and ARGUMENT not in gw.log()
 
 
 @pytest.mark.timeout(120)
