@@ -715,13 +715,20 @@ def tracing_settings(config: GatewayConfig) -> dict[str, Any]:
         "request_id_extension": {"typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
             "pack_trace_reason": False, "use_request_id_for_trace_sampling": False}},
+        # every request reaches the tracer, whose sampler keeps samplingRatio of the traces by trace id (the
+        # processor's SDK follows the decision it finds in the context Envoy hands it)
         "tracing": {
-            "random_sampling": {"value": tracing.sampling_ratio * 100},
+            "random_sampling": {"value": 100},
             "spawn_upstream_span": True,
             "provider": {"name": "envoy.tracers.opentelemetry", "typed_config": {
                 "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
                 "grpc_service": {"envoy_grpc": {"cluster_name": OTLP_CLUSTER}, "timeout": "2s"},
                 "service_name": f"{tracing.service_name}-envoy",
+                "sampler": {"name": "envoy.tracers.opentelemetry.samplers.trace_id_ratio_based", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.tracers.opentelemetry.samplers.v3."
+                             "TraceIdRatioBasedSamplerConfig",
+                    "sampling_percentage": {"numerator": round(tracing.sampling_ratio * 1_000_000),
+                                            "denominator": "MILLION"}}},
             }},
         },
     }

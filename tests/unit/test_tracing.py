@@ -44,7 +44,8 @@ def test_envoy_config_gets_a_tracer_only_when_tracing_is_on() -> None:
     on = envoy_config.bootstrap(parse_config("tracing: {endpoint: '127.0.0.1:4317', samplingRatio: 0.5}"),
                                 [50051], "/tmp/cds")
     hcm = _hcm(on)
-    assert hcm["tracing"]["random_sampling"] == {"value": 50.0}
+    sampler = hcm["tracing"]["provider"]["typed_config"]["sampler"]["typed_config"]
+    assert sampler["sampling_percentage"] == {"numerator": 500_000, "denominator": "MILLION"}
     assert hcm["tracing"]["provider"]["typed_config"]["service_name"] == "muster-edge-envoy"
     assert hcm["request_id_extension"]["typed_config"]["use_request_id_for_trace_sampling"] is False
     otlp = next(c for c in on["static_resources"]["clusters"] if c["name"] == envoy_config.OTLP_CLUSTER)
