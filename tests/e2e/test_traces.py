@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
@@ -210,3 +211,29 @@ def test_tracing_off_sends_no_span_and_adds_no_traceparent(tmp_path: Path) -> No
             "with tracing off, nothing adds a traceparent"
         assert not [line for line in gw.log().splitlines() if '"trace_id"' in line]
         assert "tracing on" not in gw.log()
+
+
+@pytest.mark.timeout(120)
+def test_sampling_ratio_zero_passes_an_unsampled_context_and_exports_nothing(tmp_path: Path) -> None:
+    headers_log = tmp_path / "upstream-headers.jsonl"
+    with otlp_receiver() as (receiver, otlp_port), \
+            start_demo_server("kubernetes", name="kubernetes", record_headers=headers_log) as kube, \
+            start_gateway(tmp_path, {"kubernetes": kube.url},
+                          tracing={"endpoint": f"127.0.0.1:{otlp_port}", "samplingRatio": 0}) as gw, \
+            httpx2.Client(timeout=30) as http:
+        gw.wait_for(lambda: gw.server_state("kubernetes")["state"] == "Connected", what="kubernetes connected")
+        for n in range(3):
+            call(gw, http, f"req-unsampled-{n}")
+        routed = poll(lambda: recorded(headers_log, "tools/call")[2:], "the routed calls at the upstream")
+        assert routed[0]["headers"]["traceparent"].endswith("-00")  # the context, marked not sampled
+
+        def flushes() -> int:
+            stats = gw.admin_url + "/stats?filter=^tracing\\.opentelemetry\\."
+            with urllib.request.urlopen(stats, timeout=5) as resp:
+                found = dict(line.split(": ", 1) for line in resp.read().decode().splitlines() if ": " in line)
+            assert found["tracing.opentelemetry.spans_sent"] == "0"
+            return int(found["tracing.opentelemetry.timer_flushed"])
+
+        first = flushes()
+        poll(lambda: flushes() >= first + 2, "two more flushes of Envoy's tracer")
+        assert not receiver.spans
