@@ -80,17 +80,43 @@ def continue_stream(metadata: Iterable[tuple[str, Any]] | None) -> None:
     task does (each stream is a task of its own: no detach needed)."""
     if not ON or metadata is None:
         return
-    carrier = {k: v for k, v in metadata if k in _CARRIED and isinstance(v, str)}
-    if carrier:
-        _context.attach(_propagator.extract(carrier))
+    parent = state = ""
+    for key, value in metadata:
+        if key == "traceparent":
+            parent = value
+        elif key == "tracestate":
+            state = value
+    context = _parse_traceparent(parent, state) if isinstance(parent, str) and parent else None
+    if context is not None:
+        _context.attach(_trace.set_span_in_context(_trace.NonRecordingSpan(context)))
+
+
+def _parse_traceparent(value: str, state: Any) -> Any:
+    """W3C trace context, version 00 (what Envoy sends), parsed without the propagator's regex; None if invalid."""
+    parts = value.split("-")
+    if len(parts) != 4 or len(parts[0]) != 2 or len(parts[1]) != 32 or len(parts[2]) != 16 or len(parts[3]) != 2:
+        return None
+    try:
+        version, trace_id, span_id, flags = (int(part, 16) for part in parts)
+    except ValueError:
+        return None
+    if version == 0xFF or not trace_id or not span_id:
+        return None
+    trace_state = _trace.TraceState.from_header([state]) if isinstance(state, str) and state else None
+    return _trace.SpanContext(trace_id, span_id, is_remote=True, trace_flags=_trace.TraceFlags(flags & 1),
+                              trace_state=trace_state)
 
 
 def span(name: str, attributes: Attributes | None = None, *, child_only: bool = False) -> AbstractContextManager[Any]:
-    """A span around a block (the span, or None when tracing is off). `child_only`: only inside a trace, so
-    background work (refreshes, probes) does not start traces of its own."""
+    """A span around a block (the span, or None when tracing is off or the trace is not sampled). `child_only`:
+    only inside a trace, so background work (refreshes, probes) does not start traces of its own."""
     if not ON:
         return _NULL
-    if child_only and not _in_trace():
+    parent = _trace.get_current_span().get_span_context()
+    if parent.is_valid:
+        if not parent.trace_flags.sampled:  # Envoy did not sample this request: no span (the context still flows)
+            return _NULL
+    elif child_only:
         return _NULL
     return _tracer.start_as_current_span(name, attributes=attributes)  # type: ignore[no-any-return]
 

@@ -114,10 +114,29 @@ def test_envoys_unsampled_decision_is_followed(exported: Any) -> None:
         tracing.continue_stream([("traceparent", ENVOY_PARENT[:-2] + "00")])
         carried: dict[str, str] = {}
         with tracing.span("muster_edge.decide") as span:
-            assert not span.is_recording()
+            assert span is None  # no span at all, the context still flows
             tracing.inject(carried)
         return carried
 
     assert contextvars.copy_context().run(one_stream)["traceparent"].endswith("-00")
     tracing._provider.force_flush()
     assert not exported.get_finished_spans()
+
+
+def test_a_malformed_traceparent_is_ignored(exported: Any) -> None:
+    good = ENVOY_PARENT
+    for bad in ("", "garbage", good.replace("00-", "ff-", 1), good.replace(good.split("-")[1], "0" * 32),
+                good.replace(good.split("-")[2], "0" * 16), good + "-extra", good.replace("b7ad", "zzzz")):
+        def one_stream(value: str = bad) -> str:
+            tracing.continue_stream([("traceparent", value)])
+            return tracing.current_trace_id()
+
+        assert contextvars.copy_context().run(one_stream) == "", bad
+
+    def with_state() -> str:
+        tracing.continue_stream([("traceparent", good), ("tracestate", "vendor=abc")])
+        carried: dict[str, str] = {}
+        tracing.inject(carried)
+        return carried.get("tracestate", "")
+
+    assert contextvars.copy_context().run(with_state) == "vendor=abc"
