@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bench import stacks
+from bench.cells import measure_processor, merge
 from bench.families import probe
 from bench.main import CONCURRENCY, prime
 from bench.report import Row, find
@@ -108,7 +109,29 @@ def run(bench: Bench) -> None:
                            f" for {calls['trace 1.0']} calls at 1.0 and {calls['trace 0.0']} at 0.0"
                            f" ({sum(got.values()) / max(calls['trace 1.0'], 1):.2f} spans per traced call;"
                            f" {traced} calls to traced gateways)")
+        processor_alone(bench, gateways, call.name or "")
         bench.verdicts.append(off_verdict(bench.rows, hook_cost_ns()))
+
+
+PARENTS = {"trace off": "", "trace 0.0": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+           "trace 1.0": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}  # Envoy's, per stream
+
+
+def processor_alone(bench: Bench, gateways: dict[str, stacks.GatewayStack], tool: str) -> None:
+    """The processor's own CPU per routed call, Envoy taken out (bench/extproc_driver.py straight to each worker,
+    with the stream metadata Envoy's tracer would send: none, an unsampled or a sampled context), in alternating
+    rounds: the least noisy figure for what tracing costs the processor."""
+    s = bench.section_settings
+    results: dict[str, list[Row]] = {label: [] for label in gateways}
+    for round_no in range(s.rounds):
+        order = list(gateways.items()) if round_no % 2 == 0 else list(reversed(gateways.items()))
+        for label, gw in order:
+            authority = gw.url.split("/")[2]
+            results[label].append(measure_processor(Row(SECTION, "processor", label, "ext_proc", 16),
+                                                    gw.processor_listen[0], "tools_call", tool, authority, 16, s,
+                                                    gw.processor_pids, PARENTS[label]))
+    for label in gateways:
+        bench.add(merge(results[label]))
 
 
 def _calls(gateways: dict[str, stacks.GatewayStack]) -> dict[str, int]:
@@ -161,4 +184,11 @@ def summary(rows: Sequence[Row]) -> list[str]:
                          f" x{ratio:.2f} ({on.rps:.0f} vs {off.rps:.0f}); processor us/call {on.proc_us or 0:.0f} vs"
                          f" {off.proc_us or 0:.0f}, Envoy {on.envoy_us or 0:.0f} vs {off.envoy_us or 0:.0f};"
                          f" procMB {on.proc_mb or 0:.0f} vs {off.proc_mb or 0:.0f}{verdict}")
+    off = find(rows, "processor", "trace off", "ext_proc", 16, section=SECTION)
+    for label in TARGETS[1:]:
+        on = find(rows, "processor", label, "ext_proc", 16, section=SECTION)
+        if off and on and off.proc_us and on.proc_us and off.rps and on.rps:
+            lines.append(f"[trace] the processor alone, routed calls, {label} vs off: CPU per call {on.proc_us:.0f}"
+                         f" vs {off.proc_us:.0f} us (x{on.proc_us / off.proc_us:.3f}), calls per processor"
+                         f" CPU-second x{off.proc_us / on.proc_us:.3f}")
     return lines
