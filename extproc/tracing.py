@@ -53,9 +53,9 @@ def setup(config: TracingConfig | None, *, exporter: Any = None) -> None:
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     if exporter is None:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from extproc.tracing_export import LeanSpanExporter
 
-        exporter = OTLPSpanExporter(endpoint=config.url, insecure=not config.tls)
+        exporter = LeanSpanExporter(endpoint=config.url, insecure=not config.tls)
     provider = TracerProvider(resource=Resource.create({"service.name": config.service_name}),
                               sampler=ParentBased(TraceIdRatioBased(config.sampling_ratio)))
     provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=8192, schedule_delay_millis=1000,
@@ -118,7 +118,29 @@ def span(name: str, attributes: Attributes | None = None, *, child_only: bool = 
             return _NULL
     elif child_only:
         return _NULL
-    return _tracer.start_as_current_span(name, attributes=attributes)  # type: ignore[no-any-return]
+    return _Current(_tracer.start_span(name, attributes=attributes))
+
+
+class _Current:
+    """The span as the current one for a block, then ended (an exception is recorded on it): the SDK's
+    start_as_current_span without its two generator-based context managers."""
+
+    __slots__ = ("_span", "_token")
+
+    def __init__(self, span: Any) -> None:
+        self._span = span
+        self._token: Any = None
+
+    def __enter__(self) -> Any:
+        self._token = _context.attach(_trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        _context.detach(self._token)
+        if isinstance(exc, Exception):
+            self._span.record_exception(exc)
+            self._span.set_status(_trace.Status(_trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        self._span.end()
 
 
 def annotate(target: Any, attributes: Attributes) -> None:

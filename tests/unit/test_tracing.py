@@ -140,3 +140,26 @@ def test_a_malformed_traceparent_is_ignored(exported: Any) -> None:
         return carried.get("tracestate", "")
 
     assert contextvars.copy_context().run(with_state) == "vendor=abc"
+
+
+def test_the_lean_encoding_is_the_exporters_own(exported: Any) -> None:
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    from extproc.tracing_export import encode
+
+    def one_stream() -> None:
+        tracing.continue_stream([("traceparent", ENVOY_PARENT), ("tracestate", "vendor=abc")])
+        with tracing.span("muster_edge.decide", {"n": 3, "ratio": 0.5, "ok": True, "tags": ["a", "b"]}) as span:
+            tracing.annotate(span, {"mcp.method.name": "tools/call"})
+            with tracing.span("muster_edge.token_exchange"):
+                pass
+            with pytest.raises(ValueError), tracing.span("muster_edge.resend"):
+                raise ValueError("refused")
+
+    contextvars.copy_context().run(one_stream)
+    tracing._provider.force_flush()
+    spans = exported.get_finished_spans()
+    assert len(spans) == 3
+    resend = next(s for s in spans if s.name == "muster_edge.resend")
+    assert resend.status.status_code.name == "ERROR" and resend.events  # the exception, recorded
+    assert encode(spans) == encode_spans(spans)
