@@ -717,9 +717,9 @@ def tracing_settings(config: GatewayConfig) -> dict[str, Any]:
             "pack_trace_reason": False, "use_request_id_for_trace_sampling": False}},
         # every request reaches the tracer, whose sampler keeps samplingRatio of the traces by trace id (the
         # processor's SDK follows the decision it finds in the context Envoy hands it). No upstream span of its
-        # own (one span less per call to make and export): the upstream's traceparent names the request span. The ext_proc
-        # client spans stay: with 1.40's emit_client_span: false the processor is handed an unsampled context
-        # naming a span that is never exported.
+        # own (one span less per call to make and export): the upstream's traceparent names the request span.
+        # The ext_proc client spans stay: with 1.40's emit_client_span: false the processor is handed an
+        # unsampled context naming a span that is never exported.
         "tracing": {
             "random_sampling": {"value": 100},
             "spawn_upstream_span": False,
