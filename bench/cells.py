@@ -159,7 +159,7 @@ def measure_http(base: Row, requests: Requests, concurrency: int, settings: Sett
 
 
 def measure_processor(base: Row, target: str, scenario: str, tool: str, authority: str, concurrency: int,
-                      settings: Settings, processor_pids: list[int]) -> Row:
+                      settings: Settings, processor_pids: list[int], traceparent: str = "") -> Row:
     """Run bench/extproc_driver.py against one worker in its own process. The driver reads the processor's CPU
     time and the machine's load at the edges of its own window (its start-up and warm-up stay outside)."""
     row = Row(**{**base.__dict__, "concurrency": concurrency})
@@ -169,6 +169,8 @@ def measure_processor(base: Row, target: str, scenario: str, tool: str, authorit
            "--concurrency", str(concurrency), "--seconds", str(settings.measure_s),
            "--warmup", str(settings.warmup_s), "--authority", authority,
            "--watch-pids", ",".join(str(p) for p in processor_pids)]
+    if traceparent:
+        cmd += ["--traceparent", traceparent]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     if done.returncode != 0:
         row.failure = (done.stderr.strip().splitlines() or ["driver failed"])[-1]

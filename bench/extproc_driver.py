@@ -89,8 +89,11 @@ def scenario(name: str, tool: str, session: str, authority: str, path: str) -> S
     raise SystemExit(f"unknown scenario {name!r}")
 
 
+METADATA: tuple[tuple[str, str], ...] = ()  # the stream's gRPC metadata (--traceparent: as Envoy's tracer sends it)
+
+
 async def _cycle(process: Any, messages: tuple[bytes, ...]) -> list[bytes]:
-    call = process()
+    call = process(metadata=METADATA) if METADATA else process()
     replies: list[bytes] = []
     try:
         for message in messages:
@@ -194,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--authority", default="127.0.0.1:8080", help=":authority as the gateway listener sees it")
     parser.add_argument("--path", default="/mcp")
+    parser.add_argument("--traceparent", default="", help="W3C context in each stream's metadata, as Envoy's tracer")
     parser.add_argument("--watch-pids", default="", help="comma-separated PIDs whose CPU time to report")
     args = parser.parse_args(argv)
+    global METADATA
+    METADATA = (("traceparent", args.traceparent), ("tracestate", "")) if args.traceparent else ()
     watch = [int(p) for p in args.watch_pids.split(",") if p.strip()]
     result = asyncio.run(measure(args.target, args.scenario, args.name, args.concurrency, args.seconds,
                                  args.warmup, args.authority, args.path, watch))

@@ -11,7 +11,8 @@ Sections, in order (each prints its table as soon as it is done); `--only` picks
   families: 20 clusters x 2 families x 40 tools, with and without families (bench/families.py);
   auth: OAuth at the edge with a real IdP and a 30-rule policy, with and without (bench/edge_auth.py);
   exchange: RFC 8693 token exchange vs a static Authorization header, IdP requests counted (bench/exchange.py);
-  metrics: routed tools/call with metrics on vs off (bench/metrics_cost.py).
+  metrics: routed tools/call with metrics on vs off (bench/metrics_cost.py);
+  tracing: tools/call with tracing off, at sampling ratio 0 and at 1.0 (bench/tracing.py).
 Everything runs on 127.0.0.1 with free ports and is stopped on exit, error, Ctrl-C or SIGTERM.
 """
 
@@ -40,7 +41,7 @@ from bench.report import LEGEND, Row, find, ratios, table
 from bench.stacks import GatewayStack, Upstream
 from bench.wire import LEGACY, MODERN, Call, Endpoint, Requests
 
-SECTIONS = ("core", "families", "auth", "exchange", "metrics")
+SECTIONS = ("core", "families", "auth", "exchange", "metrics", "tracing")
 CONCURRENCY = (1, 16)
 LIST_UPSTREAMS, LIST_TOOLS = 10, 50
 GATEWAY_1 = "gateway 1w"
@@ -333,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(0.3, 1.0, 200_000, 1) if args.quick else Settings(0.5, 2.0, 500_000, 2)
     bench = Bench(settings, Path(), quick=args.quick, two_workers=not args.quick and not args.no_two_workers)
     from bench import edge_auth, exchange, families, metrics_cost  # they import this module: not at its top
+    from bench import tracing as tracing_bench
 
     started = time.monotonic()
     more = bench.section_settings
@@ -357,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
             if "metrics" in only:
                 say("[metr] routed tools/call with metrics on vs off")
                 metrics_cost.run(bench)
+            if "tracing" in only:
+                say("[trace] tools/call with tracing off, at sampling ratio 0 and 1.0")
+                tracing_bench.run(bench)
     except KeyboardInterrupt:
         say("\ninterrupted: every process the benchmark started has been stopped")
         return 130
@@ -374,7 +379,9 @@ def main(argv: list[str] | None = None) -> int:
                              " upstream (exchange = exchange-srv) and to one with a static Authorization header"
                              " (static = static-srv)"),
                 ("metrics", "METRICS: the same gateway with metrics on (histograms + Envoy's access log to the"
-                            " processor) and off, fast upstream"))
+                            " processor) and off, fast upstream"),
+                ("tracing", "TRACING: one fast upstream; trace off (no tracing setting), trace 0.0 / 1.0 (Envoy's"
+                            " tracer + the processor's SDK at that sampling ratio, OTLP to bench/otlp_sink.py)"))
     for key, title in sections:
         chosen = [r for r in bench.rows if r.section == key]
         if chosen:
@@ -382,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     say("\n" + LEGEND)
     say(bench.summary(["fast", "sdk"]))
     for line in (families.summary(bench.rows) + edge_auth.summary(bench.rows) + exchange.summary(bench.rows)
-                 + metrics_cost.summary(bench.rows)):
+                 + metrics_cost.summary(bench.rows) + tracing_bench.summary(bench.rows)):
         say(line)
     for line in bench.verdicts:
         say(line)

@@ -26,6 +26,7 @@ _KNOWN = {
     "statusToken", "toolMode", "workflows", "bridges", "logFormat", "metrics",
 }
 _KNOWN |= {"workflows"}
+_KNOWN |= {"tracing"}
 LOG_FORMATS = ("text", "json")
 
 
@@ -121,6 +122,20 @@ class WorkflowSettings:
 
 
 @dataclass(frozen=True)
+class TracingConfig:
+    """OTLP/gRPC export of traces (Envoy's and the processor's spans) to a collector; absent = tracing off."""
+
+    endpoint: Address
+    tls: bool = False
+    sampling_ratio: float = 1.0
+    service_name: str = "muster-edge"
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.endpoint}"
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     source: str = ""
     listen: Address = Address("127.0.0.1", 8080)
@@ -167,6 +182,7 @@ class GatewayConfig:
     log_format: str = "text"
     # latency histograms (and Envoy's access log to the processor that feeds the call histograms); counters stay
     metrics: bool = True
+    tracing: TracingConfig | None = None
 
     @property
     def callback_url(self) -> str:
@@ -354,6 +370,7 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
         **_bridges(raw.get("bridges"), source),
         log_format=log_format,
         metrics=_flag(raw, "metrics", True, source),
+        tracing=_tracing(raw.get("tracing"), source),
     )
     if cfg.edge_login is not None and cfg.auth is None:
         raise ConfigError(f"{source}: edgeLogin: needs auth (the edge IdP it signs in at is auth.issuer)")
@@ -369,6 +386,27 @@ def _flag(raw: dict[str, Any], key: str, default: bool, source: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{source}: {key}: must be true or false")
     return value
+def _tracing(raw: Any, source: str) -> TracingConfig | None:
+    """`tracing: {endpoint: HOST:PORT | http(s)://HOST:PORT, samplingRatio: 0..1, serviceName}`; absent: off."""
+    if raw is None or raw is False:
+        return None
+    where = f"{source}: tracing"
+    if not isinstance(raw, dict) or set(raw) - {"endpoint", "samplingRatio", "serviceName"} or "endpoint" not in raw:
+        raise ConfigError(f"{where}: expected {{endpoint: HOST:PORT, samplingRatio: 0..1, serviceName: NAME}}")
+    endpoint = raw["endpoint"]
+    tls = False
+    if isinstance(endpoint, str) and "://" in endpoint:
+        scheme, _, rest = endpoint.partition("://")
+        if scheme not in ("http", "https") or "/" in rest.rstrip("/"):
+            raise ConfigError(f"{where}.endpoint: expected HOST:PORT or http(s)://HOST:PORT, got {endpoint!r}")
+        endpoint, tls = rest.rstrip("/"), scheme == "https"
+    ratio = raw.get("samplingRatio", 1.0)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+        raise ConfigError(f"{where}.samplingRatio: a number from 0 to 1, got {ratio!r}")
+    name = raw.get("serviceName", "muster-edge")
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{where}.serviceName: a non-empty string")
+    return TracingConfig(Address.parse(endpoint, f"{where}.endpoint"), tls, float(ratio), name.strip())
 
 
 def _restart(raw: Any, source: str) -> dict[str, Any]:

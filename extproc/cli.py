@@ -293,7 +293,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bridges(args: argparse.Namespace) -> int:
     from extproc.bridges.host import run_bridges
 
-    config = _config(args.config)
+    config = _config(args.config, args.log_level)  # its lines in the config's logFormat too
     run_bridges(config, args.port or config.bridge_listen.port)
     return 0
 

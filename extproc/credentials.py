@@ -28,6 +28,7 @@ import orjson
 from cachetools import TLRUCache, TTLCache
 
 from catalog.manifests import MCPServer, TokenExchange
+from extproc import tracing
 from extproc.sessions import Sealer
 
 log = logging.getLogger(__name__)
@@ -377,13 +378,14 @@ class Exchanger:
     async def _exchange(self, server: MCPServer, exchange: TokenExchange, subject_token: str) -> Issued:
         started, ok = time.perf_counter(), False
         try:
-            issued = await self._post_exchange(server, exchange, subject_token)
+            with tracing.span("muster_edge.token_exchange", {"muster_edge.server": server.name}):
+                issued = await self._exchange_at_idp(server, exchange, subject_token)
             ok = True
             return issued
         finally:
             self.on_exchange(server.name, time.perf_counter() - started, ok)
 
-    async def _post_exchange(self, server: MCPServer, exchange: TokenExchange, subject_token: str) -> Issued:
+    async def _exchange_at_idp(self, server: MCPServer, exchange: TokenExchange, subject_token: str) -> Issued:
         if len(subject_token) > MAX_SUBJECT_TOKEN:
             raise CredentialError(server.name, "token exchange refused: the subject token is larger than 64 KB")
         headers = {}

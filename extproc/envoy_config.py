@@ -642,12 +642,18 @@ def public_listeners(config: GatewayConfig, cds_dir: str | None = None) -> list[
     vhost = {"name": "mcp", "domains": ["*"], "routes": routes(config)}
     filters = [*http_filters(config), _ROUTER]
     replies = local_replies(config) if config.auth is not None else {"mappers": public_reply_mappers()}
+    traced = tracing_settings(config)
+
+    def hcm(stat_prefix: str) -> dict[str, Any]:
+        manager = http_connection_manager(stat_prefix, vhost, filters, replies, rds)
+        manager["typed_config"].update(traced)
+        return _with_call_log(config, manager)
+
     out = [{
         "name": "muster_edge_public",
         "address": _socket(config.listen.host, config.listen.port),
         "per_connection_buffer_limit_bytes": connection_buffer_limit(config),
-        "filter_chains": [{"filters": [_with_call_log(config, http_connection_manager("muster_edge", vhost, filters,
-                                                                                   replies, rds))]}],
+        "filter_chains": [{"filters": [hcm("muster_edge")]}],
     }]
     if config.tls is not None:
         folder = os.path.dirname(config.tls.cert_file)
@@ -665,8 +671,7 @@ def public_listeners(config: GatewayConfig, cds_dir: str | None = None) -> list[
                                               "private_key": {"filename": config.tls.key_file},
                                               "watched_directory": {"path": folder or "."}}],
                     }}},
-                "filters": [_with_call_log(config, http_connection_manager("muster_edge_https", vhost, filters,
-                                                                          replies, rds))],
+                "filters": [hcm("muster_edge_https")],
             }],
         })
     return out
@@ -719,6 +724,79 @@ def processor_cluster(config: GatewayConfig, ports: Sequence[int]) -> dict[str, 
     }
 
 
+OTLP_CLUSTER = "muster_edge_otlp"
+
+
+def tracing_settings(config: GatewayConfig) -> dict[str, Any]:
+    """The public HCM's `tracing` (nothing when tracing is off): Envoy's OpenTelemetry tracer makes the request
+    span (sampled at samplingRatio), an upstream span for the routed request (whose context the upstream gets in
+    `traceparent`), and an ext_proc client span per processor stream, whose context reaches the processor in the
+    stream's gRPC metadata; spans go to the collector over OTLP/gRPC."""
+    tracing = config.tracing
+    if tracing is None:
+        return {}
+    return {
+        # a client's own x-request-id (any string, kept for log correlation) must not decide sampling: Envoy's
+        # default reads the decision from bits of a UUID request id and traces nothing for other ids
+        "request_id_extension": {"typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
+            "pack_trace_reason": False, "use_request_id_for_trace_sampling": False}},
+        # every request reaches the tracer, whose sampler keeps samplingRatio of the traces by trace id (the
+        # processor's SDK follows the decision it finds in the context Envoy hands it). No upstream span of its
+        # own (one span less per call to make and export): the upstream's traceparent names the request span.
+        # The ext_proc client spans stay: with 1.40's emit_client_span: false the processor is handed an
+        # unsampled context naming a span that is never exported.
+        "tracing": {
+            "random_sampling": {"value": 100},
+            "spawn_upstream_span": False,
+            "provider": {"name": "envoy.tracers.opentelemetry", "typed_config": {
+                "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                "grpc_service": {"envoy_grpc": {"cluster_name": OTLP_CLUSTER}, "timeout": "2s"},
+                "service_name": f"{tracing.service_name}-envoy",
+                "sampler": {"name": "envoy.tracers.opentelemetry.samplers.trace_id_ratio_based", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.tracers.opentelemetry.samplers.v3."
+                             "TraceIdRatioBasedSamplerConfig",
+                    "sampling_percentage": {"numerator": round(tracing.sampling_ratio * 1_000_000),
+                                            "denominator": "MILLION"}}},
+            }},
+        },
+    }
+
+
+def tracing_clusters(config: GatewayConfig) -> list[dict[str, Any]]:
+    """The collector, as an HTTP/2 cluster for Envoy's OTLP exporter (none when tracing is off)."""
+    tracing = config.tracing
+    if tracing is None:
+        return []
+    host, port = tracing.endpoint.host, tracing.endpoint.port
+    cluster: dict[str, Any] = {
+        "name": OTLP_CLUSTER,
+        "type": "STATIC" if _is_ip(host) else "STRICT_DNS",
+        "connect_timeout": "2s",
+        "dns_lookup_family": "V4_PREFERRED",
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}}},
+        "load_assignment": {"cluster_name": OTLP_CLUSTER,
+                            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(host, port)}}]}]},
+    }
+    if tracing.tls:
+        cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": host, "common_tls_context": {"validation_context": {"trusted_ca": {"filename": _CA_BUNDLE}}}}}
+    return [cluster]
+
+
+def tracing_runtime(config: GatewayConfig) -> dict[str, Any]:
+    """Envoy's OpenTelemetry tracer exports every 5 s by default; once a second keeps a trace's Envoy and
+    processor spans arriving together (the processor's batch is sent every second too)."""
+    if config.tracing is None:
+        return {}
+    return {"layered_runtime": {"layers": [
+        {"name": "muster_edge_tracing", "static_layer": {"tracing.opentelemetry.flush_interval_ms": 1000}},
+        {"name": "admin", "admin_layer": {}}]}}
+
+
 def bootstrap(config: GatewayConfig, ports: Sequence[int], cds_dir: str) -> dict[str, Any]:
     """The standalone gateway: public listener, internal listener, processor cluster, file-based CDS."""
     return {
@@ -735,8 +813,10 @@ def bootstrap(config: GatewayConfig, ports: Sequence[int], cds_dir: str) -> dict
         }},
         "static_resources": {
             "listeners": [*public_listeners(config, cds_dir), internal_listener(config)],
-            "clusters": [processor_cluster(config, ports), *([idp_cluster(config)] if config.auth else [])],
+            "clusters": [processor_cluster(config, ports), *([idp_cluster(config)] if config.auth else []),
+                         *tracing_clusters(config)],
         },
+        **tracing_runtime(config),
     }
 
 

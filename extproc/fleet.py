@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import random
 import time
@@ -24,6 +25,7 @@ from cachetools import LRUCache
 
 from catalog.manifests import AdmissionError, MCPServer
 from catalog.view import UpstreamSnapshot, View, build_view, x_mcp_header_problem
+from extproc import tracing
 from extproc.credentials import CredentialError
 from extproc.jsonrpc import LEGACY
 from extproc.upstream import Handshake, UpstreamAuthError, UpstreamClient, UpstreamError, UpstreamRpcError
@@ -193,13 +195,15 @@ class Fleet:
     async def _fetch(self, state: UpstreamState) -> tuple[Handshake, list[tuple[list[dict[str, Any]], int | None]]]:
         started, ok = time.perf_counter(), False
         try:
-            auth = await self._credentials(state)
-            hs = state.handshake or await self.client.probe(state.server, auth)
-            hs.auth = auth
-            state.handshake = hs
-            results = await asyncio.gather(*(self._list(state.server, hs, m, k, cap) for m, k, cap in _LISTS))
-            ok = True
-            return hs, list(results)
+            with tracing.span("muster_edge.list_fetch", {"muster_edge.server": state.server.name},
+                              child_only=True):
+                auth = await self._credentials(state)
+                hs = state.handshake or await self.client.probe(state.server, auth)
+                hs.auth = auth
+                state.handshake = hs
+                results = await asyncio.gather(*(self._list(state.server, hs, m, k, cap) for m, k, cap in _LISTS))
+                ok = True
+                return hs, list(results)
         finally:
             self.on_fetch(state.server.name, time.perf_counter() - started, ok)
 
@@ -275,7 +279,10 @@ class Fleet:
         log.info("upstream %s%s: %s %s, %d tools, %d prompts, %d resources, %d templates", server.name, who, hs.era,
                  hs.version, len(tools), len(prompts), len(resources), len(templates))
         if state.listener is None or state.listener.done():
-            state.listener = asyncio.get_running_loop().create_task(self._listen(state, hs))
+            # a context of its own: the listener outlives the request whose fetch started it, and its log lines
+            # and spans are not that request's
+            state.listener = asyncio.get_running_loop().create_task(self._listen(state, hs),
+                                                                     context=contextvars.Context())
 
     async def _list(self, server: MCPServer, hs: Handshake, method: str, key: str,
                     capability: str) -> tuple[list[dict[str, Any]], int | None]:
@@ -411,7 +418,8 @@ class Fleet:
             elif snap.ok and (not state.fresh or state.down):
                 self._schedule(state)
         if waits:
-            _, pending = await asyncio.wait([asyncio.shield(w) for w in waits], timeout=self.list_wait_s)
+            with tracing.span("muster_edge.fanout", {"muster_edge.upstreams": len(waits)}):
+                _, pending = await asyncio.wait([asyncio.shield(w) for w in waits], timeout=self.list_wait_s)
             if pending:
                 for task, state in waits.items():
                     if not task.done():

@@ -19,7 +19,7 @@ from catalog.config import GatewayConfig
 from catalog.manifests import MCPServer
 from catalog.policy import Decision, ToolFacts
 from catalog.view import Route, Target, View, restrict
-from extproc import core_tools, jsonrpc
+from extproc import core_tools, jsonrpc, tracing
 from extproc.answer import Resend
 from extproc.credentials import Broker, CredentialError
 from extproc.edge_tools import EdgeTool, EdgeTools, ToolContext
@@ -191,6 +191,9 @@ class Gateway:
         fields = {"event": "tools/call", "subject": req.caller.subject, "tool": tool, "upstream_tool": upstream_tool,
                   "server": server, "decision": decision, "rule": rule, "toolset": req.toolset or "full"}
         audit_log.info("%s", orjson.dumps(fields).decode(), extra={"fields": fields})
+        if tracing.ON:
+            tracing.annotate_current({"gen_ai.tool.name": tool, "muster_edge.decision": decision,
+                                      "muster_edge.rule": rule})
         self.metrics.inc("muster_edge_policy_decisions_total", decision=decision, rule=rule, server=server)
 
     # ---- headers ------------------------------------------------------------------------------------------
@@ -366,10 +369,16 @@ class Gateway:
 
     # ---- body ---------------------------------------------------------------------------------------------
     async def on_body(self, req: Request, body: bytes) -> Local | Forward:
-        decision = await self._on_body(req, body)
-        method = req.message.method if req.message is not None else ""
-        outcome = "routed" if isinstance(decision, Forward) else \
-            "error" if decision.details.startswith("muster_edge_error") else "answered"
+        with tracing.span("muster_edge.decide") as span:
+            decision = await self._on_body(req, body)
+            method = req.message.method if req.message is not None else ""
+            outcome = "routed" if isinstance(decision, Forward) else \
+                "error" if decision.details.startswith("muster_edge_error") else "answered"
+            if span is not None:
+                tracing.annotate(span, {"mcp.method.name": method if method in KNOWN_METHODS else "other",
+                                        "muster_edge.outcome": outcome,
+                                        "muster_edge.server": decision.plan.server if isinstance(decision, Forward)
+                                        else ""})
         # only methods the gateway knows become label values: client input must not grow the metric
         self.metrics.inc("muster_edge_requests_total", method=method if method in KNOWN_METHODS else "other",
                          outcome=outcome)
@@ -561,7 +570,9 @@ class Gateway:
     async def retry_refused(self, plan: ResponsePlan, resend: Resend) -> Local:
         """The upstream refused a renewable credential (401): forget it, get a new one, and send the call once
         more from the processor (through Envoy's internal listener); its answer goes back as it came."""
-        outcome, answer = await self._resend(plan, resend)
+        with tracing.span("muster_edge.resend", {"muster_edge.server": plan.server}) as span:
+            outcome, answer = await self._resend(plan, resend)
+            tracing.annotate(span, {"muster_edge.outcome": outcome})
         self.metrics.inc("muster_edge_upstream_retries_total", server=plan.server, outcome=outcome)
         return answer
 

@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 from collections.abc import Mapping
 
+from extproc import tracing
+
 MAX_IDLE = 64
 MAX_HEADER_BYTES = 64 * 1024
 
@@ -35,6 +37,10 @@ class Hop:
     async def _post(self, path: str, headers: Mapping[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
         lines = [f"POST {path} HTTP/1.1"]
         lines.extend(f"{k}: {v}" for k, v in headers.items() if k.lower() not in ("content-length", "connection"))
+        if tracing.ON:
+            carried: dict[str, str] = {}
+            tracing.inject(carried)
+            lines.extend(f"{k}: {v}" for k, v in carried.items())
         lines.append(f"content-length: {len(body)}")
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
         for attempt in (0, 1):

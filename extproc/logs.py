@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextvars
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any
 
 import orjson
@@ -27,6 +29,16 @@ RequestFacts = Callable[[], tuple[str, str, str]]
 _current: contextvars.ContextVar[RequestFacts | None] = contextvars.ContextVar("muster_edge_request", default=None)
 
 
+# () -> the current trace id; set by extproc/tracing.py when tracing is on (this module imports no tracing)
+_trace_ids: Callable[[], str] | None = None
+
+
+def set_trace_ids(source: Callable[[], str] | None) -> None:
+    """With tracing on, JSON lines carry the trace id of the request they were written for."""
+    global _trace_ids
+    _trace_ids = source
+
+
 def tag_request(facts: RequestFacts) -> None:
     """Tag the lines the current task writes from now on (call once per ext_proc stream)."""
     _current.set(facts)
@@ -38,7 +50,8 @@ def request_facts() -> tuple[str, str, str]:
 
 
 class JsonFormatter(logging.Formatter):
-    """level, time, logger, message, request_id, server, method; an audit line keeps its own fields."""
+    """level, time, logger, message, request_id, server, method (and trace_id with tracing on); an audit line
+    keeps its own fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         request_id, method, server = request_facts()
@@ -58,6 +71,10 @@ class JsonFormatter(logging.Formatter):
             line["method"] = method
         if server and not line.get("server"):
             line["server"] = server
+        if _trace_ids is not None:
+            trace_id = _trace_ids()
+            if trace_id:
+                line["trace_id"] = trace_id
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(line).decode()
@@ -73,3 +90,12 @@ def configure(fmt: str = "text", level: str = "INFO") -> None:
     root.addHandler(handler)
     root.setLevel(level.upper())
     logging.getLogger("httpx2").setLevel(logging.WARNING)
+    if fmt == "json":  # what Python would write to stderr itself goes through the same format
+        logging.captureWarnings(True)
+        sys.excepthook = _log_uncaught
+        threading.excepthook = lambda args: _log_uncaught(args.exc_type, args.exc_value, args.exc_traceback)
+
+
+def _log_uncaught(exc_type: type[BaseException], exc: BaseException | None, tb: TracebackType | None) -> None:
+    if exc is not None and not issubclass(exc_type, KeyboardInterrupt):
+        logging.getLogger("muster_edge").critical("uncaught exception", exc_info=(exc_type, exc, tb))

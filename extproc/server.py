@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from catalog.config import GatewayConfig
 from catalog.manifests import LoadResult, MCPServer
-from extproc import logs
+from extproc import logs, tracing
 from extproc.access_log import AccessLogs
 from extproc.bridges.state import with_bridges
 from extproc.catalog_files import read_catalog, watch
@@ -60,6 +60,8 @@ class Processor(epg.ExternalProcessorServicer):
     async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         stream = Stream(self.gateway, context.write)
         logs.tag_request(stream.log_facts)
+        if tracing.ON:  # Envoy's trace context rides on the stream's gRPC metadata
+            tracing.continue_stream(context.invocation_metadata())
         try:
             async for msg in request_iterator:
                 started = time.perf_counter()
@@ -134,6 +136,7 @@ def sibling_urls(config: GatewayConfig, status_port: int | None) -> list[str]:
 
 
 async def serve(config: GatewayConfig, *, port: int, status_port: int | None) -> None:
+    tracing.setup(config.tracing)
     gateway = build_gateway(config)
     gateway.peers = Peers(gateway.sessions.sealer, sibling_urls(config, status_port), config.redis_url,
                           idle_timeout_s=config.sessions.idle_timeout_s, max_age_s=gateway.sessions.max_age_s)
@@ -177,6 +180,8 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
     await stop.wait()
     await shutdown(server, healthy, fleet, [watcher, maintainer, sweeper, listener], status_server, gateway.peers)
     await workflows.of(gateway).executions.aclose()
+    if tracing.ON:
+        await asyncio.to_thread(tracing.shutdown)  # the last spans reach the collector
 
 
 async def shutdown(server: grpc.aio.Server, healthy: Any, fleet: Fleet, tasks: list[asyncio.Task[None]],

@@ -17,7 +17,7 @@ import httpx2
 import orjson
 
 from catalog.manifests import MCPServer
-from extproc import jsonrpc
+from extproc import jsonrpc, tracing
 from extproc.jsonrpc import LATEST_HANDSHAKE, LATEST_MODERN, LEGACY, MODERN
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,8 @@ class UpstreamClient:
 
     async def _post(self, server: MCPServer, body: dict[str, Any], headers: dict[str, str],
                     timeout: float | None) -> httpx2.Response:
+        if tracing.ON:
+            tracing.inject(headers)
         try:
             return await self._http.post(server.path, content=orjson.dumps(body), headers=headers,
                                          timeout=timeout or float(server.timeout))
@@ -187,6 +189,8 @@ class UpstreamClient:
         out = dict(headers)
         out["host"] = server.authority
         out[ROUTE_HEADER] = cluster_name(server.name)
+        if tracing.ON:
+            tracing.inject(out)
         try:
             resp = await self._http.post(server.path, content=body, headers=out, timeout=float(server.timeout))
         except httpx2.TimeoutException as exc:

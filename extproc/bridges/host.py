@@ -294,7 +294,8 @@ async def serve(host: BridgeHost, address: str, port: int, catalog_dir: str | No
 
     config = uvicorn.Config(host, host=address, port=port, log_level="warning", access_log=False,
                             lifespan="on", loop="asyncio", http="h11", timeout_keep_alive=300,
-                            timeout_graceful_shutdown=2)  # open GET streams must not hold the children
+                            timeout_graceful_shutdown=2,  # open GET streams must not hold the children
+                            log_config=None)  # uvicorn's lines in the process's own format (logFormat)
     server = uvicorn.Server(config)
     watcher = asyncio.get_running_loop().create_task(host.watch(catalog_dir)) if catalog_dir else None
     try:

@@ -4,6 +4,7 @@ correlated by Envoy's x-request-id, and no token, secret or tool argument ever a
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,9 @@ import httpx2
 import pytest
 
 from tests.e2e.test_gateway import modern_body, modern_headers
+from tests.e2e.test_transports import sdk_stdio
 from tests.gateway_harness import start_gateway
-from tests.procs import start_demo_server
+from tests.procs import free_port, start_demo_server
 
 SECRET_ARG = "arg-secret-6f1d2c"
 SECRET_HEADER = "static-secret-93ab7e"
@@ -32,13 +34,15 @@ def test_json_logs_parse_line_by_line_and_hold_no_secret(tmp_path: Path) -> None
     secrets = tmp_path / "secrets"
     secrets.mkdir()
     (secrets / "vendor-key").write_text(SECRET_HEADER)
+    bridge_port = free_port()
     with start_demo_server("kubernetes", name="kubernetes") as kube, \
             start_demo_server("vendor", name="vendor", era="legacy") as vendor, \
             start_gateway(tmp_path, {"kubernetes": kube.url,
                                      "vendor": {"url": vendor.url,
                                                 "headers": {"X-Api-Key": f"${{file:{secrets / 'vendor-key'}}}"}},
-                                     "down": "http://127.0.0.1:1/mcp"},
-                          logFormat="json", secretsDir="./secrets") as gw:
+                                     "down": "http://127.0.0.1:1/mcp", "local": sdk_stdio()},
+                          logFormat="json", secretsDir="./secrets",
+                          bridges={"listen": f"127.0.0.1:{bridge_port}"}) as gw:
         request_id = "req-7c2f0e1d"
         with httpx2.Client(timeout=30) as http:
             gw.wait_for(lambda: any(s["name"] == "kubernetes" and s["state"] == "Connected"
@@ -54,6 +58,12 @@ def test_json_logs_parse_line_by_line_and_hold_no_secret(tmp_path: Path) -> None
             http.post(gw.url, json=denied, headers=modern_headers("tools/call", "x_kubernetes_kubectl_delete"))
         gw.wait_for(lambda: '"event":"tools/call"' in gw.log() and "x_kubernetes_kubectl_delete" in gw.log(),
                     what="audit lines")
+        # the bridge's HTTP server (uvicorn) logs in the same shape: a request it cannot parse makes it warn
+        gw.wait_for(lambda: gw.server_state("local")["state"] == "Connected", what="the stdio server")
+        with socket.create_connection(("127.0.0.1", bridge_port), timeout=5) as sock:
+            sock.sendall(b"NOT HTTP\r\n\r\n")
+            sock.recv(1024)
+        gw.wait_for(lambda: '"logger":"uvicorn.error"' in gw.log(), what="the bridge's warning")
     text = gw.log()
     lines = _lines(text)
     assert lines, "the gateway wrote no log line"
