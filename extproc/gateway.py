@@ -21,6 +21,7 @@ from catalog.policy import Decision, ToolFacts
 from catalog.view import Route, Target, View, restrict
 from extproc import core_tools, jsonrpc
 from extproc.answer import Resend
+from extproc.continuity import Continuity
 from extproc.credentials import Broker, CredentialError
 from extproc.edge_tools import EdgeTool, EdgeTools, ToolContext
 from extproc.events import Events
@@ -92,6 +93,7 @@ class Gateway:
         self._ids = itertools.count(1)
         self.peers: Peers | None = None
         fleet.owner_ended = sessions.owner_ended
+        self.continuity = fleet.continuity = Continuity(config.redis_url, sessions.sealer, ttl_s=sessions.max_age_s)
         self.metrics.collectors.append(self._session_metrics)
         self.edge_tools = EdgeTools()
         self.events = Events(config.redis_url)
@@ -273,16 +275,19 @@ class Gateway:
         if method == "DELETE":
             return await self._end_session(req)
         if method == "GET" and "last-event-id" in req.headers and "mcp-session-id" in req.headers:
-            return self._resume(req)
+            return await self._resume(req)
         return Local(405, b"", {"allow": "POST, DELETE"}, details="muster_edge_method_not_allowed")
 
-    def _resume(self, req: Request) -> Local | Forward:
-        """A legacy client resuming an SSE stream: the event id names the upstream session to resume on."""
+    async def _resume(self, req: Request) -> Local | Forward:
+        """A legacy client resuming an SSE stream: the event id names the upstream session to resume on (held
+        here, or with a store opened by another worker or replica)."""
         token = self.sessions.open(req.headers["mcp-session-id"], req.caller.subject)
         if token is None:
             return Local.error(RpcError(INVALID_REQUEST, "Session not found", status=404), LEGACY)
+        if self.peers is not None and self.peers.shared and await self.peers.ended(token.nonce):
+            return Local.error(RpcError(INVALID_REQUEST, "Session not found", status=404), LEGACY)
         split = split_namespaced(req.headers["last-event-id"])
-        hs = self.fleet.pooled_session(split[0], token.nonce.hex(), req.caller.subject) if split else None
+        hs = await self._session_of(req, split[0], token.nonce.hex()) if split else None
         if split is None or hs is None:
             return Local.error(RpcError(INVALID_REQUEST, "Unknown Last-Event-ID for this session", status=404),
                                LEGACY)
@@ -305,6 +310,8 @@ class Gateway:
         self.end_here(ended, "deleted")
         if self.peers is not None:  # the other workers and replicas know before the client hears 200
             await self.peers.announce_end(ended, "deleted")
+        # upstream sessions shared through the store: closed once, by the process that ends the session
+        await self.fleet.close_shared(token.nonce.hex(), "deleted", subject=req.caller.subject, bearer=req.bearer)
         return Local(200, b"", {}, details="muster_edge_session_ended")
 
     # ---- session lifecycle --------------------------------------------------------------------------------
@@ -341,6 +348,8 @@ class Gateway:
         self.end_here(ended, "idle")
         if ended and self.peers is not None:
             await self.peers.announce_end(ended, "idle")
+        for nonce, _ in ended:
+            await self.fleet.close_shared(nonce.hex(), "idle")
         self.fleet.close_idle_sessions(self.sessions.idle_timeout_s, self.sessions.holds_owner)
         return len(ended)
 
@@ -387,12 +396,14 @@ class Gateway:
                 msg_id = obj.get("id") if isinstance(obj.get("id"), (str, int)) else None
                 if era == LEGACY and "method" not in obj and ("result" in obj or "error" in obj):
                     await self._check_session(req)
-                    return self._relay_response(req, obj)
+                    return await self._relay_response(req, obj)
             msg = jsonrpc.classify(obj, req.headers)
             req.message = msg
             era = msg.era
             if msg.era == LEGACY and msg.method != "initialize":
                 await self._check_session(req)
+            if msg.era == MODERN and "requestState" in msg.params:
+                await self._check_request_state(req, msg)
             if msg.is_notification:
                 return await lifecycle.notification(self, req, msg)
             handler = HANDLERS.get(msg.method)
@@ -419,10 +430,30 @@ class Gateway:
         req.client_capabilities = caps if isinstance(caps, dict) else {}
         req.log_level = self.sessions.record(token.nonce, token.issued_at).log_level
 
-    def _relay_response(self, req: Request, obj: dict[str, Any]) -> Forward:
-        """A legacy client's answer to a server-to-client request goes back to the upstream session that asked."""
+    async def _check_request_state(self, req: Request, msg: Message) -> None:
+        """A requestState belongs to the caller it was handed to: another caller presenting it is refused."""
+        if not await self.continuity.bind_state(msg.params["requestState"], req.caller.key):
+            raise RpcError(jsonrpc.INVALID_PARAMS, "Invalid params: this requestState was issued to another caller; "
+                           "start the request again without it", {"reason": "requestStateNotYours"}, status=400)
+
+    async def _session_of(self, req: Request, server_name: str, owner: str) -> Any:
+        """The gateway session's upstream session on one server: held here, or (with a store) adopted from the
+        process that opened it, with this process's own credential for it."""
+        hs = self.fleet.pooled_session(server_name, owner, req.caller.subject)
+        if hs is not None or server_name not in self.fleet.servers or not self.continuity.shared:
+            return hs
+        try:
+            credential = await self.broker.credential(self.fleet.servers[server_name], req.caller.subject,
+                                                      req.bearer)
+        except CredentialError:
+            return None
+        return await self.fleet.shared_session(server_name, owner, req.caller.subject, credential.headers)
+
+    async def _relay_response(self, req: Request, obj: dict[str, Any]) -> Forward:
+        """A legacy client's answer to a server-to-client request goes back to the upstream session that asked
+        (whichever worker or replica opened it, when they share a store)."""
         split = split_namespaced(obj.get("id"))
-        hs = self.fleet.pooled_session(split[0], req.session_nonce.hex(), req.caller.subject) if split else None
+        hs = await self._session_of(req, split[0], req.session_nonce.hex()) if split else None
         if split is None or hs is None:
             raise RpcError(INVALID_REQUEST, "Invalid Request: this response answers no request of this session",
                            status=400)
