@@ -9,6 +9,7 @@ to one caller and replayed by another is refused.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import secrets
@@ -20,9 +21,13 @@ from typing import Any
 import httpx2
 import mcp_types as types
 import orjson
+import redis
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
+from extproc.continuity import Continuity
+from extproc.sessions import Sealer
+from extproc.upstream import Handshake
 from tests.e2e.test_faults_sessions import metric, wait_until
 from tests.e2e.test_shared_state import start_redis
 from tests.gateway_harness import Gateway, start_gateway
@@ -207,3 +212,28 @@ async def test_a_request_state_replayed_by_another_caller_is_refused(tmp_path: P
             # the caller it was issued to may still present it
             again = rpc(await http.post(gw.url, **modern_call(zoe, 5, tool, retry)))
             assert "result" in again, again
+
+
+async def test_the_store_gives_every_process_one_upstream_session_and_one_closer(tmp_path: Path) -> None:
+    """Two processes (two Continuity instances on one real Redis) opening a session for one owner at once agree
+    on one; ending the gateway session hands the shared sessions to exactly one of them; nothing is in clear."""
+    key = secrets.token_bytes(32)
+    with start_redis(tmp_path) as url:
+        one, two = Continuity(url, Sealer(key)), Continuity(url, Sealer(key))
+        mine = Handshake("legacy", "2025-11-25", "sid-one", auth={"authorization": "Bearer t"})
+        theirs = Handshake("legacy", "2025-11-25", "sid-two")
+        won = await one.publish("owner", "fixture", mine)
+        lost = await two.publish("owner", "fixture", theirs)
+        assert won is mine and won.shared_owner == "owner"
+        assert lost is not None and lost.session_id == "sid-one" and lost.auth == {}
+        seen = await two.get("owner", "fixture")
+        assert seen is not None and seen.session_id == "sid-one"
+        raw = redis.Redis.from_url(url).hgetall("muster-edge:upstream:owner")
+        assert raw and all(b"sid-one" not in v and b"Bearer" not in v for v in raw.values())
+        assert not await two.drop("owner", "fixture", "sid-two")  # not the session in the store
+        taken = await asyncio.gather(one.take_owner("owner"), two.take_owner("owner"))
+        assert sorted(len(t) for t in taken) == [0, 1]
+        assert await one.get("owner", "fixture") is None
+        assert await one.bind_state("state", "zoe") and not await two.bind_state("state", "yan")
+        await one.aclose()
+        await two.aclose()
