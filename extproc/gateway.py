@@ -93,6 +93,7 @@ class Gateway:
         self._ids = itertools.count(1)
         self.peers: Peers | None = None
         fleet.owner_ended = sessions.owner_ended
+        self._background: set[asyncio.Task[None]] = set()
         self.continuity = fleet.continuity = Continuity(config.redis_url, sessions.sealer, ttl_s=sessions.max_age_s)
         self.metrics.collectors.append(self._session_metrics)
         self.edge_tools = EdgeTools()
@@ -327,7 +328,7 @@ class Gateway:
     def peer_message(self, body: bytes) -> tuple[int, bytes]:
         if self.peers is None:
             return 404, b"not found\n"
-        return self.peers.handle(body, self.end_here, self.seen_here)
+        return self.peers.handle(body, self.end_here, self.seen_here, self.lost_here)
 
     async def expire_idle(self) -> int:
         """Expire sessions idle for the timeout everywhere (asking the other processes first); a session still
@@ -573,8 +574,20 @@ class Gateway:
                        credential_keys=tuple(k.lower() for k in credential.headers))
 
     def upstream_session_lost(self, plan: ResponsePlan) -> None:
-        if plan.upstream_session_owner:
-            self.fleet.forget_session(plan.server, plan.upstream_session_owner, plan.subject)
+        """The upstream answered 404: the session is gone. This answer's stream may run in another worker than the
+        one holding the session (answer streams are balanced, not pinned), and with a store several processes
+        hold it: all of them forget it, so the client's retry opens a new one."""
+        if not plan.upstream_session_owner:
+            return
+        self.lost_here(plan.server, plan.upstream_session_owner, plan.subject)
+        if self.peers is not None and (self.peers.siblings or self.peers.shared):
+            task = asyncio.get_running_loop().create_task(
+                self.peers.announce_lost(plan.server, plan.upstream_session_owner, plan.subject))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    def lost_here(self, server: str, owner: str, subject: str) -> None:
+        self.fleet.forget_session(server, owner, subject)
 
     def resend_for(self, req: Request, fwd: Forward) -> Resend | None:
         """What a resend after a 401 needs, for a call whose credential can be renewed (else None)."""

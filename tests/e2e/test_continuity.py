@@ -21,6 +21,7 @@ from typing import Any
 import httpx2
 import mcp_types as types
 import orjson
+import pytest
 import redis
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
@@ -28,7 +29,8 @@ from mcp.client.streamable_http import streamable_http_client
 from extproc.continuity import Continuity
 from extproc.sessions import Sealer
 from extproc.upstream import Handshake
-from tests.e2e.test_faults_sessions import metric, wait_until
+from tests.e2e.test_faults_sessions import Client as RawClient
+from tests.e2e.test_faults_sessions import counted_upstream, metric, ok, wait_until
 from tests.e2e.test_shared_state import start_redis
 from tests.gateway_harness import Gateway, start_gateway
 from tests.idp import start_idp
@@ -237,3 +239,24 @@ async def test_the_store_gives_every_process_one_upstream_session_and_one_closer
         assert await one.bind_state("state", "zoe") and not await two.bind_state("state", "yan")
         await one.aclose()
         await two.aclose()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+async def test_an_upstream_session_lost_is_forgotten_everywhere(tmp_path: Path, shared: bool) -> None:
+    """The upstream lost its sessions (it answers 404): the first call is told to retry, and the retry opens a new
+    session whichever worker read the 404 answer (answer streams are not pinned) and whichever holds the session."""
+    extra: dict[str, Any] = {"processor": {"workers": 2}}
+    with contextlib.ExitStack() as stack:
+        if shared:
+            extra["store"] = {"redis": stack.enter_context(start_redis(tmp_path))}
+        up = stack.enter_context(counted_upstream())
+        gw = stack.enter_context(start_gateway(tmp_path / "gw", {"counted": up.url}, **extra))
+        async with httpx2.AsyncClient(timeout=30) as http:
+            clients = [await RawClient(http, gw.url).open() for _ in range(8)]
+            for i, c in enumerate(clients):
+                assert ok(await c.call(f"before-{i}"))
+            await http.post(up.url.replace("/mcp", "/forget"))
+            for i, c in enumerate(clients):
+                answer = await c.call(f"after-{i}")
+                assert "lost its session; retry" in answer.text, answer.text
+                assert ok(await c.call(f"retry-{i}")), i  # a new upstream session, at once
