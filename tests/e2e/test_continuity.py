@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
 import secrets
+import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +32,7 @@ from mcp.client.streamable_http import streamable_http_client
 from extproc.continuity import Continuity
 from extproc.sessions import Sealer
 from extproc.upstream import Handshake
+from tests.e2e.test_faults_processes import pid_of
 from tests.e2e.test_faults_sessions import Client as RawClient
 from tests.e2e.test_faults_sessions import counted_upstream, metric, ok, wait_until
 from tests.e2e.test_shared_state import start_redis
@@ -260,3 +264,37 @@ async def test_an_upstream_session_lost_is_forgotten_everywhere(tmp_path: Path, 
                 answer = await c.call(f"after-{i}")
                 assert "lost its session; retry" in answer.text, answer.text
                 assert ok(await c.call(f"retry-{i}")), i  # a new upstream session, at once
+
+
+async def test_a_pinned_session_moves_on_when_its_worker_freezes(tmp_path: Path) -> None:
+    """Without a store a session's requests go to one worker; when it freezes (health checks fail), they go to
+    the other one, which opens a new upstream session: the client keeps its session."""
+    with counted_upstream() as up, start_gateway(tmp_path / "gw", {"counted": up.url},
+                                                 processor={"workers": 2}) as gw:
+        async with httpx2.AsyncClient(timeout=30) as http:
+            client = await RawClient(http, gw.url).open()
+            before = metric(gw, 'muster_edge_requests_total{method="tools/call"')
+            for n in range(3):
+                assert ok(await client.call(f"pinned-{n}"))
+            served = [b - a for a, b in zip(before, metric(gw, 'muster_edge_requests_total{method="tools/call"'),
+                                            strict=True)]
+            worker = served.index(3)
+            assert served[1 - worker] == 0, served
+            frozen = pid_of(gw, f"processor {worker}")
+            os.kill(frozen, signal.SIGSTOP)
+            try:
+                deadline = time.monotonic() + 20
+                n = 0
+                while True:  # calls that reach the frozen worker before its health checks fail time out
+                    n += 1
+                    answer = await client.call(f"moving-{n}")
+                    if ok(answer) or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.2)
+                assert ok(answer), answer.text
+                for n in range(3):
+                    assert ok(await client.call(f"moved-{n}"))
+                tags = up.counts()["tags"]
+                assert tags["moved-0"] != tags["pinned-0"]  # a new upstream session, on the other worker
+            finally:
+                os.kill(frozen, signal.SIGCONT)
