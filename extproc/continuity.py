@@ -28,6 +28,7 @@ from extproc.upstream import Handshake
 log = logging.getLogger(__name__)
 
 _AAD = b"muster-edge/upstream-session/v1|"
+LEVEL_FIELD = "@logLevel"  # beside the servers' fields: the level the client set, for sessions opened later
 STATE_TTL_S = 3_600
 MAX_LOCAL_STATES = 100_000
 
@@ -80,10 +81,35 @@ class Continuity:
 
     # ---- upstream sessions per gateway session ------------------------------------------------------------
     async def get(self, owner: str, server: str) -> Handshake | None:
+        return (await self.lookup(owner, server))[0]
+
+    async def lookup(self, owner: str, server: str) -> tuple[Handshake | None, str]:
+        """The owner's shared session on a server, and the log level its client set (one round trip)."""
         if self._redis is None:
-            return None
-        raw = await self._redis.hget(self._key(owner), server)
-        return self._open(owner, server, raw)
+            return None, ""
+        raw, level = await self._redis.hmget(self._key(owner), [server, LEVEL_FIELD])
+        return self._open(owner, server, raw), level.decode() if isinstance(level, bytes) else ""
+
+    async def all_of(self, owner: str) -> dict[str, Handshake]:
+        if self._redis is None:
+            return {}
+        return self._open_all(owner, await self._redis.hgetall(self._key(owner)))
+
+    async def set_level(self, owner: str, level: str) -> None:
+        if self._redis is not None:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.hset(self._key(owner), LEVEL_FIELD, level)
+            pipe.expire(self._key(owner), self._ttl)
+            await pipe.execute()
+
+    def _open_all(self, owner: str, found: Any) -> dict[str, Handshake]:
+        out: dict[str, Handshake] = {}
+        for field_, raw in (found or {}).items():
+            server = field_.decode() if isinstance(field_, bytes) else str(field_)
+            hs = self._open(owner, server, raw) if server != LEVEL_FIELD else None
+            if hs is not None:
+                out[server] = hs
+        return out
 
     def _open(self, owner: str, server: str, raw: Any) -> Handshake | None:
         if raw is None:
@@ -126,13 +152,7 @@ class Continuity:
         pipe.hgetall(self._key(owner))
         pipe.delete(self._key(owner))
         found, _ = await pipe.execute()
-        out: dict[str, Handshake] = {}
-        for field_, raw in (found or {}).items():
-            server = field_.decode() if isinstance(field_, bytes) else str(field_)
-            hs = self._open(owner, server, raw)
-            if hs is not None:
-                out[server] = hs
-        return out
+        return self._open_all(owner, found)
 
     # ---- requestState bound to a caller ------------------------------------------------------------------
     async def bind_state(self, state: Any, caller: str) -> bool:

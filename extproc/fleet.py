@@ -502,7 +502,8 @@ class Fleet:
         state.opening[owner] = future
         share = legacy_client and self.continuity is not None and self.continuity.shared
         try:
-            adopted = await self._adopt(name, owner, auth) if share else None
+            adopted, level = await self._adopt(name, owner, auth) if share else (None, "")
+            log_level = log_level or level  # a level the client set through another process
             if adopted is not None:  # another process opened it: use the same upstream session
                 state.pooled.add(owner, adopted)
                 future.set_result(adopted)
@@ -543,18 +544,18 @@ class Fleet:
             state.pooled.pop(owner, "deleted")
         return pooled
 
-    async def _adopt(self, name: str, owner: str, auth: Mapping[str, str] | None) -> Handshake | None:
-        """The upstream session another process opened for this owner, from the store (None if none or the store
-        cannot be read: then this process opens one, as it would without a store)."""
+    async def _adopt(self, name: str, owner: str, auth: Mapping[str, str] | None) -> tuple[Handshake | None, str]:
+        """The upstream session another process opened for this owner and the log level its client set, from
+        the store (None if none or the store cannot be read: then this process opens one, as without a store)."""
         assert self.continuity is not None
         try:
-            found = await self.continuity.get(owner, name)
+            found, level = await self.continuity.lookup(owner, name)
         except Exception as exc:
             log.warning("reading shared upstream sessions failed: %s", type(exc).__name__)
-            return None
+            return None, ""
         if found is not None:
             found.auth = dict(auth or {})
-        return found
+        return found, level
 
     async def _publish(self, state: UpstreamState, name: str, owner: str, hs: Handshake,
                        auth: Mapping[str, str] | None) -> Handshake:
@@ -578,7 +579,7 @@ class Fleet:
         found = self.pooled_session(name, owner, subject)
         if found is not None or self.continuity is None or not self.continuity.shared or name not in self.servers:
             return found
-        adopted = await self._adopt(name, owner, auth)
+        adopted, _ = await self._adopt(name, owner, auth)
         if adopted is not None:
             self.state_for(name, subject).pooled.add(owner, adopted)
         return adopted

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -495,8 +496,26 @@ class Gateway:
         return [h for h in req.headers if (h.startswith("mcp-") or h in _DROP_UPSTREAM or h == "authorization")
                 and h not in keep and h != "mcp-protocol-version"]
 
-    async def tell_log_level(self, owner: str, level: str) -> None:
-        for server, hs in self.fleet.sessions_of(owner):
+    async def tell_log_level(self, owner: str, level: str, subject: str = "", bearer: str = "") -> None:
+        """Tell the session's upstream sessions the level: those held here and, with a store, those other
+        processes opened (and those they open later: the level is kept in the store too)."""
+        held = self.fleet.sessions_of(owner)
+        if self.continuity.shared:
+            try:
+                await self.continuity.set_level(owner, level)
+                shared = await self.continuity.all_of(owner)
+            except Exception as exc:
+                log.warning("sharing the log level failed: %s", type(exc).__name__)
+                shared = {}
+            mine = {s.name for s, _ in held}
+            for name, hs in shared.items():
+                server = self.fleet.servers.get(name)
+                if server is None or name in mine:
+                    continue
+                with contextlib.suppress(CredentialError):
+                    hs.auth = dict((await self.broker.credential(server, subject, bearer)).headers)
+                    held.append((server, hs))
+        for server, hs in held:
             if "logging" in hs.capabilities:
                 try:
                     await self.fleet.client.request(server, hs, "logging/setLevel", {"level": level})

@@ -237,6 +237,9 @@ async def test_the_store_gives_every_process_one_upstream_session_and_one_closer
         raw = redis.Redis.from_url(url).hgetall("muster-edge:upstream:owner")
         assert raw and all(b"sid-one" not in v and b"Bearer" not in v for v in raw.values())
         assert not await two.drop("owner", "fixture", "sid-two")  # not the session in the store
+        await one.set_level("owner", "debug")  # a process opening a session later declares the client's level
+        assert (await two.lookup("owner", "other"))[1] == "debug"
+        assert set(await two.all_of("owner")) == {"fixture"}
         taken = await asyncio.gather(one.take_owner("owner"), two.take_owner("owner"))
         assert sorted(len(t) for t in taken) == [0, 1]
         assert await one.get("owner", "fixture") is None
