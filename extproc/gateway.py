@@ -434,7 +434,13 @@ class Gateway:
 
     async def _check_request_state(self, req: Request, msg: Message) -> None:
         """A requestState belongs to the caller it was handed to: another caller presenting it is refused."""
-        if not await self.continuity.bind_state(msg.params["requestState"], req.caller.key):
+        try:
+            mine = await self.continuity.bind_state(msg.params["requestState"], req.caller.key)
+        except Exception as exc:  # fail closed: an unchecked state never goes upstream
+            log.warning("checking a requestState in the store failed: %s", type(exc).__name__)
+            raise RpcError(jsonrpc.INTERNAL_ERROR, "muster-edge: the shared store is unavailable; retry later",
+                           status=503) from None
+        if not mine:
             raise RpcError(jsonrpc.INVALID_PARAMS, "Invalid params: this requestState was issued to another caller; "
                            "start the request again without it", {"reason": "requestStateNotYours"}, status=400)
 

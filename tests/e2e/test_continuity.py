@@ -48,6 +48,11 @@ async def accept_contact(context: Any, params: Any) -> types.ElicitResult:
     return types.ElicitResult(action="accept", content={"username": "alice", "email": "alice@example.com"})
 
 
+async def answer_sampling(context: Any, params: Any) -> types.CreateMessageResult:
+    return types.CreateMessageResult(role="assistant", content=types.TextContent(type="text", text="Paris"),
+                                     model="test-model")
+
+
 def text(result: Any) -> str:
     return " ".join(getattr(block, "text", "") for block in result.content)
 
@@ -86,10 +91,10 @@ def port_of(gw: Gateway) -> int:
 
 
 async def session_flow(url: str, transport: Alternating) -> None:
-    """Session kept, stream resumed, elicitation relayed: what the handshake-era client sees."""
+    """Session kept, stream resumed, elicitation and sampling relayed: what the handshake-era client sees."""
     http = httpx2.AsyncClient(transport=transport, timeout=30)
     async with http, Client(streamable_http_client(url, http_client=http), mode=LEGACY,
-                            elicitation_callback=accept_contact) as client:
+                            elicitation_callback=accept_contact, sampling_callback=answer_sampling) as client:
         names = {t.name for t in (await client.list_tools()).tools}
         assert {"x_fixture_test_elicitation", "x_fixture_test_reconnection"} <= names
         for round_ in range(3):
@@ -97,6 +102,8 @@ async def session_flow(url: str, transport: Alternating) -> None:
             assert "action=accept" in text(result) and "alice@example.com" in text(result), text(result)
             result = await client.call_tool("x_fixture_test_reconnection", {})
             assert "Reconnection test completed" in text(result), text(result)
+            result = await client.call_tool("x_fixture_test_sampling", {"prompt": "Capital of France?"})
+            assert "LLM response: Paris" in text(result), text(result)
         assert (await client.call_tool("x_fixture_test_simple_text", {})).is_error is False
 
 
@@ -116,7 +123,7 @@ async def test_two_workers_without_a_store_pin_a_session_to_one_worker(tmp_path:
             await session_flow(gw.url, transport)
             after = metric(gw, 'muster_edge_requests_total{method="tools/call"')
             served = [b - a for a, b in zip(before, after, strict=True)]
-            assert sorted(served)[0] == 0 and sum(served) >= 7, served  # all of this session's calls: one worker
+            assert sorted(served)[0] == 0 and sum(served) >= 10, served  # all of this session's calls: one worker
             workers_seen.add(served.index(max(served)))
             assert resumed(transport.sent), transport.sent  # the SDK client did resume with Last-Event-ID
         assert workers_seen == {0, 1}, f"{sessions} sessions all pinned to worker {workers_seen}"
@@ -143,7 +150,7 @@ async def test_two_replicas_sharing_redis_keep_resume_and_relay_for_an_alternati
         calls = [i for i, s in enumerate(sent) if s.method == "tools/call"]
         # the answers to the elicitations went to a listener: each one after its call, some to the other replica
         answers = [i for i, s in enumerate(sent) if s.method == "response"]
-        assert len(answers) == 3
+        assert len(answers) == 6  # three elicitations, three samplings
         crossed = [i for i in answers if sent[i].listener != sent[max(c for c in calls if c < i)].listener]
         assert crossed, [(s.listener, s.method) for s in sent]
         # the broken streams were resumed (GET + Last-Event-ID) on the replica that did not serve their call
