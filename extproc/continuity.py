@@ -164,11 +164,19 @@ class Continuity:
                 return True
             holder = await self._redis.get(skey)
             return holder is None or holder == caller.encode()
+        return self.claim_here(key, caller)[0] == caller
+
+    def claim_here(self, key: str, caller: str) -> tuple[str, bool]:
+        """(who holds the state key in this process, whether this call bound it); without a store."""
         holder = self._states.get(key)
         if holder is None:
             self._states[key] = caller
-            return True
-        return holder == caller
+            return caller, True
+        return holder, False
+
+    def hold_here(self, key: str, holder: str) -> None:
+        """A sibling worker bound this state first: its holder is the holder here too."""
+        self._states[key] = holder
 
     async def aclose(self) -> None:
         if self._redis is not None:

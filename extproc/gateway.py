@@ -22,7 +22,7 @@ from catalog.policy import Decision, ToolFacts
 from catalog.view import Route, Target, View, restrict
 from extproc import core_tools, jsonrpc
 from extproc.answer import Resend
-from extproc.continuity import Continuity
+from extproc.continuity import Continuity, state_key
 from extproc.credentials import Broker, CredentialError
 from extproc.edge_tools import EdgeTool, EdgeTools, ToolContext
 from extproc.events import Events
@@ -329,7 +329,7 @@ class Gateway:
     def peer_message(self, body: bytes) -> tuple[int, bytes]:
         if self.peers is None:
             return 404, b"not found\n"
-        return self.peers.handle(body, self.end_here, self.seen_here, self.lost_here)
+        return self.peers.handle(body, self.end_here, self.seen_here, self.lost_here, self.claim_here)
 
     async def expire_idle(self) -> int:
         """Expire sessions idle for the timeout everywhere (asking the other processes first); a session still
@@ -435,7 +435,7 @@ class Gateway:
     async def _check_request_state(self, req: Request, msg: Message) -> None:
         """A requestState belongs to the caller it was handed to: another caller presenting it is refused."""
         try:
-            mine = await self.continuity.bind_state(msg.params["requestState"], req.caller.key)
+            mine = await self.bind_request_state(msg.params["requestState"], req.caller.key)
         except Exception as exc:  # fail closed: an unchecked state never goes upstream
             log.warning("checking a requestState in the store failed: %s", type(exc).__name__)
             raise RpcError(jsonrpc.INTERNAL_ERROR, "muster-edge: the shared store is unavailable; retry later",
@@ -443,6 +443,23 @@ class Gateway:
         if not mine:
             raise RpcError(jsonrpc.INVALID_PARAMS, "Invalid params: this requestState was issued to another caller; "
                            "start the request again without it", {"reason": "requestStateNotYours"}, status=400)
+
+    async def bind_request_state(self, state: Any, caller: str) -> bool:
+        """Bind a requestState to a caller, or check it (False: another caller holds it): in the store when there
+        is one; else in this worker and, the first time this worker sees it, in every sibling worker (2026-07-28
+        requests carry no session, so they are not pinned to a worker)."""
+        if self.continuity.shared or self.peers is None or not self.peers.siblings:
+            return await self.continuity.bind_state(state, caller)
+        key = state_key(state)
+        holder, new = self.continuity.claim_here(key, caller)
+        if new:
+            holder = await self.peers.claim_state(key, caller)
+            if holder != caller:
+                self.continuity.hold_here(key, holder)
+        return holder == caller
+
+    def claim_here(self, key: str, caller: str) -> str:
+        return self.continuity.claim_here(key, caller)[0]
 
     async def _session_of(self, req: Request, server_name: str, owner: str) -> Any:
         """The gateway session's upstream session on one server: held here, or (with a store) adopted from the

@@ -36,6 +36,8 @@ EndHere = Callable[[list[tuple[bytes, int]], str], None]
 SeenHere = Callable[[list[bytes]], list[bytes]]
 # (server, upstream session owner, subject): the upstream lost that session: forget it in this process
 LostHere = Callable[[str, str, str], None]
+# (requestState key, caller) -> who holds that state in this process (binding it to the caller if nobody did)
+ClaimHere = Callable[[str, str], str]
 
 
 class Peers:
@@ -95,6 +97,21 @@ class Peers:
                 log.warning("telling the other processes an upstream session was lost failed: %s",
                             type(result).__name__)
 
+    async def claim_state(self, key: str, caller: str) -> str:
+        """Bind a requestState key to a caller in every sibling worker (no store); the holder a sibling already
+        had, if it is another caller, else `caller`. A sibling that is down holds nothing and serves nothing (one
+        restarted later has forgotten its bindings, like the sessions that ended before it started)."""
+        msg = {"op": "claim", "key": key, "caller": caller}
+        answers = await asyncio.gather(*(self._post(url, msg) for url in self.siblings), return_exceptions=True)
+        for answer in answers:
+            if not isinstance(answer, httpx2.Response) or answer.status_code != 200:
+                log.warning("a sibling worker did not answer a requestState claim")
+                continue
+            holder = orjson.loads(answer.content)
+            if isinstance(holder, str) and holder != caller:
+                return holder
+        return caller
+
     async def _redis_end(self, ended: list[tuple[bytes, int]], msg: dict[str, Any]) -> None:
         pipe = self._redis.pipeline(transaction=False)
         for nonce, _ in ended:
@@ -149,7 +166,7 @@ class Peers:
 
     # ---- serving ------------------------------------------------------------------------------------------
     def handle(self, body: bytes, end_here: EndHere, seen_here: SeenHere,
-               lost_here: LostHere | None = None) -> tuple[int, bytes]:
+               lost_here: LostHere | None = None, claim_here: ClaimHere | None = None) -> tuple[int, bytes]:
         """A sibling's sealed message: end sessions here, or say which of some sessions this process saw."""
         msg = self.open(body)
         if msg is None:
@@ -164,6 +181,8 @@ class Peers:
             if msg.get("op") == "lost" and lost_here is not None:
                 lost_here(str(msg["server"]), str(msg["owner"]), str(msg.get("subject", "")))
                 return 200, b"[]"
+            if msg.get("op") == "claim" and claim_here is not None:
+                return 200, orjson.dumps(claim_here(str(msg["key"]), str(msg["caller"])))
         except (TypeError, ValueError):
             pass
         return 400, b"bad request\n"

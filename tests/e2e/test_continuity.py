@@ -193,7 +193,10 @@ def rpc(answer: httpx2.Response) -> dict[str, Any]:
     return out
 
 
-async def test_a_request_state_replayed_by_another_caller_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shared", [True, False])
+async def test_a_request_state_replayed_by_another_caller_is_refused(tmp_path: Path, shared: bool) -> None:
+    """With a store the binding is a store key; without one, every worker learns it from the worker that saw it
+    first (2026-07-28 requests are not pinned), so the replay is refused whichever worker it reaches."""
     listen = f"127.0.0.1:{free_port()}"
     resource = f"http://{listen}/mcp"
     with contextlib.ExitStack() as stack:
@@ -202,9 +205,9 @@ async def test_a_request_state_replayed_by_another_caller_is_refused(tmp_path: P
                                        {"client_id": "yan", "client_secret": "y"}],
             resources=[{"audience": resource, "scope": "mcp:tools"}]))
         up = stack.enter_context(start_demo_server("fixture", name="fixture"))
-        url = stack.enter_context(start_redis(tmp_path))
+        store = {"store": {"redis": stack.enter_context(start_redis(tmp_path))}} if shared else {}
         gw = stack.enter_context(start_gateway(
-            tmp_path / "gw", {"fixture": up.url}, listen=listen, processor={"workers": 2}, store={"redis": url},
+            tmp_path / "gw", {"fixture": up.url}, listen=listen, processor={"workers": 2}, **store,
             auth={"issuer": idp.issuer, "jwksUri": idp.jwks_uri, "resource": resource}))
         zoe = idp.client_credentials("zoe", "z", resource=resource)
         yan = idp.client_credentials("yan", "y", resource=resource)
@@ -217,13 +220,13 @@ async def test_a_request_state_replayed_by_another_caller_is_refused(tmp_path: P
             retry = {"inputResponses": answer, "requestState": result["requestState"]}
             done = rpc(await http.post(gw.url, **modern_call(zoe, 2, tool, retry)))
             assert "state-ok: confirmed=True" in orjson.dumps(done).decode(), done
-            for msg_id in (3, 4):  # whichever worker the replay reaches
+            for msg_id in range(3, 11):  # whichever worker the replay reaches
                 replay = await http.post(gw.url, **modern_call(yan, msg_id, tool, retry))
                 assert replay.status_code == 400, replay.text
                 error = rpc(replay)["error"]
                 assert error["code"] == -32602 and "issued to another caller" in error["message"], error
             # the caller it was issued to may still present it
-            again = rpc(await http.post(gw.url, **modern_call(zoe, 5, tool, retry)))
+            again = rpc(await http.post(gw.url, **modern_call(zoe, 11, tool, retry)))
             assert "result" in again, again
 
 
