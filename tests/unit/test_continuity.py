@@ -14,6 +14,7 @@ from catalog.config import GatewayConfig, parse_config
 from catalog.view import build_view
 from extproc import envoy_config
 from extproc.continuity import Continuity, decode_handshake, encode_handshake, state_key
+from extproc.peers import Peers
 from extproc.replies import ResponsePlan
 from extproc.rewrite import SseRewriter
 from extproc.sessions import Sealer, Sessions
@@ -105,3 +106,21 @@ def test_a_stream_without_event_ids_that_ends_unanswered_is_an_error() -> None:
     plan = ResponsePlan(server="up", client_id=7, upstream_id=7)
     out = sse(plan, b'data: {"jsonrpc":"2.0","method":"notifications/message","params":{}}\n\n')
     assert b"the stream ended without an answer" in out
+
+
+def test_sibling_messages_claim_a_request_state_and_forget_a_lost_session() -> None:
+    sealer = Sealer(secrets.token_bytes(32))
+    peers = Peers(sealer)
+    states = Continuity("", sealer)
+    lost: list[tuple[str, str, str]] = []
+
+    def handle(msg: dict[str, str]) -> tuple[int, bytes]:
+        return peers.handle(peers._seal(msg), lambda _e, _r: None, lambda n: n,
+                            lambda *a: lost.append(a), lambda k, c: states.claim_here(k, c)[0])
+
+    assert handle({"op": "claim", "key": "k1", "caller": "zoe"}) == (200, b'"zoe"')
+    assert handle({"op": "claim", "key": "k1", "caller": "yan"}) == (200, b'"zoe"')  # the first holder stays
+    assert handle({"op": "lost", "server": "up", "owner": "ab", "subject": "zoe"}) == (200, b"[]")
+    assert lost == [("up", "ab", "zoe")]
+    forged = peers.handle(b"not-sealed", lambda _e, _r: None, lambda n: n)
+    assert forged[0] == 403
