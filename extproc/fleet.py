@@ -124,6 +124,7 @@ class Fleet:
         # DELETE arrived meanwhile is closed at once, not kept
         self.owner_ended: Callable[[str], bool] = lambda _owner: False
         self.continuity: Continuity | None = None  # the store's shared upstream sessions (set by the server)
+        self.on_change: Callable[[MCPServer, str, bool, str], None] | None = None  # (server, owner, up, why)
 
     def _new_state(self, server: MCPServer, owner: str = "") -> UpstreamState:
         state = UpstreamState(server, owner=owner)
@@ -164,7 +165,6 @@ class Fleet:
         if removed:
             self.session_counts.closed[(server.name, reason)] += 1
             await self.client.delete_session(server, hs)
-        self.on_change: Callable[[MCPServer, str, bool, str], None] | None = None  # (server, owner, up, why)
 
     # ---- catalog ---------------------------------------------------------------------------------------
     def set_catalog(self, servers: Sequence[MCPServer], errors: Sequence[AdmissionError]) -> None:
