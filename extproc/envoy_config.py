@@ -694,10 +694,14 @@ def pinned_routes(config: GatewayConfig, unrouted: dict[str, Any]) -> list[dict[
     for i, group in enumerate(session_groups(config.workers)):
         override = {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
                     "overrides": {"grpc_service": _grpc_service(f"{PROCESSOR_CLUSTER}_w{i}")}}
-        out.append({**unrouted, "name": f"muster_edge_mcp_w{i}",
-                    "match": {"path": config.path, "headers": [
-                        {"name": "mcp-session-id", "string_match": {"safe_regex": {"regex": group + ".*"}}}]},
-                    "typed_per_filter_config": dict.fromkeys(PINNED_FILTERS, override)})
+        session = {"name": "mcp-session-id", "string_match": {"safe_regex": {"regex": group + ".*"}}}
+        # POST and DELETE, and a GET that resumes a stream (Last-Event-ID); a GET that opens the client's
+        # notification stream is left to the routes that serve it
+        for suffix, methods in (("", {"name": ":method", "string_match": {"exact": "GET"}, "invert_match": True}),
+                                ("_resume", {"name": "last-event-id", "present_match": True})):
+            out.append({**unrouted, "name": f"muster_edge_mcp_w{i}{suffix}",
+                        "match": {"path": config.path, "headers": [session, methods]},
+                        "typed_per_filter_config": dict.fromkeys(PINNED_FILTERS, override)})
     return out
 
 

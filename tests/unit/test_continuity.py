@@ -71,10 +71,11 @@ def test_without_a_store_sessions_are_pinned_by_route_to_a_worker_cluster() -> N
     cfg = config()
     routes = envoy_config.routes(cfg)
     pinned = [r for r in routes if r["name"].startswith("muster_edge_mcp_w")]
-    assert [r["name"] for r in pinned] == ["muster_edge_mcp_w0", "muster_edge_mcp_w1"]
+    assert [r["name"] for r in pinned] == ["muster_edge_mcp_w0", "muster_edge_mcp_w0_resume",
+                                           "muster_edge_mcp_w1", "muster_edge_mcp_w1_resume"]
     names = [r["name"] for r in routes]
-    assert names.index("muster_edge_mcp_w1") < names.index("muster_edge_mcp")  # before the unpinned MCP route
-    override = pinned[1]["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["overrides"]["grpc_service"]
+    assert names.index("muster_edge_mcp_w1_resume") < names.index("muster_edge_mcp")  # before the unpinned one
+    override = pinned[2]["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["overrides"]["grpc_service"]
     assert override["envoy_grpc"]["cluster_name"] == "muster_edge_processor_w1"
     clusters = envoy_config.pinned_clusters(cfg, [50051, 50052])
     endpoints = clusters[1]["load_assignment"]["endpoints"]
