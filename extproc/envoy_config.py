@@ -117,11 +117,14 @@ _PROCESSOR_RETRY = {
 }
 
 
+def _grpc_service(cluster: str) -> dict[str, Any]:
+    return {"envoy_grpc": {"cluster_name": cluster}, "timeout": "5s", "retry_policy": _PROCESSOR_RETRY}
+
+
 def _ext_proc_common() -> dict[str, Any]:
     return {
         "@type": _EXT_PROC,
-        "grpc_service": {"envoy_grpc": {"cluster_name": "muster_edge_processor"}, "timeout": "5s",
-                         "retry_policy": _PROCESSOR_RETRY},
+        "grpc_service": _grpc_service("muster_edge_processor"),
         "failure_mode_allow": False,
         "message_timeout": "2s",
         "max_message_timeout": "90s",
@@ -362,13 +365,13 @@ def routes(config: GatewayConfig, servers: Sequence[MCPServer] = ()) -> list[dic
                      {"cluster_header": ROUTE_HEADER, "timeout": "0s", "idle_timeout": "300s",
                       "cluster_not_found_response_code": "SERVICE_UNAVAILABLE"},
                      {"response_headers_to_remove": ["mcp-session-id"]})
-    return [*prm, *callback, *server_routes(routed, servers), *routed,
-        {
-            "name": "muster_edge_mcp",
-            "match": {"path": config.path},
-            "direct_response": {"status": 500, "body": {"inline_string": not_routed}},
-            "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
-        },
+    unrouted = {
+        "name": "muster_edge_mcp",
+        "match": {"path": config.path},
+        "direct_response": {"status": 500, "body": {"inline_string": not_routed}},
+        "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
+    }
+    return [*prm, *callback, *server_routes(routed, servers), *routed, *pinned_routes(config, unrouted), unrouted,
         {
             "name": "muster_edge_not_found",
             "match": {"prefix": "/"},
@@ -692,6 +695,68 @@ def internal_listener(config: GatewayConfig) -> dict[str, Any]:
     }
 
 
+PROCESSOR_CLUSTER = "muster_edge_processor"
+# the sealed session id is URL-safe base64 whose first character comes from a random nonce: uniform over these
+_ID_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+# the request filters whose streams a pinned session's requests take to its worker
+PINNED_FILTERS = ("envoy.filters.http.ext_proc",)
+
+
+def pins_sessions(config: GatewayConfig) -> bool:
+    """Without a store, the workers share no upstream sessions: each handshake-era session is pinned to one."""
+    return config.workers > 1 and not config.redis_url
+
+
+def session_groups(workers: int) -> list[str]:
+    """Worker i's share of the session ids, as an RE2 character class on their first character."""
+    out = []
+    for i in range(workers):
+        chars = _ID_ALPHABET[i * len(_ID_ALPHABET) // workers:(i + 1) * len(_ID_ALPHABET) // workers]
+        out.append("[" + chars.replace("-", "\\-") + "]")
+    return out
+
+
+def pinned_routes(config: GatewayConfig, unrouted: dict[str, Any]) -> list[dict[str, Any]]:
+    """Envoy's gRPC client for ext_proc has no hash policy (1.40: envoy_grpc has cluster_name, authority,
+    retry_policy, max_receive_message_length, skip_envoy_headers), so a session is pinned by the route instead:
+    the MCP path with an `Mcp-Session-Id` whose first character falls in worker i's share gets the per-route
+    ext_proc override whose gRPC service is worker i's cluster (that worker first, the others if it is down)."""
+    if not pins_sessions(config):
+        return []
+    out = []
+    for i, group in enumerate(session_groups(config.workers)):
+        override = {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                    "overrides": {"grpc_service": _grpc_service(f"{PROCESSOR_CLUSTER}_w{i}")}}
+        session = {"name": "mcp-session-id", "string_match": {"safe_regex": {"regex": group + ".*"}}}
+        # POST and DELETE, and a GET that resumes a stream (Last-Event-ID); a GET that opens the client's
+        # notification stream is left to the routes that serve it
+        for suffix, methods in (("", {"name": ":method", "string_match": {"exact": "GET"}, "invert_match": True}),
+                                ("_resume", {"name": "last-event-id", "present_match": True})):
+            out.append({**unrouted, "name": f"muster_edge_mcp_w{i}{suffix}",
+                        "match": {"path": config.path, "headers": [session, methods]},
+                        "typed_per_filter_config": dict.fromkeys(PINNED_FILTERS, override)})
+    return out
+
+
+def pinned_clusters(config: GatewayConfig, ports: Sequence[int]) -> list[dict[str, Any]]:
+    """One cluster per worker for pinned sessions: that worker at priority 0, the others at priority 1, so a
+    session whose worker is down or frozen moves on (and opens new upstream sessions there)."""
+    if not pins_sessions(config):
+        return []
+    out = []
+    host = config.processor_listen.host
+    for i, port in enumerate(ports):
+        cluster = processor_cluster(config, ports)
+        name = f"{PROCESSOR_CLUSTER}_w{i}"
+        cluster["name"] = name
+        others = [p for p in ports if p != port]
+        cluster["load_assignment"] = {"cluster_name": name, "endpoints": [
+            {"priority": 0, "lb_endpoints": [{"endpoint": {"address": _socket(host, port)}}]},
+            {"priority": 1, "lb_endpoints": [{"endpoint": {"address": _socket(host, p)}} for p in others]}]}
+        out.append(cluster)
+    return out
+
+
 def processor_cluster(config: GatewayConfig, ports: Sequence[int]) -> dict[str, Any]:
     host = config.processor_listen.host
     return {
@@ -813,8 +878,8 @@ def bootstrap(config: GatewayConfig, ports: Sequence[int], cds_dir: str) -> dict
         }},
         "static_resources": {
             "listeners": [*public_listeners(config, cds_dir), internal_listener(config)],
-            "clusters": [processor_cluster(config, ports), *([idp_cluster(config)] if config.auth else []),
-                         *tracing_clusters(config)],
+            "clusters": [processor_cluster(config, ports), *pinned_clusters(config, ports),
+                         *([idp_cluster(config)] if config.auth else []), *tracing_clusters(config)],
         },
         **tracing_runtime(config),
     }
@@ -825,7 +890,8 @@ def mesh_pieces(config: GatewayConfig, ports: Sequence[int], cds_dir: str) -> di
     return {
         "http_filters": http_filters(config),
         "routes": routes(config),
-        "clusters": [processor_cluster(config, ports), *([idp_cluster(config)] if config.auth else [])],
+        "clusters": [processor_cluster(config, ports), *pinned_clusters(config, ports),
+                     *([idp_cluster(config)] if config.auth else [])],
         "local_reply_config": local_replies(config) if config.auth else {"mappers": public_reply_mappers()},
         "listeners": [internal_listener(config)],
         "cds_config": bootstrap(config, ports, cds_dir)["dynamic_resources"]["cds_config"],

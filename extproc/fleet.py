@@ -17,7 +17,7 @@ import contextvars
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from cachetools import LRUCache
 from catalog.manifests import AdmissionError, MCPServer
 from catalog.view import UpstreamSnapshot, View, build_view, x_mcp_header_problem
 from extproc import tracing
+from extproc.continuity import Continuity
 from extproc.credentials import CredentialError
 from extproc.jsonrpc import LEGACY
 from extproc.upstream import Handshake, UpstreamAuthError, UpstreamClient, UpstreamError, UpstreamRpcError
@@ -127,6 +128,8 @@ class Fleet:
         self.owner_ended: Callable[[str], bool] = lambda _owner: False
         # one upstream's fetch (server, seconds, ok), for the fan-out histogram
         self.on_fetch: Callable[[str, float, bool], None] = lambda _server, _seconds, _ok: None
+        self.continuity: Continuity | None = None  # the store's shared upstream sessions (set by the server)
+        self.on_change: Callable[[MCPServer, str, bool, str], None] | None = None  # (server, owner, up, why)
 
     def _new_state(self, server: MCPServer, owner: str = "") -> UpstreamState:
         state = UpstreamState(server, owner=owner)
@@ -135,14 +138,38 @@ class Fleet:
         return state
 
     def _close_session(self, server: MCPServer, hs: Handshake, reason: str) -> None:
-        """Count one upstream session closed and send the upstream its DELETE (tracked, so shutdown waits)."""
+        """Count one upstream session closed and send the upstream its DELETE (tracked, so shutdown waits).
+
+        A session shared through the store is only forgotten here: it lives on for the other processes until its
+        gateway session ends (Gateway.close_shared closes it then), except when it is evicted or lost, when this
+        process takes it out of the store and closes it."""
         if not hs.session_id:
             return
+        if hs.shared_owner:
+            if reason in ("evicted", "lost") and self.continuity is not None:
+                self._track(self._drop_shared(server, hs, reason))
+            return
         self.session_counts.closed[(server.name, reason)] += 1
-        task = asyncio.get_running_loop().create_task(self.client.delete_session(server, hs))
+        self._send_delete(server, hs)
+
+    def _send_delete(self, server: MCPServer, hs: Handshake) -> None:
+        self._track(self.client.delete_session(server, hs))
+
+    def _track(self, job: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(job)
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
-        self.on_change: Callable[[MCPServer, str, bool, str], None] | None = None  # (server, owner, up, why)
+
+    async def _drop_shared(self, server: MCPServer, hs: Handshake, reason: str) -> None:
+        assert self.continuity is not None
+        try:
+            removed = await self.continuity.drop(hs.shared_owner, server.name, hs.session_id)
+        except Exception as exc:
+            log.warning("dropping a shared upstream session failed: %s", type(exc).__name__)
+            return
+        if removed:
+            self.session_counts.closed[(server.name, reason)] += 1
+            await self.client.delete_session(server, hs)
 
     # ---- catalog ---------------------------------------------------------------------------------------
     def set_catalog(self, servers: Sequence[MCPServer], errors: Sequence[AdmissionError]) -> None:
@@ -490,7 +517,14 @@ class Fleet:
         state.pooled.make_room(pending=len(state.opening))
         future: asyncio.Future[Handshake] = asyncio.get_running_loop().create_future()
         state.opening[owner] = future
+        share = legacy_client and self.continuity is not None and self.continuity.shared
         try:
+            adopted, level = await self._adopt(name, owner, auth) if share else (None, "")
+            log_level = log_level or level  # a level the client set through another process
+            if adopted is not None:  # another process opened it: use the same upstream session
+                state.pooled.add(owner, adopted)
+                future.set_result(adopted)
+                return adopted
             try:
                 pooled = await self.client.initialize(state.server, client_capabilities, log_level, auth)
             except UpstreamRpcError as exc:
@@ -502,6 +536,10 @@ class Fleet:
                 if self._closing:  # the upstream has the room before we ask again
                     await asyncio.wait(list(self._closing), timeout=2.0)
                 pooled = await self.client.initialize(state.server, client_capabilities, log_level, auth)
+            if pooled.session_id:
+                self.session_counts.opened[name] += 1
+                if share:  # still opening: a concurrent call of this owner waits for the shared one
+                    pooled = await self._publish(state, name, owner, pooled, auth)
         except UpstreamError as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: waiters get it, nobody else must
@@ -515,13 +553,77 @@ class Fleet:
             raise
         finally:
             state.opening.pop(owner, None)
-        if pooled.session_id:
-            self.session_counts.opened[name] += 1
         state.pooled.add(owner, pooled)
         future.set_result(pooled)
         if self.owner_ended(owner):
+            if pooled.shared_owner and self.continuity is not None:  # its DELETE came while we published it
+                self._track(self._drop_shared(state.server, pooled, "deleted"))
             state.pooled.pop(owner, "deleted")
         return pooled
+
+    async def _adopt(self, name: str, owner: str, auth: Mapping[str, str] | None) -> tuple[Handshake | None, str]:
+        """The upstream session another process opened for this owner and the log level its client set, from
+        the store (None if none or the store cannot be read: then this process opens one, as without a store)."""
+        assert self.continuity is not None
+        try:
+            found, level = await self.continuity.lookup(owner, name)
+        except Exception as exc:
+            log.warning("reading shared upstream sessions failed: %s", type(exc).__name__)
+            return None, ""
+        if found is not None:
+            found.auth = dict(auth or {})
+        return found, level
+
+    async def _publish(self, state: UpstreamState, name: str, owner: str, hs: Handshake,
+                       auth: Mapping[str, str] | None) -> Handshake:
+        """Offer the session just opened to every process; if another one was first, use theirs, close ours."""
+        assert self.continuity is not None
+        try:
+            winner = await self.continuity.publish(owner, name, hs)
+        except Exception as exc:
+            log.warning("sharing an upstream session failed: %s", type(exc).__name__)
+            return hs
+        if winner is None or winner is hs:
+            return hs
+        self._close_session(state.server, hs, "replaced")
+        winner.auth = dict(auth or {})
+        return winner
+
+    async def shared_session(self, name: str, owner: str, subject: str = "",
+                             auth: Mapping[str, str] | None = None) -> Handshake | None:
+        """The owner's upstream session on a server, held here or (with a store) opened by another process:
+        what a relayed answer or a resumed stream must reach."""
+        found = self.pooled_session(name, owner, subject)
+        if found is not None or self.continuity is None or not self.continuity.shared or name not in self.servers:
+            return found
+        adopted, _ = await self._adopt(name, owner, auth)
+        if adopted is not None:
+            self.state_for(name, subject).pooled.add(owner, adopted)
+        return adopted
+
+    async def close_shared(self, owner: str, reason: str, auth: AuthSource | None = None,
+                           subject: str = "", bearer: str = "") -> int:
+        """An ended gateway session's upstream sessions from the store, closed by the one process that takes
+        them (counted here); returns how many. `auth` gives the DELETE its credential (default: the gateway's
+        own calls' one)."""
+        if self.continuity is None or not self.continuity.shared:
+            return 0
+        try:
+            taken = await self.continuity.take_owner(owner)
+        except Exception as exc:
+            log.warning("reading shared upstream sessions failed: %s", type(exc).__name__)
+            return 0
+        for name, hs in taken.items():
+            server = self.servers.get(name)
+            self.session_counts.closed[(name, reason)] += 1
+            if server is None:
+                continue
+            try:
+                hs.auth = dict(await (auth or self.auth)(server, subject, bearer))
+            except Exception as exc:  # the DELETE goes without; the upstream's own expiry ends the session
+                log.info("no credential to end a session on %s: %s", name, type(exc).__name__)
+            self._send_delete(server, hs)
+        return len(taken)
 
     def pooled_session(self, name: str, owner: str, subject: str = "") -> Handshake | None:
         if name not in self.servers:

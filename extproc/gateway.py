@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -21,6 +22,7 @@ from catalog.policy import Decision, ToolFacts
 from catalog.view import Route, Target, View, restrict
 from extproc import core_tools, jsonrpc, tracing
 from extproc.answer import Resend
+from extproc.continuity import Continuity, state_key
 from extproc.credentials import Broker, CredentialError
 from extproc.edge_tools import EdgeTool, EdgeTools, ToolContext
 from extproc.events import Events
@@ -92,6 +94,8 @@ class Gateway:
         self._ids = itertools.count(1)
         self.peers: Peers | None = None
         fleet.owner_ended = sessions.owner_ended
+        self._background: set[asyncio.Task[None]] = set()
+        self.continuity = fleet.continuity = Continuity(config.redis_url, sessions.sealer, ttl_s=sessions.max_age_s)
         self.metrics.collectors.append(self._session_metrics)
         self.edge_tools = EdgeTools()
         self.events = Events(config.redis_url)
@@ -276,16 +280,19 @@ class Gateway:
         if method == "DELETE":
             return await self._end_session(req)
         if method == "GET" and "last-event-id" in req.headers and "mcp-session-id" in req.headers:
-            return self._resume(req)
+            return await self._resume(req)
         return Local(405, b"", {"allow": "POST, DELETE"}, details="muster_edge_method_not_allowed")
 
-    def _resume(self, req: Request) -> Local | Forward:
-        """A legacy client resuming an SSE stream: the event id names the upstream session to resume on."""
+    async def _resume(self, req: Request) -> Local | Forward:
+        """A legacy client resuming an SSE stream: the event id names the upstream session to resume on (held
+        here, or with a store opened by another worker or replica)."""
         token = self.sessions.open(req.headers["mcp-session-id"], req.caller.subject)
         if token is None:
             return Local.error(RpcError(INVALID_REQUEST, "Session not found", status=404), LEGACY)
+        if self.peers is not None and self.peers.shared and await self.peers.ended(token.nonce):
+            return Local.error(RpcError(INVALID_REQUEST, "Session not found", status=404), LEGACY)
         split = split_namespaced(req.headers["last-event-id"])
-        hs = self.fleet.pooled_session(split[0], token.nonce.hex(), req.caller.subject) if split else None
+        hs = await self._session_of(req, split[0], token.nonce.hex()) if split else None
         if split is None or hs is None:
             return Local.error(RpcError(INVALID_REQUEST, "Unknown Last-Event-ID for this session", status=404),
                                LEGACY)
@@ -308,6 +315,8 @@ class Gateway:
         self.end_here(ended, "deleted")
         if self.peers is not None:  # the other workers and replicas know before the client hears 200
             await self.peers.announce_end(ended, "deleted")
+        # upstream sessions shared through the store: closed once, by the process that ends the session
+        await self.fleet.close_shared(token.nonce.hex(), "deleted", subject=req.caller.subject, bearer=req.bearer)
         return Local(200, b"", {}, details="muster_edge_session_ended")
 
     # ---- session lifecycle --------------------------------------------------------------------------------
@@ -323,7 +332,7 @@ class Gateway:
     def peer_message(self, body: bytes) -> tuple[int, bytes]:
         if self.peers is None:
             return 404, b"not found\n"
-        return self.peers.handle(body, self.end_here, self.seen_here)
+        return self.peers.handle(body, self.end_here, self.seen_here, self.lost_here, self.claim_here)
 
     async def expire_idle(self) -> int:
         """Expire sessions idle for the timeout everywhere (asking the other processes first); a session still
@@ -344,6 +353,8 @@ class Gateway:
         self.end_here(ended, "idle")
         if ended and self.peers is not None:
             await self.peers.announce_end(ended, "idle")
+        for nonce, _ in ended:
+            await self.fleet.close_shared(nonce.hex(), "idle")
         self.fleet.close_idle_sessions(self.sessions.idle_timeout_s, self.sessions.holds_owner)
         return len(ended)
 
@@ -396,12 +407,14 @@ class Gateway:
                 msg_id = obj.get("id") if isinstance(obj.get("id"), (str, int)) else None
                 if era == LEGACY and "method" not in obj and ("result" in obj or "error" in obj):
                     await self._check_session(req)
-                    return self._relay_response(req, obj)
+                    return await self._relay_response(req, obj)
             msg = jsonrpc.classify(obj, req.headers)
             req.message = msg
             era = msg.era
             if msg.era == LEGACY and msg.method != "initialize":
                 await self._check_session(req)
+            if msg.era == MODERN and "requestState" in msg.params:
+                await self._check_request_state(req, msg)
             if msg.is_notification:
                 return await lifecycle.notification(self, req, msg)
             handler = HANDLERS.get(msg.method)
@@ -428,10 +441,53 @@ class Gateway:
         req.client_capabilities = caps if isinstance(caps, dict) else {}
         req.log_level = self.sessions.record(token.nonce, token.issued_at).log_level
 
-    def _relay_response(self, req: Request, obj: dict[str, Any]) -> Forward:
-        """A legacy client's answer to a server-to-client request goes back to the upstream session that asked."""
+    async def _check_request_state(self, req: Request, msg: Message) -> None:
+        """A requestState belongs to the caller it was handed to: another caller presenting it is refused."""
+        try:
+            mine = await self.bind_request_state(msg.params["requestState"], req.caller.key)
+        except Exception as exc:  # fail closed: an unchecked state never goes upstream
+            log.warning("checking a requestState in the store failed: %s", type(exc).__name__)
+            raise RpcError(jsonrpc.INTERNAL_ERROR, "muster-edge: the shared store is unavailable; retry later",
+                           status=503) from None
+        if not mine:
+            raise RpcError(jsonrpc.INVALID_PARAMS, "Invalid params: this requestState was issued to another caller; "
+                           "start the request again without it", {"reason": "requestStateNotYours"}, status=400)
+
+    async def bind_request_state(self, state: Any, caller: str) -> bool:
+        """Bind a requestState to a caller, or check it (False: another caller holds it): in the store when there
+        is one; else in this worker and, the first time this worker sees it, in every sibling worker (2026-07-28
+        requests carry no session, so they are not pinned to a worker)."""
+        if self.continuity.shared or self.peers is None or not self.peers.siblings:
+            return await self.continuity.bind_state(state, caller)
+        key = state_key(state)
+        holder, new = self.continuity.claim_here(key, caller)
+        if new:
+            holder = await self.peers.claim_state(key, caller)
+            if holder != caller:
+                self.continuity.hold_here(key, holder)
+        return holder == caller
+
+    def claim_here(self, key: str, caller: str) -> str:
+        return self.continuity.claim_here(key, caller)[0]
+
+    async def _session_of(self, req: Request, server_name: str, owner: str) -> Any:
+        """The gateway session's upstream session on one server: held here, or (with a store) adopted from the
+        process that opened it, with this process's own credential for it."""
+        hs = self.fleet.pooled_session(server_name, owner, req.caller.subject)
+        if hs is not None or server_name not in self.fleet.servers or not self.continuity.shared:
+            return hs
+        try:
+            credential = await self.broker.credential(self.fleet.servers[server_name], req.caller.subject,
+                                                      req.bearer)
+        except CredentialError:
+            return None
+        return await self.fleet.shared_session(server_name, owner, req.caller.subject, credential.headers)
+
+    async def _relay_response(self, req: Request, obj: dict[str, Any]) -> Forward:
+        """A legacy client's answer to a server-to-client request goes back to the upstream session that asked
+        (whichever worker or replica opened it, when they share a store)."""
         split = split_namespaced(obj.get("id"))
-        hs = self.fleet.pooled_session(split[0], req.session_nonce.hex(), req.caller.subject) if split else None
+        hs = await self._session_of(req, split[0], req.session_nonce.hex()) if split else None
         if split is None or hs is None:
             raise RpcError(INVALID_REQUEST, "Invalid Request: this response answers no request of this session",
                            status=400)
@@ -472,8 +528,26 @@ class Gateway:
         return [h for h in req.headers if (h.startswith("mcp-") or h in _DROP_UPSTREAM or h == "authorization")
                 and h not in keep and h != "mcp-protocol-version"]
 
-    async def tell_log_level(self, owner: str, level: str) -> None:
-        for server, hs in self.fleet.sessions_of(owner):
+    async def tell_log_level(self, owner: str, level: str, subject: str = "", bearer: str = "") -> None:
+        """Tell the session's upstream sessions the level: those held here and, with a store, those other
+        processes opened (and those they open later: the level is kept in the store too)."""
+        held = self.fleet.sessions_of(owner)
+        if self.continuity.shared:
+            try:
+                await self.continuity.set_level(owner, level)
+                shared = await self.continuity.all_of(owner)
+            except Exception as exc:
+                log.warning("sharing the log level failed: %s", type(exc).__name__)
+                shared = {}
+            mine = {s.name for s, _ in held}
+            for name, hs in shared.items():
+                server = self.fleet.servers.get(name)
+                if server is None or name in mine:
+                    continue
+                with contextlib.suppress(CredentialError):
+                    hs.auth = dict((await self.broker.credential(server, subject, bearer)).headers)
+                    held.append((server, hs))
+        for server, hs in held:
             if "logging" in hs.capabilities:
                 try:
                     await self.fleet.client.request(server, hs, "logging/setLevel", {"level": level})
@@ -550,9 +624,23 @@ class Gateway:
         return Forward(cluster_name(server_name), body, set_headers, remove, plan,
                        credential_keys=tuple(k.lower() for k in credential.headers))
 
-    def upstream_session_lost(self, plan: ResponsePlan) -> None:
-        if plan.upstream_session_owner:
-            self.fleet.forget_session(plan.server, plan.upstream_session_owner, plan.subject)
+    async def upstream_session_lost(self, plan: ResponsePlan) -> None:
+        """The upstream answered 404: the session is gone. This answer's stream may run in another worker than the
+        one holding the session (answer streams are balanced, not pinned), and with a store several processes
+        hold it: all of them forget it, so the client's retry opens a new one. The answer waits for the news to be
+        delivered (at most 1 s): a client that retries at once must not meet the lost session again."""
+        if not plan.upstream_session_owner:
+            return
+        self.lost_here(plan.server, plan.upstream_session_owner, plan.subject)
+        if self.peers is not None and (self.peers.siblings or self.peers.shared):
+            task = asyncio.get_running_loop().create_task(
+                self.peers.announce_lost(plan.server, plan.upstream_session_owner, plan.subject))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            await asyncio.wait([task], timeout=1.0)
+
+    def lost_here(self, server: str, owner: str, subject: str) -> None:
+        self.fleet.forget_session(server, owner, subject)
 
     def resend_for(self, req: Request, fwd: Forward) -> Resend | None:
         """What a resend after a 401 needs, for a call whose credential can be renewed (else None)."""

@@ -34,6 +34,10 @@ BATCH = 5_000  # sessions per sibling message: a sealed message stays far below 
 EndHere = Callable[[list[tuple[bytes, int]], str], None]
 # nonces -> those this process saw within the idle timeout
 SeenHere = Callable[[list[bytes]], list[bytes]]
+# (server, upstream session owner, subject): the upstream lost that session: forget it in this process
+LostHere = Callable[[str, str, str], None]
+# (requestState key, caller) -> who holds that state in this process (binding it to the caller if nobody did)
+ClaimHere = Callable[[str, str], str]
 
 
 class Peers:
@@ -80,6 +84,33 @@ class Peers:
         for result in results:
             if isinstance(result, BaseException):
                 log.warning("telling the other processes a session ended failed: %s", type(result).__name__)
+
+    async def announce_lost(self, server: str, owner: str, subject: str) -> None:
+        """The upstream lost an owner's session (it answered 404 to a call whose answer this process read): every
+        other process holding it forgets it, so the client's retry opens a new one wherever it lands."""
+        msg = {"op": "lost", "server": server, "owner": owner, "subject": subject}
+        jobs: list[Awaitable[Any]] = [self._post(url, msg) for url in self.siblings]
+        if self._redis is not None:
+            jobs.append(self._redis.publish(CHANNEL, self._seal(msg)))
+        for result in await asyncio.gather(*jobs, return_exceptions=True):
+            if isinstance(result, BaseException):
+                log.warning("telling the other processes an upstream session was lost failed: %s",
+                            type(result).__name__)
+
+    async def claim_state(self, key: str, caller: str) -> str:
+        """Bind a requestState key to a caller in every sibling worker (no store); the holder a sibling already
+        had, if it is another caller, else `caller`. A sibling that is down holds nothing and serves nothing (one
+        restarted later has forgotten its bindings, like the sessions that ended before it started)."""
+        msg = {"op": "claim", "key": key, "caller": caller}
+        answers = await asyncio.gather(*(self._post(url, msg) for url in self.siblings), return_exceptions=True)
+        for answer in answers:
+            if not isinstance(answer, httpx2.Response) or answer.status_code != 200:
+                log.warning("a sibling worker did not answer a requestState claim")
+                continue
+            holder = orjson.loads(answer.content)
+            if isinstance(holder, str) and holder != caller:
+                return holder
+        return caller
 
     async def _redis_end(self, ended: list[tuple[bytes, int]], msg: dict[str, Any]) -> None:
         pipe = self._redis.pipeline(transaction=False)
@@ -134,7 +165,8 @@ class Peers:
         return seen
 
     # ---- serving ------------------------------------------------------------------------------------------
-    def handle(self, body: bytes, end_here: EndHere, seen_here: SeenHere) -> tuple[int, bytes]:
+    def handle(self, body: bytes, end_here: EndHere, seen_here: SeenHere,
+               lost_here: LostHere | None = None, claim_here: ClaimHere | None = None) -> tuple[int, bytes]:
         """A sibling's sealed message: end sessions here, or say which of some sessions this process saw."""
         msg = self.open(body)
         if msg is None:
@@ -146,11 +178,16 @@ class Peers:
             if msg.get("op") == "seen":
                 nonces = [bytes.fromhex(h) for h in msg.get("sessions", [])]
                 return 200, orjson.dumps([n.hex() for n in seen_here(nonces)])
+            if msg.get("op") == "lost" and lost_here is not None:
+                lost_here(str(msg["server"]), str(msg["owner"]), str(msg.get("subject", "")))
+                return 200, b"[]"
+            if msg.get("op") == "claim" and claim_here is not None:
+                return 200, orjson.dumps(claim_here(str(msg["key"]), str(msg["caller"])))
         except (TypeError, ValueError):
             pass
         return 400, b"bad request\n"
 
-    async def listen(self, end_here: EndHere) -> None:
+    async def listen(self, end_here: EndHere, lost_here: LostHere | None = None) -> None:
         """Follow the store's channel of ended sessions (a replica's DELETE or expiry) for as long as we run."""
         if self._redis is None:
             return
@@ -166,6 +203,8 @@ class Peers:
                     msg = self.open(item["data"])
                     if msg is not None and msg.get("op") == "end":
                         end_here([(bytes.fromhex(h), int(t)) for h, t in msg["sessions"]], str(msg.get("reason")))
+                    elif msg is not None and msg.get("op") == "lost" and lost_here is not None:
+                        lost_here(str(msg["server"]), str(msg["owner"]), str(msg.get("subject", "")))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -186,6 +186,7 @@ class SseRewriter:
         self._buf = b""
         self._check = check and plan.upstream_id is not None
         self.answered = False
+        self.resumable = False  # an event carried an id: the client may resume the stream (GET + Last-Event-ID)
 
     def feed(self, chunk: bytes, end: bool) -> bytes:
         if self.answered and self._check:
@@ -204,7 +205,9 @@ class SseRewriter:
             else:
                 out.append(self._event(self._buf))
             self._buf = b""
-        if end and self._check and not self.answered:
+        if end and self._check and not self.answered and not self.resumable:
+            # a stream whose events have ids may end before its answer (the server closed it, SEP-1699): the
+            # client resumes it with Last-Event-ID, on whichever worker or replica
             out.append(self._error("the stream ended without an answer"))
         return b"".join(out)
 
@@ -218,6 +221,8 @@ class SseRewriter:
         found = _LINE_END.search(raw)
         eol = found.group() if found else b"\n"
         changed = False
+        if any(ln.startswith(b"id:") and ln[3:].strip() for ln in lines):
+            self.resumable = True
         if self._plan.namespace and any(ln.startswith(b"id:") for ln in lines):
             prefix = self._plan.namespace.encode() + _NS.encode()
             lines = [b"id: " + prefix + ln[3:].lstrip(b" ") if ln.startswith(b"id:") else ln for ln in lines]

@@ -161,7 +161,7 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
 
     maintainer = asyncio.get_running_loop().create_task(fleet.maintain())
     sweeper = asyncio.get_running_loop().create_task(gateway.sweep_sessions())
-    listener = asyncio.get_running_loop().create_task(gateway.peers.listen(gateway.end_here))
+    listener = asyncio.get_running_loop().create_task(gateway.peers.listen(gateway.end_here, gateway.lost_here))
     watcher = asyncio.get_running_loop().create_task(watch(config.catalog_dir, changed))
     status_server = None
     if status_port is not None:

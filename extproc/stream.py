@@ -219,7 +219,7 @@ class Stream:
             refused.details = "muster_edge_upstream_refused_credential"  # also in Envoy's 5xx local-reply body
             return immediate(refused)
         if status == 404 and plan.upstream_session_owner:
-            self.gw.upstream_session_lost(plan)
+            await self.gw.upstream_session_lost(plan)
             return immediate(self.gw.error_for_upstream_status(plan, status, "upstream session not found"))
         answered = "x-envoy-upstream-service-time" in headers
         readable = "json" in ctype or "event-stream" in ctype

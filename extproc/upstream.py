@@ -71,6 +71,7 @@ class Handshake:
     server_info: dict[str, Any] = field(default_factory=dict)
     ttl_ms: int | None = None
     auth: dict[str, str] = field(default_factory=dict)
+    shared_owner: str = ""  # in the store under this gateway session (extproc/continuity.py): shared by processes
 
 
 def _sse_messages(text: str) -> list[dict[str, Any]]:

@@ -3,7 +3,8 @@
     python tests/session_upstream.py --port 0
 
 Tool `tag(tag)` answers "ok"; the wrapper remembers which upstream session each tag arrived on. `GET /counts`
-answers {"opened": [...session ids], "deleted": [...], "tags": {tag: session id}}. Prints `READY http://...`.
+answers {"opened": [...session ids], "deleted": [...], "tags": {tag: session id}}; after `POST /forget`, the
+sessions opened so far get 404 (the upstream lost them). Prints `READY http://...`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def counting(app: ASGIApp) -> ASGIApp:
     opened: list[str] = []
     deleted: list[str] = []
     tags: dict[str, str] = {}
+    forgotten: set[str] = set()  # POST /forget: the sessions open now get 404, as after the upstream lost them
 
     async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -35,8 +37,19 @@ def counting(app: ASGIApp) -> ASGIApp:
                         "headers": [(b"content-type", b"application/json")]})
             await send({"type": "http.response.body", "body": body})
             return
+        if scope["path"] == "/forget":
+            forgotten.update(opened)
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         session = headers.get("mcp-session-id", "")
+        if session in forgotten and scope["method"] == "POST":
+            body = b'{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"Session not found"}}'
+            await send({"type": "http.response.start", "status": 404,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": body})
+            return
         version = headers.get("mcp-protocol-version")
         if version is not None and version not in HANDSHAKE_PROTOCOL_VERSIONS:  # a handshake-era server
             await send({"type": "http.response.start", "status": 400, "headers": [(b"content-type", b"text/plain")]})

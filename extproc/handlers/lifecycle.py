@@ -63,7 +63,8 @@ async def set_level(gw: Gateway, req: Request, msg: Message) -> Local:
     if not isinstance(level, str) or level not in LOG_LEVELS:
         raise RpcError(jsonrpc.INVALID_PARAMS, f"Invalid params: level must be one of {', '.join(LOG_LEVELS)}")
     gw.sessions.record(req.session_nonce).log_level = level
-    asyncio.get_running_loop().create_task(gw.tell_log_level(req.session_nonce.hex(), level))
+    asyncio.get_running_loop().create_task(gw.tell_log_level(req.session_nonce.hex(), level, req.caller.subject,
+                                                                req.bearer))
     return Local.result(msg.id, {})
 
 

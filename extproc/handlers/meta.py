@@ -272,6 +272,8 @@ async def _call_tool(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
         if ctx.era != MODERN:
             return _text(f"Tool execution failed: tool {name} asks the client for input, which a handshake-era "
                          "client cannot give through call_tool", error=True)
+        if "requestState" in result:  # bound to this caller now: another one presenting it back is refused
+            await ctx.gateway.bind_request_state(result["requestState"], ctx.request.caller.key)
         return {k: v for k, v in result.items() if k != "_meta"}
     return envelope(result)
 
