@@ -550,9 +550,15 @@ def local_replies(config: GatewayConfig) -> dict[str, Any]:
         "op": "EQ", "value": {"default_value": 401, "runtime_key": "muster_edge.unauthorized"}}}}
     has_token = {"header_filter": {"header": {"name": "authorization", "present_match": True}}}
 
+    # jwt_authn's own 401 is plain text: a JSON-RPC error says why in a form every MCP client shows
+    body = {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message":
+            "Unauthorized: this gateway needs a valid bearer token issued for it (%RESPONSE_CODE_DETAILS%)",
+            "data": {"status": 401, "details": "%RESPONSE_CODE_DETAILS%"}}}
+
     def mapper(value: str, when: dict[str, Any]) -> dict[str, Any]:
         return {"filter": when, "headers_to_add": [{"header": {"key": "www-authenticate", "value": value},
-                                                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}
+                                                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+                "body_format_override": {"json_format": body, "content_type": "application/json"}}
 
     invalid = f'Bearer error="invalid_token", {challenge[len("Bearer "):]}'
     return {"mappers": [*public_reply_mappers(),

@@ -225,7 +225,11 @@ class Gateway:
             if "authorization" in req.headers:
                 why = req.caller.auth_error.replace('"', "'") or "invalid token"
                 challenge = f'error="invalid_token", error_description="{why}", {challenge}'
-            return Local(401, b"", {"www-authenticate": f"Bearer {challenge}"}, details="muster_edge_unauthorized")
+            refused = Local.error(RpcError(INVALID_REQUEST, "Unauthorized: this gateway needs a valid bearer token "
+                                           "issued for it", status=401), MODERN)
+            refused.headers["www-authenticate"] = f"Bearer {challenge}"
+            refused.details = "muster_edge_unauthorized"
+            return refused
         missing = [s for s in auth.required_scopes if s not in req.caller.claims.scopes]
         if missing:
             challenge = (f'Bearer error="insufficient_scope", scope="{" ".join(auth.required_scopes)}", '
@@ -241,7 +245,7 @@ class Gateway:
         if oauth is not None and req.path.split("?", 1)[0] == oauth.callback_path:
             return await auth.callback(self, req)
         if req.path.split("?", 1)[0] != self.config.path:
-            return Local(404, b"not found\n", {"content-type": "text/plain"}, details="muster_edge_no_such_path")
+            return self._refusal(404, f"Not Found: the MCP endpoint is {self.config.path}", "muster_edge_no_such_path")
         refused = self._authorized(req)
         if refused is not None:
             return refused
@@ -274,7 +278,17 @@ class Gateway:
             return await self._end_session(req)
         if method == "GET" and "last-event-id" in req.headers and "mcp-session-id" in req.headers:
             return self._resume(req)
-        return Local(405, b"", {"allow": "POST, DELETE"}, details="muster_edge_method_not_allowed")
+        refused = self._refusal(405, f"Method Not Allowed: {method} (use POST; DELETE ends a session)",
+                                "muster_edge_method_not_allowed")
+        refused.headers["allow"] = "POST, DELETE"
+        return refused
+
+    @staticmethod
+    def _refusal(status: int, message: str, details: str) -> Local:
+        """An HTTP refusal that says why as a JSON-RPC error (id null: no message was read), so a client shows it."""
+        local = Local.error(RpcError(INVALID_REQUEST, message, status=status), MODERN)
+        local.details = details
+        return local
 
     def _resume(self, req: Request) -> Local | Forward:
         """A legacy client resuming an SSE stream: the event id names the upstream session to resume on."""
