@@ -343,6 +343,8 @@ def routes(config: GatewayConfig, servers: Sequence[MCPServer] = ()) -> list[dic
     shared); the MCP path."""
     not_routed = ('{"jsonrpc":"2.0","id":null,"error":{"code":-32603,'
                   '"message":"muster-edge: the request was not routed"}}')
+    not_found = ('{"jsonrpc":"2.0","id":null,"error":{"code":-32600,'
+                 f'"message":{json.dumps("Not Found: the MCP endpoint is " + config.path)}}}}}')
     prm: list[dict[str, Any]] = []
     if config.auth is not None:
         body = json.dumps(protected_resource_metadata(config), separators=(",", ":"))
@@ -372,7 +374,8 @@ def routes(config: GatewayConfig, servers: Sequence[MCPServer] = ()) -> list[dic
         {
             "name": "muster_edge_not_found",
             "match": {"prefix": "/"},
-            "direct_response": {"status": 404, "body": {"inline_string": "not found\n"}},
+            "direct_response": {"status": 404, "body": {"inline_string": not_found}},
+            "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
             "typed_per_filter_config": _no_ext_proc(),
         },
     ]
