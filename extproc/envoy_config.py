@@ -211,7 +211,7 @@ ANSWER_CASES: dict[str, dict[str, Any]] = {
     # decided on the status and headers: every routed 401 (a renewable credential is renewed and the call resent;
     # any other never reaches the client with the upstream's own WWW-Authenticate), a lost upstream session, an
     # upstream failure, an answer that cannot be MCP (no JSON or SSE content type, an empty 2xx), an error whose id
-    # must be mapped back (its body then follows on the same stream)
+    # must be mapped back (its body then follows on the same stream), a 2026-07-28 upstream's -32020
     "status": _any(
         _all(_ROUTED, _status("401")),
         _all(_metadata_is(answer.ON_404, _FLAG), _status("404")),
@@ -219,6 +219,9 @@ ANSWER_CASES: dict[str, dict[str, Any]] = {
         _all(_ROUTED, _ASKED, _NOT_202, _not(_READABLE)),
         _all(_ROUTED, _ASKED, _status_class("2xx"), _NOT_202, _empty_body()),
         _all(_metadata_is(answer.ON_JSON, _FLAG), _status_class("4xx"), _content_type("json")),
+        # a 2026-07-28 tools/call answered 400 JSON: if it is -32020 (HeaderMismatch), the upstream's tools are
+        # fetched again, Mcp-Param-* rebuilt from the new schema and the call resent once (its body follows)
+        _all(_metadata_is(answer.ON_MISMATCH, _FLAG), _status("400"), _content_type("json")),
     ),
     # a JSON answer to rewrite and check: the whole body in one message, no headers message
     "json": _all(_metadata_is(answer.ON_JSON, _FLAG), _status_class("2xx"), _content_type("json"),

@@ -19,7 +19,7 @@ from catalog.config import GatewayConfig
 from catalog.manifests import MCPServer
 from catalog.policy import Decision, ToolFacts
 from catalog.view import Route, Target, View, restrict
-from extproc import core_tools, jsonrpc
+from extproc import core_tools, jsonrpc, schema_retry
 from extproc.answer import Resend
 from extproc.credentials import Broker, CredentialError
 from extproc.edge_tools import EdgeTool, EdgeTools, ToolContext
@@ -32,7 +32,14 @@ from extproc.metrics import Metrics
 from extproc.peers import Peers
 from extproc.replies import JSON, Forward, Local, ResponsePlan
 from extproc.request import Request
-from extproc.rewrite import SseRewriter, invalid_answer, original_request_id, rewrite_json, split_namespaced
+from extproc.rewrite import (
+    SseRewriter,
+    invalid_answer,
+    mapped_error,
+    original_request_id,
+    rewrite_json,
+    split_namespaced,
+)
 from extproc.sessions import Cursors, Sessions
 from extproc.upstream import CLIENT_INFO, REPEATABLE, RETRY_HEADER, ROUTE_HEADER, UpstreamError, cluster_name
 from extproc.upstream_sessions import SessionCapReached
@@ -552,6 +559,7 @@ class Gateway:
             renewable=credential.kind in ("exchanged", "oauth"), subject=req.caller.subject, upstream_id=upstream_id,
         )
         plan.rewrite_body = shared_session or map_uris or (msg.era == MODERN and hs.era == LEGACY)
+        plan.resend_on_mismatch = hs.era == MODERN and msg.method == "tools/call"
         return Forward(cluster_name(server_name), body, set_headers, remove, plan,
                        credential_keys=tuple(k.lower() for k in credential.headers))
 
@@ -560,8 +568,9 @@ class Gateway:
             self.fleet.forget_session(plan.server, plan.upstream_session_owner, plan.subject)
 
     def resend_for(self, req: Request, fwd: Forward) -> Resend | None:
-        """What a resend after a 401 needs, for a call whose credential can be renewed (else None)."""
-        if not fwd.plan.renewable:
+        """What a resend needs: after a 401, for a call whose credential can be renewed; after an upstream's -32020,
+        for a tools/call to a 2026-07-28 upstream (else None)."""
+        if not fwd.plan.renewable and not fwd.plan.resend_on_mismatch:
             return None
         # the refused credential (and the caller's bearer where it stood) is replaced on the resend, never carried
         skip = {ROUTE_HEADER, "content-length", *fwd.credential_keys}
@@ -591,9 +600,14 @@ class Gateway:
             return "credential_failed", Local.error(RpcError(
                 jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}': {exc.reason}", {"server": plan.server},
                 status=502), MODERN, plan.client_id)
-        headers = {**resend.headers, **credential.headers}
+        return await self._post_again(plan, server, resend.body, {**resend.headers, **credential.headers},
+                                      "muster_edge_retried_after_401")
+
+    async def _post_again(self, plan: ResponsePlan, server: MCPServer, body: bytes, headers: dict[str, str],
+                          details: str) -> tuple[str, Local]:
+        """Send a call once more from the processor; (outcome for the retries counter, its answer for the client)."""
         try:
-            status, ctype, body = await self.fleet.client.raw_post(server, resend.body, headers)
+            status, ctype, body = await self.fleet.client.raw_post(server, body, headers)
         except UpstreamError as exc:
             return "unavailable", Local.error(RpcError(
                 jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}' is unavailable: {exc}",
@@ -602,6 +616,9 @@ class Gateway:
             return "refused_again", Local.error(RpcError(
                 jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}' refused the renewed credential",
                 {"server": plan.server}, status=502), MODERN, plan.client_id)
+        if status >= 400 and "json" in ctype:  # an error: the client's id, the server named (as on the first try)
+            return f"upstream_{status}", Local(status if status < 500 else 502, mapped_error(body, plan, status),
+                                               {"content-type": JSON}, details=details)
         if plan.rewrite_sse or plan.rewrite_body:
             view = self.fleet.view(plan.subject)
             if "event-stream" in ctype:
@@ -609,7 +626,33 @@ class Gateway:
             elif "json" in ctype:
                 body = rewrite_json(body, plan, view, self.server_info) or body
         outcome = "ok" if status < 400 else f"upstream_{status}"
-        return outcome, Local(status, body, {"content-type": ctype}, details="muster_edge_retried_after_401")
+        return outcome, Local(status, body, {"content-type": ctype}, details=details)
+
+    async def retry_mismatch(self, plan: ResponsePlan, resend: Resend, answer: bytes) -> Local:
+        """A 2026-07-28 upstream answered -32020 (HeaderMismatch): the Mcp-Param-* headers came from a schema it no
+        longer has. Its tools/list is fetched again now, the headers are rebuilt from the new schema, and the
+        call is sent once more (through Envoy's internal listener); the answer to that goes back as it came.
+        Without a resend, or when the fresh list no longer has the tool, the upstream's -32020 goes back."""
+        first = Local(400, mapped_error(answer, plan, 400), {"content-type": JSON},
+                      details="muster_edge_upstream_error")
+        server = self.fleet.servers.get(plan.server)
+        if server is None:
+            return first
+        snapshot = await self.fleet.refetch(plan.server, plan.subject)
+        headers = schema_retry.rebuilt_headers(resend.headers, resend.body, snapshot.tools if snapshot else ())
+        if headers is None:
+            self.metrics.inc("muster_edge_upstream_retries_total", server=plan.server, outcome="schema_gone")
+            return first
+        try:
+            credential = await self.broker.credential(server, plan.subject, resend.bearer)
+        except CredentialError as exc:
+            return Local.error(RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}': {exc.reason}",
+                                        {"server": plan.server}, status=502), MODERN, plan.client_id)
+        outcome, local = await self._post_again(plan, server, resend.body, {**headers, **credential.headers},
+                                                "muster_edge_retried_after_32020")
+        log.info("upstream %s answered -32020: tools fetched again, call resent (%s)", plan.server, outcome)
+        self.metrics.inc("muster_edge_upstream_retries_total", server=plan.server, outcome=f"schema_{outcome}")
+        return local
 
     def upstream_failed(self, plan: ResponsePlan, status: int) -> None:
         """Count a routed call the upstream failed; a 5xx also makes the fleet check that server again."""

@@ -27,6 +27,7 @@ from extproc.jsonrpc import INTERNAL_ERROR, MODERN, RpcError
 from extproc.replies import JSON, Forward, Local, ResponsePlan
 from extproc.request import Caller, Request
 from extproc.rewrite import SseRewriter, Unreadable, mapped_error, read_answer, rewrite_message
+from extproc.schema_retry import is_header_mismatch
 from extproc.upstream import ROUTE_HEADER
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ class Stream:
         self.plan: ResponsePlan | None = None
         self.sse: SseRewriter | None = None
         self.error_status = 0  # an upstream's JSON error answer whose body this stream asked for
+        self.resend: answer.Resend | None = None  # kept from the headers message for a 400 that may be -32020
 
     def log_facts(self) -> tuple[str, str, str]:
         """(request id, method, server) for the log lines written while this stream is handled."""
@@ -127,7 +129,7 @@ class Stream:
         if kind == "response_headers":
             return await self._response_headers(msg)
         if kind == "response_body":
-            return self._response_body(msg)
+            return await self._response_body(msg)
         resp = ep.ProcessingResponse()
         if kind == "request_trailers":
             resp.request_trailers.SetInParent()
@@ -233,6 +235,8 @@ class Stream:
         elif status >= 400 and "json" in ctype:  # its body follows on this stream, to be mapped
             if status >= 500:
                 self.gw.upstream_failed(plan, status)
+            if status == 400 and plan.resend_on_mismatch:  # may be -32020: what a resend needs, for the body message
+                self.resend = answer.read_resend(_strings(msg, answer.RESEND_NAMESPACE), plan, self.gw.sessions.sealer)
             self.error_status = status
             resp.response_headers.SetInParent()
             resp.mode_override.response_body_mode = pm.ProcessingMode.BUFFERED
@@ -244,7 +248,7 @@ class Stream:
     def _answer_plan(msg: ep.ProcessingRequest) -> ResponsePlan | None:
         return answer.read_plan(_strings(msg, answer.NAMESPACE))
 
-    def _response_body(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
+    async def _response_body(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
         resp = ep.ProcessingResponse()
         common = resp.response_body.response
         body = msg.response_body
@@ -267,6 +271,8 @@ class Stream:
             else:
                 common.body_mutation.clear_body = True
             return resp
+        if self.error_status == 400 and self.resend is not None and is_header_mismatch(body.body):
+            return immediate(await self._patient(self.gw.retry_mismatch(plan, self.resend, body.body)))
         if self.error_status:
             status = self.error_status if self.error_status < 500 else 502
             return immediate(Local(status, mapped_error(body.body, plan, self.error_status), {"content-type": JSON},
