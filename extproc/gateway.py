@@ -19,7 +19,7 @@ from catalog.config import GatewayConfig
 from catalog.manifests import MCPServer
 from catalog.policy import Decision, ToolFacts
 from catalog.view import Route, Target, View, restrict
-from extproc import core_tools, jsonrpc, schema_retry
+from extproc import cancellation, core_tools, jsonrpc, schema_retry
 from extproc.answer import Resend
 from extproc.credentials import Broker, CredentialError
 from extproc.edge_tools import EdgeTool, EdgeTools, ToolContext
@@ -105,6 +105,7 @@ class Gateway:
         core_tools.register_builtin(self)
         self.fleet.on_change = self._upstream_changed
         self.collisions: dict[str, list[str]] = {}
+        self.inflight = cancellation.Tracker()
 
     def _upstream_changed(self, server: MCPServer, owner: str, up: bool, why: str) -> None:
         self.events.record("MCPServer", server.name, "Connected" if up else "Failed",
@@ -562,6 +563,40 @@ class Gateway:
         plan.resend_on_mismatch = hs.era == MODERN and msg.method == "tools/call"
         return Forward(cluster_name(server_name), body, set_headers, remove, plan,
                        credential_keys=tuple(k.lower() for k in credential.headers))
+
+    # ---- cancellation -------------------------------------------------------------------------------------
+    def track(self, req: Request, fwd: Forward, close_stream: Callable[[], Awaitable[None]]
+              ) -> tuple[tuple[str, str, Any], cancellation.InFlight] | None:
+        """Remember where a handshake-era client's routed request went, so its notifications/cancelled can follow
+        it (a 2026-07-28 client cancels by closing its stream: Envoy resets the upstream request itself)."""
+        msg = req.message
+        if not req.session_nonce or msg is None or msg.id is None or fwd.plan.upstream_id is None:
+            return None
+        plan = fwd.plan
+        entry = cancellation.InFlight(plan.server, plan.upstream_id, LEGACY if plan.upstream_session_owner else MODERN,
+                                      plan.upstream_session_owner, plan.subject, close_stream)
+        return self.inflight.add(req.session_nonce.hex(), msg.id, entry), entry
+
+    async def cancel_request(self, req: Request, msg: Message) -> None:
+        """A handshake-era client's notifications/cancelled: the upstream request it names is cancelled there."""
+        request_id = cancellation.cancelled_id(msg.params)
+        entry = self.inflight.take(req.session_nonce.hex(), request_id) if req.session_nonce else None
+        if entry is None:
+            return  # finished, never routed, or on another worker: nothing to cancel here (the spec lets it pass)
+        if entry.upstream_era == MODERN:
+            log.info("client cancelled request %r: ending its stream to %s", request_id, entry.server)
+            await entry.close_stream()
+            return
+        server = self.fleet.servers.get(entry.server)
+        hs = self.fleet.pooled_session(entry.server, entry.session_owner, entry.subject)
+        if server is None or hs is None:
+            return
+        log.info("client cancelled request %r: telling %s (its id %r)", request_id, entry.server, entry.upstream_id)
+        try:
+            await self.fleet.client.notify(server, hs, "notifications/cancelled",
+                                           cancellation.upstream_params(msg.params, entry.upstream_id))
+        except Exception as exc:  # the client is not waiting for this: log it, never fail its 202
+            log.info("telling %s about a cancelled request failed: %s", entry.server, exc)
 
     def upstream_session_lost(self, plan: ResponsePlan) -> None:
         if plan.upstream_session_owner:

@@ -21,7 +21,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import json_format
 
 from catalog.policy import Claims
-from extproc import answer
+from extproc import answer, cancellation
 from extproc.gateway import Gateway
 from extproc.jsonrpc import INTERNAL_ERROR, MODERN, RpcError
 from extproc.replies import JSON, Forward, Local, ResponsePlan
@@ -113,6 +113,7 @@ class Stream:
         self.sse: SseRewriter | None = None
         self.error_status = 0  # an upstream's JSON error answer whose body this stream asked for
         self.resend: answer.Resend | None = None  # kept from the headers message for a 400 that may be -32020
+        self._tracked: tuple[tuple[str, str, Any], cancellation.InFlight] | None = None
 
     def log_facts(self) -> tuple[str, str, str]:
         """(request id, method, server) for the log lines written while this stream is handled."""
@@ -185,6 +186,7 @@ class Stream:
     def _route(self, resp: ep.ProcessingResponse, common: Any, decision: Forward) -> None:
         """Headers for the upstream, a new route, and what the answer filter will need (dynamic metadata)."""
         self.plan = decision.plan
+        self._tracked = self.gw.track(self.req, decision, self._end_cancelled)
         _set(common.header_mutation, decision.set_headers)
         common.header_mutation.remove_headers.extend(decision.remove_headers)
         common.clear_route_cache = True
@@ -193,6 +195,19 @@ class Stream:
             fields = resp.dynamic_metadata.fields[namespace].struct_value.fields
             for key, value in values.items():
                 fields[key].string_value = value
+
+    async def _end_cancelled(self) -> None:
+        """The client cancelled this request: end it with an ImmediateResponse on this (still open) stream, which
+        makes Envoy reset the upstream request; the client has stopped waiting for the answer."""
+        client_id = self.plan.client_id if self.plan is not None else None
+        await self._write(immediate(Local(200, cancellation.cancelled_body(client_id), {"content-type": JSON},
+                                          details="muster_edge_cancelled")))
+
+    def closed(self) -> None:
+        """The ext_proc stream ended (its HTTP request is over): nothing of it is left to cancel."""
+        if self._tracked is not None:
+            self.gw.inflight.done(*self._tracked)
+            self._tracked = None
 
     async def _response_headers(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
         resp = ep.ProcessingResponse()

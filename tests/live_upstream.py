@@ -38,6 +38,7 @@ class LiveUpstream:
     modern_only: bool = False  # refuse `initialize` (-32022): a 2026-07-28-only server
     started: dict[str, threading.Event] = field(default_factory=dict)
     cancelled: dict[str, threading.Event] = field(default_factory=dict)
+    finished: dict[str, threading.Event] = field(default_factory=dict)
     notifications: list[dict[str, Any]] = field(default_factory=list)
 
     def calls(self, tool: str) -> list[Seen]:
@@ -48,7 +49,7 @@ class LiveUpstream:
         return [str(s.body.get("method")) for s in self.seen if isinstance(s.body, dict)]
 
     def event(self, kind: str, label: str) -> threading.Event:
-        table = self.started if kind == "started" else self.cancelled
+        table = {"started": self.started, "cancelled": self.cancelled, "finished": self.finished}[kind]
         return table.setdefault(label, threading.Event())
 
 
@@ -128,14 +129,15 @@ def build(name: str, *, modern_only: bool = False) -> LiveUpstream:
         return {"region": region}
 
     @server.tool()
-    async def wait(label: str) -> str:
-        """Run until cancelled."""
+    async def wait(label: str, seconds: float = 30) -> str:
+        """Run until cancelled (or `seconds` pass)."""
         live.event("started", label).set()
         try:
-            await asyncio.sleep(30)
+            await asyncio.sleep(seconds)
         except asyncio.CancelledError:
             live.event("cancelled", label).set()
             raise
+        live.event("finished", label).set()
         return "finished"
 
     return live

@@ -7,13 +7,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 
 from tests.e2e.conftest import MODES, connect
@@ -86,3 +89,107 @@ async def test_an_upstream_that_keeps_answering_32020_gets_one_retry_only(shifty
     # one try and one resend per client attempt (a 2026-07-28 SDK client itself retries a -32020 once: two attempts)
     attempts = 2 if mode == "2026-07-28" else 1
     assert len(live.calls("lookup")) - before == 2 * attempts
+
+
+# ---- cancellation ---------------------------------------------------------------------------------------------
+HANDSHAKE = "2025-11-25"
+BASE = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+
+
+@pytest.fixture
+def waiting(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Setup]:
+    """An upstream with the long-running tool `wait`: dual era, or 2026-07-28 only (param "modern-only")."""
+    modern_only = getattr(request, "param", "") == "modern-only"
+    with contextlib.ExitStack() as stack:
+        live = stack.enter_context(serve(build("waiter", modern_only=modern_only)))
+        gateway = stack.enter_context(start_gateway(tmp_path / "gw", {"waiter": live.url}))
+        yield Setup(gateway, live)
+
+
+async def legacy_session(http: httpx2.AsyncClient, url: str) -> dict[str, str]:
+    """A handshake-era session opened by hand (initialize, initialized): the headers its requests carry."""
+    init = await http.post(url, headers=BASE, json={"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": HANDSHAKE, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}})
+    assert init.status_code == 200, init.text
+    headers = {**BASE, "mcp-protocol-version": HANDSHAKE, "mcp-session-id": init.headers["mcp-session-id"]}
+    sent = await http.post(url, headers=headers, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+    assert sent.status_code == 202
+    return headers
+
+
+def call(request_id: int, label: str, seconds: float = 30) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request_id, "method": "tools/call",
+            "params": {"name": "x_waiter_wait", "arguments": {"label": label, "seconds": seconds}}}
+
+
+async def event_set(event: threading.Event, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while not event.is_set() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return event.is_set()
+
+
+@pytest.mark.parametrize("waiting", ["dual", "modern-only"], indirect=True)
+async def test_a_handshake_era_cancel_reaches_the_upstream(waiting: Setup) -> None:
+    """The client keeps its POST open and sends notifications/cancelled: a handshake-era upstream session gets
+    the cancel (with the id it saw); a 2026-07-28 upstream gets its stream closed. Either way the upstream's
+    handler is cancelled, and the original POST is answered at once (-32800)."""
+    live, url = waiting.live, waiting.gateway.url
+    async with httpx2.AsyncClient(timeout=20) as http:
+        headers = await legacy_session(http, url)
+        pending = asyncio.create_task(http.post(url, headers=headers, json=call(7, "cancel-me")))
+        assert await event_set(live.event("started", "cancel-me")), "the call never reached the upstream"
+        sent = await http.post(url, headers=headers, json={"jsonrpc": "2.0", "method": "notifications/cancelled",
+                                                           "params": {"requestId": 7, "reason": "user stop"}})
+        assert sent.status_code == 202
+        assert await event_set(live.event("cancelled", "cancel-me")), "the upstream never saw the cancel"
+        answer = await asyncio.wait_for(pending, 10)
+    cancels = [n for n in live.notifications if n["method"] == "notifications/cancelled"]
+    if waiting.live.modern_only:
+        assert cancels == []  # nothing to notify on the 2026-07-28 wire: its stream was closed
+        assert answer.json()["error"]["code"] == -32800 and answer.json()["id"] == 7
+    else:
+        assert cancels == [{"jsonrpc": "2.0", "method": "notifications/cancelled",
+                            "params": {"requestId": 7, "reason": "user stop"}}]
+    assert not live.event("finished", "cancel-me").is_set()
+
+
+async def test_a_cancel_for_an_unknown_or_finished_request_is_accepted_and_goes_nowhere(waiting: Setup) -> None:
+    live, url = waiting.live, waiting.gateway.url
+    async with httpx2.AsyncClient(timeout=20) as http:
+        headers = await legacy_session(http, url)
+        done = await http.post(url, headers=headers, json=call(3, "quick", 0))
+        assert "finished" in done.text
+        for rid in (3, 99):
+            sent = await http.post(url, headers=headers, json={"jsonrpc": "2.0", "method": "notifications/cancelled",
+                                                               "params": {"requestId": rid}})
+            assert sent.status_code == 202
+    assert [n for n in live.notifications if n["method"] == "notifications/cancelled"] == []
+
+
+async def test_a_2026_client_disconnect_cancels_the_upstream_request(waiting: Setup) -> None:
+    """Closing the stream is a 2026-07-28 client's cancel: the SDK client aborts its POST when its call is
+    cancelled, Envoy resets the upstream request, and the upstream's handler is cancelled."""
+    live = waiting.live
+    async with connect(waiting.gateway.url, "2026-07-28") as client:
+        task = asyncio.create_task(client.call_tool("x_waiter_wait", {"label": "modern"}))
+        assert await event_set(live.event("started", "modern"))
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert await event_set(live.event("cancelled", "modern")), "the upstream never saw the disconnect"
+
+
+async def test_a_handshake_era_client_disconnect_does_not_cancel(waiting: Setup) -> None:
+    """In the handshake era a dropped connection is not a cancel (the spec keeps the request alive): the
+    upstream's handler runs to its end."""
+    live, url = waiting.live, waiting.gateway.url
+    async with httpx2.AsyncClient(timeout=20) as http:
+        headers = await legacy_session(http, url)
+        pending = asyncio.create_task(http.post(url, headers=headers, json=call(5, "dropped", 1.5)))
+        assert await event_set(live.event("started", "dropped"))
+        pending.cancel()  # the client goes away mid-call
+        with contextlib.suppress(asyncio.CancelledError):
+            await pending
+    assert await event_set(live.event("finished", "dropped"), 10), "the upstream request did not stay alive"
+    assert not live.event("cancelled", "dropped").is_set()
