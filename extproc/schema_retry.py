@@ -29,6 +29,12 @@ def is_header_mismatch(body: bytes) -> bool:
     return isinstance(error, dict) and error.get("code") == HEADER_MISMATCH
 
 
+def param_headers_for(tools: Iterable[Mapping[str, Any]], name: str, arguments: Mapping[str, Any]) -> dict[str, str]:
+    """The Mcp-Param-* headers of a tools/call of `name`, from that tool's schema in `tools` (none if absent)."""
+    tool = next((t for t in tools if t.get("name") == name), None)
+    return param_headers(header_map(tool.get("inputSchema")), arguments) if tool is not None else {}
+
+
 def rebuilt_headers(headers: Mapping[str, str], body: bytes,
                     tools: Iterable[Mapping[str, Any]]) -> dict[str, str] | None:
     """`headers` with every Mcp-Param-* derived again from the schema the upstream's fresh `tools` list gives the
@@ -44,9 +50,9 @@ def rebuilt_headers(headers: Mapping[str, str], body: bytes,
     arguments = params.get("arguments")
     if not isinstance(arguments, dict):
         arguments = {}
-    tool = next((t for t in tools if t.get("name") == params["name"]), None)
-    if tool is None:
+    tools = list(tools)
+    if not any(t.get("name") == params["name"] for t in tools):
         return None
     out = {k: v for k, v in headers.items() if not k.lower().startswith(PARAM_PREFIX)}
-    out.update(param_headers(header_map(tool.get("inputSchema")), arguments))
+    out.update(param_headers_for(tools, params["name"], arguments))
     return out

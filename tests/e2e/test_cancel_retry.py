@@ -91,6 +91,23 @@ async def test_an_upstream_that_keeps_answering_32020_gets_one_retry_only(shifty
     assert len(live.calls("lookup")) - before == 2 * attempts
 
 
+async def test_the_processors_own_calls_send_mcp_param_headers_and_resend_once_after_32020(tmp_path: Path) -> None:
+    """call_tool (meta mode) and workflow steps reach the upstream from the processor: the same headers from the
+    upstream's schema, and the same single refetch-and-resend when that schema changed."""
+    with serve(build("shifty", modern_only=True)) as live, \
+            start_gateway(tmp_path / "gw", {"shifty": live.url}, listTtlFloorMs=600_000, toolMode="both") as gw:
+        async with connect(gw.url, "2026-07-28") as client:
+            await client.list_tools()
+            mirror_region(live)
+            before = len(live.seen)
+            wrapped = await client.call_tool("call_tool", {"name": LOOKUP, "arguments": {"region": "us"}})
+            again = await client.call_tool("call_tool", {"name": LOOKUP, "arguments": {"region": "ap"}})
+    assert not wrapped.is_error and wrapped.structured_content == {"region": "us"}, wrapped
+    assert not again.is_error and again.structured_content == {"region": "ap"}
+    calls = [s for s in live.seen[before:] if s.body and s.body.get("method") == "tools/call"]
+    assert [(c.status, c.headers.get("mcp-param-region")) for c in calls] == [(400, None), (200, "us"), (200, "ap")]
+
+
 # ---- cancellation ---------------------------------------------------------------------------------------------
 HANDSHAKE = "2025-11-25"
 BASE = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
