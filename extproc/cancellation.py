@@ -10,6 +10,12 @@ upstream each in-flight routed request of a handshake-era client went to, under 
   ends the original request with an ImmediateResponse on that request's still open ext_proc stream, and Envoy
   resets the upstream request (measured on Envoy 1.40: the upstream sees the disconnect).
 
+A 2026-07-28 client on a handshake-era upstream (one upstream session per caller, ids renumbered) cancels by
+closing its stream too, which that upstream does not read as a cancel: when the request's ext_proc stream ends
+before its answer was seen complete, the upstream gets `notifications/cancelled` with the gateway's id. (Every
+such answer passes an answer filter, which marks it complete; one whose answer filter ran on another worker
+looks unanswered here and gets a cancel for a finished request, which the spec tells the upstream to ignore.)
+
 What arrives here does not depend on how many ext_proc messages a request took: a request is tracked when its
 route is decided, and forgotten when its ext_proc stream ends.
 """
@@ -28,6 +34,7 @@ from extproc import jsonrpc
 log = logging.getLogger(__name__)
 
 MAX_TRACKED = 20_000
+ANSWER_GRACE_S = 0.25  # how long after a request stream ends its answer may still be marked complete
 CANCELLED = -32800  # JSON-RPC's "request cancelled" (LSP), outside the range MCP reserves
 
 
@@ -69,6 +76,19 @@ class Tracker:
 
     def __len__(self) -> int:
         return len(self._live)
+
+
+class Answers:
+    """Answers seen complete, by (server, upstream session owner, upstream id); bounded, each read once."""
+
+    def __init__(self, maxsize: int = MAX_TRACKED) -> None:
+        self._seen: LRUCache[tuple[str, str, Any], bool] = LRUCache(maxsize=maxsize)
+
+    def seen(self, server: str, owner: str, upstream_id: Any) -> None:
+        self._seen[(server, owner, upstream_id)] = True
+
+    def was_seen(self, server: str, owner: str, upstream_id: Any) -> bool:
+        return self._seen.pop((server, owner, upstream_id), False)
 
 
 def cancelled_id(params: dict[str, Any]) -> Any:

@@ -106,6 +106,8 @@ class Gateway:
         self.fleet.on_change = self._upstream_changed
         self.collisions: dict[str, list[str]] = {}
         self.inflight = cancellation.Tracker()
+        self.answers = cancellation.Answers()
+        self._cancels: set[asyncio.Task[None]] = set()
 
     def _upstream_changed(self, server: MCPServer, owner: str, up: bool, why: str) -> None:
         self.events.record("MCPServer", server.name, "Connected" if up else "Failed",
@@ -577,6 +579,43 @@ class Gateway:
                                       plan.upstream_session_owner, plan.subject, close_stream)
         return self.inflight.add(req.session_nonce.hex(), msg.id, entry), entry
 
+    @staticmethod
+    def watches_disconnect(plan: ResponsePlan) -> bool:
+        """A 2026-07-28 client's call on a shared handshake-era upstream session: its disconnect is its cancel, and
+        that upstream must be told (it does not read a closed connection as one)."""
+        return plan.restore_id and plan.modern_client and bool(plan.upstream_session_owner)
+
+    def answer_complete(self, plan: ResponsePlan) -> None:
+        """An answer filter saw this call's answer complete (only watched calls are remembered)."""
+        if self.watches_disconnect(plan):
+            self.answers.seen(plan.server, plan.upstream_session_owner, plan.upstream_id)
+
+    def request_ended(self, plan: ResponsePlan) -> None:
+        """A watched call's request stream ended: without its answer seen, the client closed its stream. Looked at
+        a moment later: the answer filter's stream and this one end at about the same time."""
+        asyncio.get_running_loop().call_later(cancellation.ANSWER_GRACE_S, self._ended_unanswered, plan)
+
+    def _ended_unanswered(self, plan: ResponsePlan) -> None:
+        if self.answers.was_seen(plan.server, plan.upstream_session_owner, plan.upstream_id):
+            return
+        params = {"requestId": plan.upstream_id, "reason": "the client closed its stream"}
+        task = asyncio.get_running_loop().create_task(
+            self._tell_cancelled(plan.server, plan.upstream_session_owner, plan.subject, params))
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def _tell_cancelled(self, server_name: str, owner: str, subject: str, params: dict[str, Any]) -> None:
+        """notifications/cancelled to a handshake-era upstream, on the session the request went on."""
+        server = self.fleet.servers.get(server_name)
+        hs = self.fleet.pooled_session(server_name, owner, subject)
+        if server is None or hs is None:
+            return
+        log.info("request %r to %s cancelled: telling it", params["requestId"], server_name)
+        try:
+            await self.fleet.client.notify(server, hs, "notifications/cancelled", params)
+        except Exception as exc:  # nobody waits for this: log it
+            log.info("telling %s about a cancelled request failed: %s", server_name, exc)
+
     async def cancel_request(self, req: Request, msg: Message) -> None:
         """A handshake-era client's notifications/cancelled: the upstream request it names is cancelled there."""
         request_id = cancellation.cancelled_id(msg.params)
@@ -587,16 +626,8 @@ class Gateway:
             log.info("client cancelled request %r: ending its stream to %s", request_id, entry.server)
             await entry.close_stream()
             return
-        server = self.fleet.servers.get(entry.server)
-        hs = self.fleet.pooled_session(entry.server, entry.session_owner, entry.subject)
-        if server is None or hs is None:
-            return
-        log.info("client cancelled request %r: telling %s (its id %r)", request_id, entry.server, entry.upstream_id)
-        try:
-            await self.fleet.client.notify(server, hs, "notifications/cancelled",
-                                           cancellation.upstream_params(msg.params, entry.upstream_id))
-        except Exception as exc:  # the client is not waiting for this: log it, never fail its 202
-            log.info("telling %s about a cancelled request failed: %s", entry.server, exc)
+        await self._tell_cancelled(entry.server, entry.session_owner, entry.subject,
+                                   cancellation.upstream_params(msg.params, entry.upstream_id))
 
     def upstream_session_lost(self, plan: ResponsePlan) -> None:
         if plan.upstream_session_owner:

@@ -114,6 +114,7 @@ class Stream:
         self.error_status = 0  # an upstream's JSON error answer whose body this stream asked for
         self.resend: answer.Resend | None = None  # kept from the headers message for a 400 that may be -32020
         self._tracked: tuple[tuple[str, str, Any], cancellation.InFlight] | None = None
+        self._watched: ResponsePlan | None = None  # a call whose client's disconnect must reach the upstream
 
     def log_facts(self) -> tuple[str, str, str]:
         """(request id, method, server) for the log lines written while this stream is handled."""
@@ -187,6 +188,7 @@ class Stream:
         """Headers for the upstream, a new route, and what the answer filter will need (dynamic metadata)."""
         self.plan = decision.plan
         self._tracked = self.gw.track(self.req, decision, self._end_cancelled)
+        self._watched = decision.plan if self.gw.watches_disconnect(decision.plan) else None
         _set(common.header_mutation, decision.set_headers)
         common.header_mutation.remove_headers.extend(decision.remove_headers)
         common.clear_route_cache = True
@@ -208,6 +210,9 @@ class Stream:
         if self._tracked is not None:
             self.gw.inflight.done(*self._tracked)
             self._tracked = None
+        if self._watched is not None:
+            self.gw.request_ended(self._watched)
+            self._watched = None
 
     async def _response_headers(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
         resp = ep.ProcessingResponse()
@@ -223,6 +228,7 @@ class Stream:
         headers = dict(_pairs(msg.response_headers.headers))
         status = int(headers.get(":status", "200"))
         ctype = headers.get("content-type", "")
+        self.gw.answer_complete(plan)  # this filter's cases all end the answer here (or with its buffered body)
         if status == 401 and plan.renewable:
             resend = answer.read_resend(_strings(msg, answer.RESEND_NAMESPACE), plan, self.gw.sessions.sealer)
             if resend is None:  # never the upstream's own 401 to the client
@@ -280,12 +286,15 @@ class Stream:
             resp.response_body.SetInParent()
             return resp
         if self.sse is not None:
+            if body.end_of_stream:
+                self.gw.answer_complete(plan)
             out = self.sse.feed(body.body, body.end_of_stream)
             if out:
                 common.body_mutation.body = out
             else:
                 common.body_mutation.clear_body = True
             return resp
+        self.gw.answer_complete(plan)  # a whole (BUFFERED) body
         if self.error_status == 400 and self.resend is not None and is_header_mismatch(body.body):
             return immediate(await self._patient(self.gw.retry_mismatch(plan, self.resend, body.body)))
         if self.error_status:

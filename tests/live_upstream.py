@@ -36,6 +36,7 @@ class LiveUpstream:
     seen: list[Seen] = field(default_factory=list)
     always_mismatch: bool = False  # answer every tools/call with -32020, whatever its headers
     modern_only: bool = False  # refuse `initialize` (-32022): a 2026-07-28-only server
+    legacy_only: bool = False  # refuse the 2026-07-28 wire (as demo servers with --era legacy): handshake era only
     started: dict[str, threading.Event] = field(default_factory=dict)
     cancelled: dict[str, threading.Event] = field(default_factory=dict)
     finished: dict[str, threading.Event] = field(default_factory=dict)
@@ -87,6 +88,11 @@ class _Recorder:
         elif self.live.modern_only and method == "initialize":
             refuse = {"code": -32022, "message": "Unsupported protocol version",
                       "data": {"supported": ["2026-07-28"], "requested": body["params"].get("protocolVersion")}}
+        if self.live.legacy_only and headers.get("mcp-protocol-version") == "2026-07-28":
+            seen.status = 400
+            await send({"type": "http.response.start", "status": 400, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"Bad Request: Unsupported protocol version"})
+            return
         if refuse is not None:
             payload = json.dumps({"jsonrpc": "2.0", "id": body.get("id"), "error": refuse}).encode()
             seen.status = 400
@@ -117,11 +123,11 @@ class _ThreadServer(uvicorn.Server):
         yield  # not the main thread: the test's own signal handling stays as it is
 
 
-def build(name: str, *, modern_only: bool = False) -> LiveUpstream:
+def build(name: str, *, modern_only: bool = False, legacy_only: bool = False) -> LiveUpstream:
     """A server with `lookup(region)` (its schema is changed by tests) and `wait(label)`, which runs until it is
     cancelled (or 30 s pass) and says when it started and when it was cancelled."""
     server = MCPServer(name, version="0.1.0")
-    live = LiveUpstream(server, modern_only=modern_only)
+    live = LiveUpstream(server, modern_only=modern_only, legacy_only=legacy_only)
 
     @server.tool()
     def lookup(region: str) -> dict[str, Any]:

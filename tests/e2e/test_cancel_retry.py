@@ -115,10 +115,12 @@ BASE = {"accept": "application/json, text/event-stream", "content-type": "applic
 
 @pytest.fixture
 def waiting(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Setup]:
-    """An upstream with the long-running tool `wait`: dual era, or 2026-07-28 only (param "modern-only")."""
-    modern_only = getattr(request, "param", "") == "modern-only"
+    """An upstream with the long-running tool `wait`: dual era, 2026-07-28 only (param "modern-only") or
+    handshake era only ("legacy-only")."""
+    era = getattr(request, "param", "")
     with contextlib.ExitStack() as stack:
-        live = stack.enter_context(serve(build("waiter", modern_only=modern_only)))
+        live = stack.enter_context(serve(build("waiter", modern_only=era == "modern-only",
+                                               legacy_only=era == "legacy-only")))
         gateway = stack.enter_context(start_gateway(tmp_path / "gw", {"waiter": live.url}))
         yield Setup(gateway, live)
 
@@ -210,3 +212,23 @@ async def test_a_handshake_era_client_disconnect_does_not_cancel(waiting: Setup)
             await pending
     assert await event_set(live.event("finished", "dropped"), 10), "the upstream request did not stay alive"
     assert not live.event("cancelled", "dropped").is_set()
+
+
+@pytest.mark.parametrize("waiting", ["legacy-only"], indirect=True)
+async def test_a_2026_client_disconnect_reaches_a_handshake_era_upstream_as_a_cancel(waiting: Setup) -> None:
+    """A handshake-era upstream does not read a closed connection as a cancel: when the 2026-07-28 client's
+    request ends without its answer, the gateway sends notifications/cancelled on the shared upstream session,
+    with the id the gateway gave the request there. A call that was answered gets no cancel."""
+    live = waiting.live
+    async with connect(waiting.gateway.url, "2026-07-28") as client:
+        done = await client.call_tool("x_waiter_wait", {"label": "quick", "seconds": 0})
+        assert done.content[0].text == "finished"  # type: ignore[union-attr]
+        task = asyncio.create_task(client.call_tool("x_waiter_wait", {"label": "legacy-upstream"}))
+        assert await event_set(live.event("started", "legacy-upstream"))
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert await event_set(live.event("cancelled", "legacy-upstream")), "the upstream never saw the cancel"
+    sent_id = live.calls("wait")[-1].body["id"]
+    cancels = [n["params"] for n in live.notifications if n["method"] == "notifications/cancelled"]
+    assert cancels == [{"requestId": sent_id, "reason": "the client closed its stream"}]
