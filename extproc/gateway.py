@@ -624,7 +624,10 @@ class Gateway:
             return  # finished, never routed, or on another worker: nothing to cancel here (the spec lets it pass)
         if entry.upstream_era == MODERN:
             log.info("client cancelled request %r: ending its stream to %s", request_id, entry.server)
-            await entry.close_stream()
+            try:
+                await entry.close_stream()
+            except Exception as exc:  # the request ended meanwhile: nothing left to cancel
+                log.info("ending a cancelled request's stream failed: %s", exc)
             return
         await self._tell_cancelled(entry.server, entry.session_owner, entry.subject,
                                    cancellation.upstream_params(msg.params, entry.upstream_id))

@@ -295,8 +295,12 @@ class Stream:
                 common.body_mutation.clear_body = True
             return resp
         self.gw.answer_complete(plan)  # a whole (BUFFERED) body
-        if self.error_status == 400 and self.resend is not None and is_header_mismatch(body.body):
-            return immediate(await self._patient(self.gw.retry_mismatch(plan, self.resend, body.body)))
+        if self.error_status == 400 and plan.resend_on_mismatch:
+            if self.resend is not None and is_header_mismatch(body.body):
+                return immediate(await self._patient(self.gw.retry_mismatch(plan, self.resend, body.body)))
+            if not plan.rewrite_body:  # asked for only in case it was -32020: any other 400 goes on as it came
+                resp.response_body.SetInParent()
+                return resp
         if self.error_status:
             status = self.error_status if self.error_status < 500 else 502
             return immediate(Local(status, mapped_error(body.body, plan, self.error_status), {"content-type": JSON},
