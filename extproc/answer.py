@@ -28,7 +28,8 @@ ON_401 = "on401"
 ON_404 = "on404"
 ON_SSE = "sse"
 ON_JSON = "json"
-FLAGS = (ON_401, ON_404, ON_SSE, ON_JSON)
+ON_MISMATCH = "on32020"  # a 400 JSON answer may be -32020: refetch the upstream's tools, rebuild Mcp-Param-*, resend
+FLAGS = (ON_401, ON_404, ON_SSE, ON_JSON, ON_MISMATCH)
 _RESEND_AAD = b"muster-edge resend v1|"
 # Written by the processor itself, never by a client; Envoy's request body limit bounds what it holds.
 _MAX_RESEND_TOKEN = 1 << 30
@@ -42,7 +43,8 @@ class UnreadableAnswerContext(Exception):
 
 @dataclass(frozen=True)
 class Resend:
-    """What sending a call once more after a 401 needs: the upstream body and headers (credential left out)."""
+    """What sending a call once more needs (after a 401, or an upstream's -32020): the upstream body and headers
+    (credential left out)."""
 
     body: bytes
     headers: dict[str, str]
@@ -59,8 +61,11 @@ def metadata(fwd: Forward, resend: Resend | None, sealer: Sealer) -> dict[str, d
     out = {"server": plan.server, "rpc_id": orjson.dumps(plan.client_id).decode(),
            "plan": orjson.dumps({name: getattr(plan, name) for name in _PLAN_TYPES}).decode()}
     sealed: dict[str, str] = {}
-    if plan.renewable and resend is not None:
-        out[ON_401] = "1"
+    if resend is not None:
+        if plan.renewable:
+            out[ON_401] = "1"
+        if plan.resend_on_mismatch:
+            out[ON_MISMATCH] = "1"
         payload = orjson.dumps({"b": base64.b64encode(resend.body).decode(), "h": resend.headers, "t": resend.bearer})
         sealed["resend"] = sealer.seal(payload, _aad(plan))
     if plan.upstream_session_owner:

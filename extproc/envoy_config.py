@@ -214,7 +214,7 @@ ANSWER_CASES: dict[str, dict[str, Any]] = {
     # decided on the status and headers: every routed 401 (a renewable credential is renewed and the call resent;
     # any other never reaches the client with the upstream's own WWW-Authenticate), a lost upstream session, an
     # upstream failure, an answer that cannot be MCP (no JSON or SSE content type, an empty 2xx), an error whose id
-    # must be mapped back (its body then follows on the same stream)
+    # must be mapped back (its body then follows on the same stream), a 2026-07-28 upstream's -32020
     "status": _any(
         _all(_ROUTED, _status("401")),
         _all(_metadata_is(answer.ON_404, _FLAG), _status("404")),
@@ -222,6 +222,9 @@ ANSWER_CASES: dict[str, dict[str, Any]] = {
         _all(_ROUTED, _ASKED, _NOT_202, _not(_READABLE)),
         _all(_ROUTED, _ASKED, _status_class("2xx"), _NOT_202, _empty_body()),
         _all(_metadata_is(answer.ON_JSON, _FLAG), _status_class("4xx"), _content_type("json")),
+        # a 2026-07-28 tools/call answered 400 JSON: if it is -32020 (HeaderMismatch), the upstream's tools are
+        # fetched again, Mcp-Param-* rebuilt from the new schema and the call resent once (its body follows)
+        _all(_metadata_is(answer.ON_MISMATCH, _FLAG), _status("400"), _content_type("json")),
     ),
     # a JSON answer to rewrite and check: the whole body in one message, no headers message
     "json": _all(_metadata_is(answer.ON_JSON, _FLAG), _status_class("2xx"), _content_type("json"),
@@ -346,6 +349,8 @@ def routes(config: GatewayConfig, servers: Sequence[MCPServer] = ()) -> list[dic
     shared); the MCP path."""
     not_routed = ('{"jsonrpc":"2.0","id":null,"error":{"code":-32603,'
                   '"message":"muster-edge: the request was not routed"}}')
+    not_found = ('{"jsonrpc":"2.0","id":null,"error":{"code":-32600,'
+                 f'"message":{json.dumps("Not Found: the MCP endpoint is " + config.path)}}}}}')
     prm: list[dict[str, Any]] = []
     if config.auth is not None:
         body = json.dumps(protected_resource_metadata(config), separators=(",", ":"))
@@ -375,7 +380,8 @@ def routes(config: GatewayConfig, servers: Sequence[MCPServer] = ()) -> list[dic
         {
             "name": "muster_edge_not_found",
             "match": {"prefix": "/"},
-            "direct_response": {"status": 404, "body": {"inline_string": "not found\n"}},
+            "direct_response": {"status": 404, "body": {"inline_string": not_found}},
+            "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
             "typed_per_filter_config": _no_ext_proc(),
         },
     ]
@@ -553,9 +559,15 @@ def local_replies(config: GatewayConfig) -> dict[str, Any]:
         "op": "EQ", "value": {"default_value": 401, "runtime_key": "muster_edge.unauthorized"}}}}
     has_token = {"header_filter": {"header": {"name": "authorization", "present_match": True}}}
 
+    # jwt_authn's own 401 is plain text: a JSON-RPC error says why in a form every MCP client shows
+    body = {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message":
+            "Unauthorized: this gateway needs a valid bearer token issued for it (%RESPONSE_CODE_DETAILS%)",
+            "data": {"status": 401, "details": "%RESPONSE_CODE_DETAILS%"}}}
+
     def mapper(value: str, when: dict[str, Any]) -> dict[str, Any]:
         return {"filter": when, "headers_to_add": [{"header": {"key": "www-authenticate", "value": value},
-                                                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}
+                                                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+                "body_format_override": {"json_format": body, "content_type": "application/json"}}
 
     invalid = f'Bearer error="invalid_token", {challenge[len("Bearer "):]}'
     return {"mappers": [*public_reply_mappers(),

@@ -485,6 +485,18 @@ class Fleet:
         return view
 
     # ---- upstream sessions for routed calls --------------------------------------------------------------
+    async def refetch(self, name: str, subject: str = "") -> UpstreamSnapshot | None:
+        """Fetch one upstream's lists again now and return them (None if that failed): its answer said the schema
+        the gateway holds is stale (-32020). A refresh already under way may predate the change: one more runs."""
+        state = self.state_for(name, subject)
+        running = state.refreshing
+        if running is not None and not running.done():
+            await asyncio.shield(running)
+        state.expires_at = 0.0
+        await asyncio.shield(self._schedule(state))
+        snap = state.snapshot
+        return snap if snap is not None and snap.ok else None
+
     def state_for(self, name: str, subject: str = "") -> UpstreamState:
         server = self.servers[name]
         if self.per_user(server):

@@ -20,7 +20,7 @@ from catalog.config import GatewayConfig
 from catalog.manifests import MCPServer
 from catalog.policy import Decision, ToolFacts
 from catalog.view import Route, Target, View, restrict
-from extproc import core_tools, jsonrpc, tracing
+from extproc import cancellation, core_tools, jsonrpc, schema_retry, tracing
 from extproc.answer import Resend
 from extproc.continuity import Continuity, state_key
 from extproc.credentials import Broker, CredentialError
@@ -34,7 +34,14 @@ from extproc.metrics import Metrics
 from extproc.peers import Peers
 from extproc.replies import JSON, Forward, Local, ResponsePlan
 from extproc.request import Request
-from extproc.rewrite import SseRewriter, invalid_answer, original_request_id, rewrite_json, split_namespaced
+from extproc.rewrite import (
+    SseRewriter,
+    invalid_answer,
+    mapped_error,
+    original_request_id,
+    rewrite_json,
+    split_namespaced,
+)
 from extproc.sessions import Cursors, Sessions
 from extproc.upstream import CLIENT_INFO, REPEATABLE, RETRY_HEADER, ROUTE_HEADER, UpstreamError, cluster_name
 from extproc.upstream_sessions import SessionCapReached
@@ -102,6 +109,9 @@ class Gateway:
         core_tools.register_builtin(self)
         self.fleet.on_change = self._upstream_changed
         self.collisions: dict[str, list[str]] = {}
+        self.inflight = cancellation.Tracker()
+        self.answers = cancellation.Answers()
+        self._cancels: set[asyncio.Task[None]] = set()
 
     def _upstream_changed(self, server: MCPServer, owner: str, up: bool, why: str) -> None:
         self.events.record("MCPServer", server.name, "Connected" if up else "Failed",
@@ -232,7 +242,11 @@ class Gateway:
             if "authorization" in req.headers:
                 why = req.caller.auth_error.replace('"', "'") or "invalid token"
                 challenge = f'error="invalid_token", error_description="{why}", {challenge}'
-            return Local(401, b"", {"www-authenticate": f"Bearer {challenge}"}, details="muster_edge_unauthorized")
+            refused = Local.error(RpcError(INVALID_REQUEST, "Unauthorized: this gateway needs a valid bearer token "
+                                           "issued for it", status=401), MODERN)
+            refused.headers["www-authenticate"] = f"Bearer {challenge}"
+            refused.details = "muster_edge_unauthorized"
+            return refused
         missing = [s for s in auth.required_scopes if s not in req.caller.claims.scopes]
         if missing:
             challenge = (f'Bearer error="insufficient_scope", scope="{" ".join(auth.required_scopes)}", '
@@ -248,7 +262,7 @@ class Gateway:
         if oauth is not None and req.path.split("?", 1)[0] == oauth.callback_path:
             return await auth.callback(self, req)
         if req.path.split("?", 1)[0] != self.config.path:
-            return Local(404, b"not found\n", {"content-type": "text/plain"}, details="muster_edge_no_such_path")
+            return self._refusal(404, f"Not Found: the MCP endpoint is {self.config.path}", "muster_edge_no_such_path")
         refused = self._authorized(req)
         if refused is not None:
             return refused
@@ -281,7 +295,17 @@ class Gateway:
             return await self._end_session(req)
         if method == "GET" and "last-event-id" in req.headers and "mcp-session-id" in req.headers:
             return await self._resume(req)
-        return Local(405, b"", {"allow": "POST, DELETE"}, details="muster_edge_method_not_allowed")
+        refused = self._refusal(405, f"Method Not Allowed: {method} (use POST; DELETE ends a session)",
+                                "muster_edge_method_not_allowed")
+        refused.headers["allow"] = "POST, DELETE"
+        return refused
+
+    @staticmethod
+    def _refusal(status: int, message: str, details: str) -> Local:
+        """An HTTP refusal that says why as a JSON-RPC error (id null: no message was read), so a client shows it."""
+        local = Local.error(RpcError(INVALID_REQUEST, message, status=status), MODERN)
+        local.details = details
+        return local
 
     async def _resume(self, req: Request) -> Local | Forward:
         """A legacy client resuming an SSE stream: the event id names the upstream session to resume on (held
@@ -621,6 +645,7 @@ class Gateway:
             renewable=credential.kind in ("exchanged", "oauth"), subject=req.caller.subject, upstream_id=upstream_id,
         )
         plan.rewrite_body = shared_session or map_uris or (msg.era == MODERN and hs.era == LEGACY)
+        plan.resend_on_mismatch = hs.era == MODERN and msg.method == "tools/call"
         return Forward(cluster_name(server_name), body, set_headers, remove, plan,
                        credential_keys=tuple(k.lower() for k in credential.headers))
 
@@ -641,10 +666,76 @@ class Gateway:
 
     def lost_here(self, server: str, owner: str, subject: str) -> None:
         self.fleet.forget_session(server, owner, subject)
+    # ---- cancellation -------------------------------------------------------------------------------------
+    def track(self, req: Request, fwd: Forward, close_stream: Callable[[], Awaitable[None]]
+              ) -> tuple[tuple[str, str, Any], cancellation.InFlight] | None:
+        """Remember where a handshake-era client's routed request went, so its notifications/cancelled can follow
+        it (a 2026-07-28 client cancels by closing its stream: Envoy resets the upstream request itself)."""
+        msg = req.message
+        if not req.session_nonce or msg is None or msg.id is None or fwd.plan.upstream_id is None:
+            return None
+        plan = fwd.plan
+        entry = cancellation.InFlight(plan.server, plan.upstream_id, LEGACY if plan.upstream_session_owner else MODERN,
+                                      plan.upstream_session_owner, plan.subject, close_stream)
+        return self.inflight.add(req.session_nonce.hex(), msg.id, entry), entry
+
+    @staticmethod
+    def watches_disconnect(plan: ResponsePlan) -> bool:
+        """A 2026-07-28 client's call on a shared handshake-era upstream session: its disconnect is its cancel, and
+        that upstream must be told (it does not read a closed connection as one)."""
+        return plan.restore_id and plan.modern_client and bool(plan.upstream_session_owner)
+
+    def answer_complete(self, plan: ResponsePlan) -> None:
+        """An answer filter saw this call's answer complete (only watched calls are remembered)."""
+        if self.watches_disconnect(plan):
+            self.answers.seen(plan.server, plan.upstream_session_owner, plan.upstream_id)
+
+    def request_ended(self, plan: ResponsePlan) -> None:
+        """A watched call's request stream ended: without its answer seen, the client closed its stream. Looked at
+        a moment later: the answer filter's stream and this one end at about the same time."""
+        asyncio.get_running_loop().call_later(cancellation.ANSWER_GRACE_S, self._ended_unanswered, plan)
+
+    def _ended_unanswered(self, plan: ResponsePlan) -> None:
+        if self.answers.was_seen(plan.server, plan.upstream_session_owner, plan.upstream_id):
+            return
+        params = {"requestId": plan.upstream_id, "reason": "the client closed its stream"}
+        task = asyncio.get_running_loop().create_task(
+            self._tell_cancelled(plan.server, plan.upstream_session_owner, plan.subject, params))
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def _tell_cancelled(self, server_name: str, owner: str, subject: str, params: dict[str, Any]) -> None:
+        """notifications/cancelled to a handshake-era upstream, on the session the request went on."""
+        server = self.fleet.servers.get(server_name)
+        hs = self.fleet.pooled_session(server_name, owner, subject)
+        if server is None or hs is None:
+            return
+        log.info("request %r to %s cancelled: telling it", params["requestId"], server_name)
+        try:
+            await self.fleet.client.notify(server, hs, "notifications/cancelled", params)
+        except Exception as exc:  # nobody waits for this: log it
+            log.info("telling %s about a cancelled request failed: %s", server_name, exc)
+
+    async def cancel_request(self, req: Request, msg: Message) -> None:
+        """A handshake-era client's notifications/cancelled: the upstream request it names is cancelled there."""
+        request_id = cancellation.cancelled_id(msg.params)
+        entry = self.inflight.take(req.session_nonce.hex(), request_id) if req.session_nonce else None
+        if entry is None:
+            return  # finished, never routed, or on another worker: nothing to cancel here (the spec lets it pass)
+        if entry.upstream_era == MODERN:
+            log.info("client cancelled request %r: ending its stream to %s", request_id, entry.server)
+            try:
+                await entry.close_stream()
+            except Exception as exc:  # the request ended meanwhile: nothing left to cancel
+                log.info("ending a cancelled request's stream failed: %s", exc)
+            return
+        await self._tell_cancelled(entry.server, entry.session_owner, entry.subject,
+                                   cancellation.upstream_params(msg.params, entry.upstream_id))
 
     def resend_for(self, req: Request, fwd: Forward) -> Resend | None:
-        """What a resend after a 401 needs, for a call whose credential can be renewed (else None)."""
-        if not fwd.plan.renewable:
+        """What a resend needs: after a 401, for a call whose credential can be renewed; after an upstream's -32020,
+        for a tools/call to a 2026-07-28 upstream (else None)."""
+        if not fwd.plan.renewable and not fwd.plan.resend_on_mismatch:
             return None
         # the refused credential (and the caller's bearer where it stood) is replaced on the resend, never carried
         skip = {ROUTE_HEADER, "content-length", *fwd.credential_keys}
@@ -676,9 +767,14 @@ class Gateway:
             return "credential_failed", Local.error(RpcError(
                 jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}': {exc.reason}", {"server": plan.server},
                 status=502), MODERN, plan.client_id)
-        headers = {**resend.headers, **credential.headers}
+        return await self._post_again(plan, server, resend.body, {**resend.headers, **credential.headers},
+                                      "muster_edge_retried_after_401")
+
+    async def _post_again(self, plan: ResponsePlan, server: MCPServer, body: bytes, headers: dict[str, str],
+                          details: str) -> tuple[str, Local]:
+        """Send a call once more from the processor; (outcome for the retries counter, its answer for the client)."""
         try:
-            status, ctype, body = await self.fleet.client.raw_post(server, resend.body, headers)
+            status, ctype, body = await self.fleet.client.raw_post(server, body, headers)
         except UpstreamError as exc:
             return "unavailable", Local.error(RpcError(
                 jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}' is unavailable: {exc}",
@@ -687,6 +783,9 @@ class Gateway:
             return "refused_again", Local.error(RpcError(
                 jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}' refused the renewed credential",
                 {"server": plan.server}, status=502), MODERN, plan.client_id)
+        if status >= 400 and "json" in ctype:  # an error: the client's id, the server named (as on the first try)
+            return f"upstream_{status}", Local(status if status < 500 else 502, mapped_error(body, plan, status),
+                                               {"content-type": JSON}, details=details)
         if plan.rewrite_sse or plan.rewrite_body:
             view = self.fleet.view(plan.subject)
             if "event-stream" in ctype:
@@ -694,7 +793,33 @@ class Gateway:
             elif "json" in ctype:
                 body = rewrite_json(body, plan, view, self.server_info) or body
         outcome = "ok" if status < 400 else f"upstream_{status}"
-        return outcome, Local(status, body, {"content-type": ctype}, details="muster_edge_retried_after_401")
+        return outcome, Local(status, body, {"content-type": ctype}, details=details)
+
+    async def retry_mismatch(self, plan: ResponsePlan, resend: Resend, answer: bytes) -> Local:
+        """A 2026-07-28 upstream answered -32020 (HeaderMismatch): the Mcp-Param-* headers came from a schema it no
+        longer has. Its tools/list is fetched again now, the headers are rebuilt from the new schema, and the
+        call is sent once more (through Envoy's internal listener); the answer to that goes back as it came.
+        Without a resend, or when the fresh list no longer has the tool, the upstream's -32020 goes back."""
+        first = Local(400, mapped_error(answer, plan, 400), {"content-type": JSON},
+                      details="muster_edge_upstream_error")
+        server = self.fleet.servers.get(plan.server)
+        if server is None:
+            return first
+        snapshot = await self.fleet.refetch(plan.server, plan.subject)
+        headers = schema_retry.rebuilt_headers(resend.headers, resend.body, snapshot.tools if snapshot else ())
+        if headers is None:
+            self.metrics.inc("muster_edge_upstream_retries_total", server=plan.server, outcome="schema_gone")
+            return first
+        try:
+            credential = await self.broker.credential(server, plan.subject, resend.bearer)
+        except CredentialError as exc:
+            return Local.error(RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{plan.server}': {exc.reason}",
+                                        {"server": plan.server}, status=502), MODERN, plan.client_id)
+        outcome, local = await self._post_again(plan, server, resend.body, {**headers, **credential.headers},
+                                                "muster_edge_retried_after_32020")
+        log.info("upstream %s answered -32020: tools fetched again, call resent (%s)", plan.server, outcome)
+        self.metrics.inc("muster_edge_upstream_retries_total", server=plan.server, outcome=f"schema_{outcome}")
+        return local
 
     def upstream_failed(self, plan: ResponsePlan, status: int) -> None:
         """Count a routed call the upstream failed; a 5xx also makes the fleet check that server again."""

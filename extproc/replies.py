@@ -51,6 +51,7 @@ class ResponsePlan:
     renewable: bool = False
     subject: str = ""
     upstream_id: Any = None  # the id the upstream must answer (None: no answer to check, e.g. a resumed stream)
+    resend_on_mismatch: bool = False  # a 2026-07-28 tools/call: an upstream -32020 refetches its tools, resends once
 
     @property
     def rewrite_sse(self) -> bool:

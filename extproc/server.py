@@ -75,6 +75,8 @@ class Processor(epg.ExternalProcessorServicer):
             # Fail closed: Envoy answers status_on_error (503) for a stream that errors.
             log.exception("processing a request failed")
             raise
+        finally:
+            stream.closed()
 
 
 def build_gateway(config: GatewayConfig) -> Gateway:

@@ -21,12 +21,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import json_format
 
 from catalog.policy import Claims
-from extproc import answer
+from extproc import answer, cancellation
 from extproc.gateway import Gateway
 from extproc.jsonrpc import INTERNAL_ERROR, MODERN, RpcError
 from extproc.replies import JSON, Forward, Local, ResponsePlan
 from extproc.request import Caller, Request
 from extproc.rewrite import SseRewriter, Unreadable, mapped_error, read_answer, rewrite_message
+from extproc.schema_retry import is_header_mismatch
 from extproc.upstream import ROUTE_HEADER
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,9 @@ class Stream:
         self.plan: ResponsePlan | None = None
         self.sse: SseRewriter | None = None
         self.error_status = 0  # an upstream's JSON error answer whose body this stream asked for
+        self.resend: answer.Resend | None = None  # kept from the headers message for a 400 that may be -32020
+        self._tracked: tuple[tuple[str, str, Any], cancellation.InFlight] | None = None
+        self._watched: ResponsePlan | None = None  # a call whose client's disconnect must reach the upstream
 
     def log_facts(self) -> tuple[str, str, str]:
         """(request id, method, server) for the log lines written while this stream is handled."""
@@ -127,7 +131,7 @@ class Stream:
         if kind == "response_headers":
             return await self._response_headers(msg)
         if kind == "response_body":
-            return self._response_body(msg)
+            return await self._response_body(msg)
         resp = ep.ProcessingResponse()
         if kind == "request_trailers":
             resp.request_trailers.SetInParent()
@@ -183,6 +187,8 @@ class Stream:
     def _route(self, resp: ep.ProcessingResponse, common: Any, decision: Forward) -> None:
         """Headers for the upstream, a new route, and what the answer filter will need (dynamic metadata)."""
         self.plan = decision.plan
+        self._tracked = self.gw.track(self.req, decision, self._end_cancelled)
+        self._watched = decision.plan if self.gw.watches_disconnect(decision.plan) else None
         _set(common.header_mutation, decision.set_headers)
         common.header_mutation.remove_headers.extend(decision.remove_headers)
         common.clear_route_cache = True
@@ -194,6 +200,22 @@ class Stream:
         if self.req.message is not None:  # for the call histograms (extproc/access_log.py); bounded there
             resp.dynamic_metadata.fields[answer.NAMESPACE].struct_value.fields["method"].string_value = \
                 self.req.message.method
+
+    async def _end_cancelled(self) -> None:
+        """The client cancelled this request: end it with an ImmediateResponse on this (still open) stream, which
+        makes Envoy reset the upstream request; the client has stopped waiting for the answer."""
+        client_id = self.plan.client_id if self.plan is not None else None
+        await self._write(immediate(Local(200, cancellation.cancelled_body(client_id), {"content-type": JSON},
+                                          details="muster_edge_cancelled")))
+
+    def closed(self) -> None:
+        """The ext_proc stream ended (its HTTP request is over): nothing of it is left to cancel."""
+        if self._tracked is not None:
+            self.gw.inflight.done(*self._tracked)
+            self._tracked = None
+        if self._watched is not None:
+            self.gw.request_ended(self._watched)
+            self._watched = None
 
     async def _response_headers(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
         resp = ep.ProcessingResponse()
@@ -209,6 +231,7 @@ class Stream:
         headers = dict(_pairs(msg.response_headers.headers))
         status = int(headers.get(":status", "200"))
         ctype = headers.get("content-type", "")
+        self.gw.answer_complete(plan)  # this filter's cases all end the answer here (or with its buffered body)
         if status == 401 and plan.renewable:
             resend = answer.read_resend(_strings(msg, answer.RESEND_NAMESPACE), plan, self.gw.sessions.sealer)
             if resend is None:  # never the upstream's own 401 to the client
@@ -236,6 +259,8 @@ class Stream:
         elif status >= 400 and "json" in ctype:  # its body follows on this stream, to be mapped
             if status >= 500:
                 self.gw.upstream_failed(plan, status)
+            if status == 400 and plan.resend_on_mismatch:  # may be -32020: what a resend needs, for the body message
+                self.resend = answer.read_resend(_strings(msg, answer.RESEND_NAMESPACE), plan, self.gw.sessions.sealer)
             self.error_status = status
             resp.response_headers.SetInParent()
             resp.mode_override.response_body_mode = pm.ProcessingMode.BUFFERED
@@ -247,7 +272,7 @@ class Stream:
     def _answer_plan(msg: ep.ProcessingRequest) -> ResponsePlan | None:
         return answer.read_plan(_strings(msg, answer.NAMESPACE))
 
-    def _response_body(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
+    async def _response_body(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
         resp = ep.ProcessingResponse()
         common = resp.response_body.response
         body = msg.response_body
@@ -264,12 +289,21 @@ class Stream:
             resp.response_body.SetInParent()
             return resp
         if self.sse is not None:
+            if body.end_of_stream:
+                self.gw.answer_complete(plan)
             out = self.sse.feed(body.body, body.end_of_stream)
             if out:
                 common.body_mutation.body = out
             else:
                 common.body_mutation.clear_body = True
             return resp
+        self.gw.answer_complete(plan)  # a whole (BUFFERED) body
+        if self.error_status == 400 and plan.resend_on_mismatch:
+            if self.resend is not None and is_header_mismatch(body.body):
+                return immediate(await self._patient(self.gw.retry_mismatch(plan, self.resend, body.body)))
+            if not plan.rewrite_body:  # asked for only in case it was -32020: any other 400 goes on as it came
+                resp.response_body.SetInParent()
+                return resp
         if self.error_status:
             status = self.error_status if self.error_status < 500 else 502
             return immediate(Local(status, mapped_error(body.body, plan, self.error_status), {"content-type": JSON},

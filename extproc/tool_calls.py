@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import httpx2
 import orjson
 
 from catalog.manifests import MCPServer
-from extproc import jsonrpc
+from extproc import jsonrpc, schema_retry
 from extproc.credentials import CredentialError
 from extproc.edge_tools import EdgeTool, ToolContext
 from extproc.hop import Hop, HopError
@@ -117,7 +117,8 @@ def _hop(gw: Gateway) -> Hop:
     return hop
 
 
-async def _send(gw: Gateway, server: MCPServer, hs: Handshake, method: str, params: dict[str, Any]) -> dict[str, Any]:
+async def _send(gw: Gateway, server: MCPServer, hs: Handshake, method: str, params: dict[str, Any],
+                tools: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """One JSON-RPC request through Envoy's internal listener, framed as UpstreamClient frames it."""
     params = dict(params)
     if hs.era == MODERN:
@@ -129,6 +130,10 @@ async def _send(gw: Gateway, server: MCPServer, hs: Handshake, method: str, para
     key = jsonrpc.NAME_BEARING.get(method)
     headers = gw.fleet.client.headers(server, era=hs.era, version=hs.version, session_id=hs.session_id, method=method,
                                       name=params.get(key) if key else None, auth=hs.auth)
+    if hs.era == MODERN and method == "tools/call" and tools:  # mirrored arguments, from the upstream's own schema
+        arguments = params.get("arguments")
+        headers.update(schema_retry.param_headers_for(tools, str(params.get("name")),
+                                                      arguments if isinstance(arguments, dict) else {}))
     body = orjson.dumps({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
     try:
         status, answer_headers, content = await _hop(gw).post(server.path, headers, body, float(server.timeout))
@@ -165,8 +170,9 @@ async def request(ctx: ToolContext, server_name: str, method: str, params: dict[
         hs = dataclasses.replace(hs, auth=dict(credential.headers))
         if ctx.relay and hs.era == MODERN and method == "tools/call":
             params = {**params, **ctx.relay}
+        snap = gw.fleet.state_for(server_name, subject).snapshot
         try:
-            result = await _send(gw, server, hs, method, params)
+            result = await _send(gw, server, hs, method, params, snap.tools if snap is not None else ())
             view = gw.view_for(req)
             if server_name in view.uri_slug_of:  # upstream URIs in the answer, as the caller names them
                 map_uris(result, view, server_name)
@@ -178,6 +184,9 @@ async def request(ctx: ToolContext, server_name: str, method: str, params: dict[
             raise RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{server_name}' refused the credential",
                            {"server": server_name}, status=502) from None
         except UpstreamRpcError as exc:
+            if attempt == 0 and exc.code == jsonrpc.HEADER_MISMATCH and hs.era == MODERN and method == "tools/call":
+                await gw.fleet.refetch(server_name, subject)  # its schema changed: headers from the new one, once
+                continue
             raise RpcError(exc.code, exc.message, exc.data) from None
         except UpstreamError as exc:
             if attempt == 0 and hs.session_id and "HTTP 404" in str(exc):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from catalog.policy import ToolFacts
 from catalog.view import Route, Target, View
 from extproc import jsonrpc, tool_calls
+from extproc.edge_tools import text_result
 from extproc.handlers import auth, meta
 from extproc.handlers.meta import META_TOOL_NAMES
 from extproc.jsonrpc import INVALID_PARAMS, LEGACY_RESOURCE_NOT_FOUND, MODERN, Message, RpcError
@@ -20,6 +21,21 @@ from extproc.request import Request
 
 if TYPE_CHECKING:
     from extproc.gateway import Gateway
+
+
+class ArgumentError(RpcError):
+    """An instance argument the gateway cannot route (missing, empty, unknown, ambiguous): the model can fix it.
+
+    A tools/call answers it as a tool result with isError (SEP-1303: input validation errors are tool execution
+    errors, so the model reads the text and retries); prompts/get and completion/complete have no such result and
+    answer it as JSON-RPC -32602. Either way the valid values are in the text and in `available`."""
+
+    def __init__(self, message: str, available: list[str]) -> None:
+        super().__init__(INVALID_PARAMS, message, {"available": available})
+        self.available = available
+
+    def tool_result(self) -> dict[str, Any]:
+        return text_result(self.message, error=True, structured={"available": self.available})
 
 
 def select_target(route: Route, arguments: Mapping[str, Any], kind: str = "tool") -> tuple[Target, dict[str, Any]]:
@@ -32,19 +48,18 @@ def select_target(route: Route, arguments: Mapping[str, Any], kind: str = "tool"
     value = arguments.get(arg)
     rest = {k: v for k, v in arguments.items() if k != arg}
     if not isinstance(value, str) or not value:
-        raise RpcError(INVALID_PARAMS, f"{kind} {route.exposed} is provided by a family on servers "
-                                       f'{", ".join(members)}; the "{arg}" parameter is required',
-                       {"available": members})
+        raise ArgumentError(f"{kind} {route.exposed} is provided by a family on servers "
+                            f'{", ".join(members)}; the "{arg}" parameter is required', members)
     if value in route.targets:
         return route.targets[value], rest
     aliases = [m for m in members if m.startswith(value + "-")]
     if len(aliases) == 1:
         return route.targets[aliases[0]], rest
     if len(aliases) > 1:
-        raise RpcError(INVALID_PARAMS, f'{kind} {route.exposed}: "{value}" matches more than one server '
-                                       f"({', '.join(aliases)}); use the full name", {"available": members})
-    raise RpcError(INVALID_PARAMS, f'{kind} {route.exposed} is not available on server "{value}" '
-                                   f"(available: {', '.join(members)})", {"available": members})
+        raise ArgumentError(f'{kind} {route.exposed}: "{value}" matches more than one server '
+                            f"({', '.join(aliases)}); use the full name", members)
+    raise ArgumentError(f'{kind} {route.exposed} is not available on server "{value}" '
+                        f"(available: {', '.join(members)})", members)
 
 
 def _object(params: Mapping[str, Any], key: str) -> dict[str, Any]:
@@ -168,7 +183,10 @@ async def call_tool(gw: Gateway, req: Request, msg: Message) -> Forward | Local:
     route = view.tool_routes.get(name)
     if route is not None and msg.era == MODERN:
         jsonrpc.check_param_headers(route.header_map, arguments, req.param_headers)
-    route, target, upstream_args = resolve_call(gw, req, view, name, arguments)
+    try:
+        route, target, upstream_args = resolve_call(gw, req, view, name, arguments)
+    except ArgumentError as err:  # a result the model reads and acts on, not a protocol error
+        return tool_calls.finish(gw, msg, err.tool_result())
     params = {**msg.params, "name": target.original, "arguments": upstream_args}
     return await gw.forward(req, msg, target.server, params, name=target.original, header_map=target.header_map,
                             arguments=upstream_args, repeatable=_repeatable(target.definition))

@@ -69,5 +69,8 @@ async def set_level(gw: Gateway, req: Request, msg: Message) -> Local:
 
 
 async def notification(gw: Gateway, req: Request, msg: Message) -> Local:
-    """Client notifications (initialized, cancelled, progress, roots) are accepted and not relayed."""
+    """Client notifications (initialized, progress, roots) are accepted and not relayed; cancelled goes to the
+    upstream request it names (extproc/cancellation.py)."""
+    if msg.method == "notifications/cancelled":
+        await gw.cancel_request(req, msg)
     return Local(202, b"", {}, details="muster_edge_notification")

@@ -133,11 +133,11 @@ async def test_a_bare_cluster_name_is_accepted_and_ambiguity_refused(families: F
     async with connect(families.gateway.url, mode) as client:
         result = await client.call_tool("x_prometheus_whoami", {ARG: "cluster-c"})
         assert json.loads(text(result)) == {"server": "cluster-c-mcp-prometheus"}
-        with pytest.raises(BaseException) as caught:
-            await client.call_tool("x_kubernetes_whoami", {ARG: "cluster"})
-    err = mcp_error(caught.value)
-    assert err is not None and err.code == -32602
-    assert "matches more than one server" in err.message and all(m in err.message for m in K8S)
+        ambiguous = await client.call_tool("x_kubernetes_whoami", {ARG: "cluster"})
+    # a tool result the model reads (SEP-1303), not a protocol error: it names the candidates and the valid values
+    assert ambiguous.is_error is True
+    assert "matches more than one server" in text(ambiguous) and all(m in text(ambiguous) for m in K8S)
+    assert ambiguous.structured_content == {"available": K8S}
 
 
 ERRORS = [
@@ -150,15 +150,35 @@ ERRORS = [
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(("arguments", "expected"), ERRORS, ids=["missing", "empty", "not-a-string", "unknown"])
-async def test_instance_errors_use_musters_texts_and_list_the_valid_values(
+async def test_instance_errors_are_tool_results_with_musters_texts_and_the_valid_values(
         families: Families, mode: str, arguments: dict[str, Any], expected: str) -> None:
-    with pytest.raises(BaseException) as caught:
-        async with connect(families.gateway.url, mode) as client:
-            await client.call_tool("x_kubernetes_get_pods", arguments)
-    err = mcp_error(caught.value)
-    assert err is not None and err.code == -32602, caught.value
-    assert expected in err.message
-    assert ", ".join(K8S) in err.message
+    async with connect(families.gateway.url, mode) as client:
+        result = await client.call_tool("x_kubernetes_get_pods", arguments)  # a result: no exception raised
+        # the model corrects its call from what it read, and the next call goes through
+        fixed = await client.call_tool("x_kubernetes_get_pods", {**arguments, ARG: result.structured_content[
+            "available"][1], "namespace": "ns1"})  # type: ignore[index]
+    assert result.is_error is True
+    assert expected in text(result)
+    assert ", ".join(K8S) in text(result)
+    assert result.structured_content == {"available": K8S}
+    assert not fixed.is_error and fixed.structured_content["cluster"] == K8S[1]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_an_unknown_tool_stays_a_protocol_error_and_a_prompt_argument_error_too(
+        families: Families, mode: str) -> None:
+    async with connect(families.gateway.url, mode) as client:
+        with pytest.raises(BaseException) as unknown:
+            await client.call_tool("x_kubernetes_no_such_tool", {ARG: K8S[0]})
+        with pytest.raises(BaseException) as prompt:
+            await client.get_prompt("x_kubernetes_debug_pod", {"pod": "p"})
+    err = mcp_error(unknown.value)
+    assert err is not None and err.code == -32602 and err.message == "Unknown tool: x_kubernetes_no_such_tool"
+    # prompts/get has no isError result: an argument problem there is -32602 (the spec's "missing required
+    # arguments"), with the same text and the valid values in error.data
+    err = mcp_error(prompt.value)
+    assert err is not None and err.code == -32602, prompt.value
+    assert 'the "management_cluster" parameter is required' in err.message and ", ".join(K8S) in err.message
     assert err.data == {"available": K8S}
 
 

@@ -221,6 +221,11 @@ async def test_get_and_other_methods_are_not_allowed(fleet: Fleet) -> None:
     assert get.status_code == 405 and "POST" in get.headers["allow"]
     assert put.status_code == 405
     assert other.status_code == 404
+    # each refusal says why as a JSON-RPC error a client can show
+    for resp, says in ((get, "Method Not Allowed: GET"), (put, "Method Not Allowed: PUT"), (other, "Not Found")):
+        assert resp.headers["content-type"] == "application/json"
+        error = resp.json()["error"]
+        assert error["message"].startswith(says) and resp.json()["id"] is None, resp.text
 
 
 async def test_a_forged_routing_header_cannot_pick_an_upstream(fleet: Fleet) -> None:
