@@ -25,7 +25,7 @@ from extproc.credentials import Broker, CredentialError
 from extproc.edge_tools import EdgeTool, EdgeTools, ToolContext
 from extproc.events import Events
 from extproc.fleet import Fleet
-from extproc.handlers import auth, calls, lifecycle, lists
+from extproc.handlers import auth, calls, lifecycle, lists, tasks
 from extproc.handlers.meta import META_TOOL_NAMES
 from extproc.jsonrpc import INVALID_REQUEST, LEGACY, MODERN, Message, RpcError
 from extproc.metrics import Metrics
@@ -34,6 +34,7 @@ from extproc.replies import JSON, Forward, Local, ResponsePlan
 from extproc.request import Request
 from extproc.rewrite import SseRewriter, invalid_answer, original_request_id, rewrite_json, split_namespaced
 from extproc.sessions import Cursors, Sessions
+from extproc.task_ids import TaskIds, TaskIndex
 from extproc.upstream import CLIENT_INFO, REPEATABLE, RETRY_HEADER, ROUTE_HEADER, UpstreamError, cluster_name
 from extproc.upstream_sessions import SessionCapReached
 
@@ -57,6 +58,7 @@ HANDLERS: dict[str, Handler] = {
     "completion/complete": calls.complete,
     "resources/subscribe": calls.subscribe,
     "resources/unsubscribe": calls.subscribe,
+    **tasks.HANDLERS,
 }
 
 TOOL_MODE_HEADER = "x-muster-tool-mode"
@@ -82,6 +84,8 @@ class Gateway:
         self.fleet = fleet
         self.sessions = sessions
         self.cursors = cursors
+        self.task_ids = TaskIds(sessions.sealer)
+        self.task_index = TaskIndex()
         self.server_info = {"name": config.server_name, "version": CLIENT_INFO["version"]}
         self.pages: LRUCache[tuple[Any, ...], bytes] = LRUCache(maxsize=512)
         self.metrics = metrics or Metrics()

@@ -122,8 +122,8 @@ async def _send(gw: Gateway, server: MCPServer, hs: Handshake, method: str, para
     params = dict(params)
     if hs.era == MODERN:
         meta = dict(params.get("_meta") or {})
-        meta.update({jsonrpc.META_VERSION: hs.version, jsonrpc.META_CAPABILITIES: {},
-                     jsonrpc.META_CLIENT_INFO: CLIENT_INFO})
+        meta.update({jsonrpc.META_VERSION: hs.version, jsonrpc.META_CLIENT_INFO: CLIENT_INFO,
+                     jsonrpc.META_CAPABILITIES: meta.get(jsonrpc.META_CAPABILITIES, {})})
         params["_meta"] = meta
     msg_id = next(_IDS)
     key = jsonrpc.NAME_BEARING.get(method)

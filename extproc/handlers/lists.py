@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from extproc import jsonrpc
-from extproc.handlers import auth, meta
+from extproc.handlers import auth, meta, tasks
 from extproc.jsonrpc import INVALID_PARAMS, MODERN, Message, RpcError
 from extproc.replies import Local
 from extproc.request import Request
@@ -47,6 +47,7 @@ async def list_items(gw: Gateway, req: Request, msg: Message) -> Local:
         if mode != "meta":
             extra = (*extra, *gw.edge_listing(req, msg.era))
             native = view.legacy_tools if msg.era != MODERN else view.tools
+            native = tasks.listed_tools(native, msg)
     elif mode == "meta":
         extra = (auth.AUTH_STATUS_RESOURCE,) if attr == "resources" else ()
     else:
@@ -54,6 +55,7 @@ async def list_items(gw: Gateway, req: Request, msg: Message) -> Local:
             extra = (auth.AUTH_STATUS_RESOURCE,)
         native = getattr(view, attr)
     cache_key = (view.fingerprint, msg.method, offset, msg.era, scope, mode, gw.edge_tools.generation,
+                 attr == "tools" and tasks.client_drives_tasks(msg),
                  tuple(t.get("name") for t in extra))
     page = gw.pages.get(cache_key)
     if page is None:
