@@ -19,7 +19,7 @@ from catalog.config import GatewayConfig
 from catalog.manifests import MCPServer
 from catalog.policy import Decision, ToolFacts
 from catalog.view import Route, Target, View, restrict
-from extproc import core_tools, jsonrpc
+from extproc import core_tools, jsonrpc, task_share
 from extproc.answer import Resend
 from extproc.credentials import Broker, CredentialError
 from extproc.edge_tools import EdgeTool, EdgeTools, ToolContext
@@ -324,6 +324,9 @@ class Gateway:
     def peer_message(self, body: bytes) -> tuple[int, bytes]:
         if self.peers is None:
             return 404, b"not found\n"
+        msg = self.peers.open(body)
+        if msg is not None and task_share.on_peer_message(self, msg):
+            return 200, b"[]"
         return self.peers.handle(body, self.end_here, self.seen_here)
 
     async def expire_idle(self) -> int:

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from catalog.view import Target, View
-from extproc import jsonrpc
+from extproc import jsonrpc, task_share
 from extproc.edge_tools import ToolContext
 from extproc.jsonrpc import INVALID_PARAMS, LEGACY, MODERN, Message, RpcError
 from extproc.replies import Local
@@ -101,13 +101,13 @@ def _modern_result(gw: Gateway, result: dict[str, Any], result_type: str = "comp
             "_meta": {**meta, jsonrpc.META_SERVER_INFO: gw.server_info}}
 
 
-def _seal(gw: Gateway, req: Request, server: str, upstream_id: Any, kind: str) -> str:
+async def _seal(gw: Gateway, req: Request, server: str, upstream_id: Any, kind: str) -> str:
     if not isinstance(upstream_id, str) or not upstream_id:
         raise RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{server}' answered with an invalid response",
                        {"server": server, "details": "a task without a taskId"}, status=502)
     ref = TaskRef(server, upstream_id, kind, req.caller.key)
     sealed = gw.task_ids.seal(ref)
-    gw.task_index.add(ref, sealed)
+    await task_share.remember(gw, ref, sealed)
     return sealed
 
 
@@ -125,7 +125,7 @@ async def call_as_task(gw: Gateway, req: Request, msg: Message, target: Target, 
             raise RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{target.server}' answered with an invalid "
                            "response", {"server": target.server, "details": "no task for a task-augmented call"},
                            status=502)
-        sealed = _seal(gw, req, target.server, created.get("taskId"), LEGACY_TASKS)
+        sealed = await _seal(gw, req, target.server, created.get("taskId"), LEGACY_TASKS)
         if msg.era == LEGACY:
             return Local.result(msg.id, {**result, "task": {**created, "taskId": sealed}})
         return Local.result(msg.id, _modern_result(gw, modern_task(created, sealed), "task"))
@@ -135,7 +135,7 @@ async def call_as_task(gw: Gateway, req: Request, msg: Message, target: Target, 
         else {jsonrpc.META_CAPABILITIES: caps}
     result = await upstream_request(ctx, target.server, "tools/call", params)
     if result.get("resultType") == "task":
-        result = {**result, "taskId": _seal(gw, req, target.server, result.get("taskId"), EXTENSION_TASKS)}
+        result = {**result, "taskId": await _seal(gw, req, target.server, result.get("taskId"), EXTENSION_TASKS)}
     return Local.result(msg.id, _modern_result(gw, result))
 
 
@@ -253,7 +253,7 @@ async def _list_server(gw: Gateway, req: Request, msg: Message, server: str,
     seen = {sealed for sealed, _ in found}
     for upstream_id, sealed in mine.items():
         if sealed not in seen:  # gone upstream (its TTL ran out): forget it
-            gw.task_index.drop(req.caller.key, server, upstream_id)
+            await task_share.forget(gw, req.caller.key, server, upstream_id)
     return found
 
 
@@ -264,7 +264,7 @@ async def list_tasks(gw: Gateway, req: Request, msg: Message) -> Local:
     if msg.params.get("cursor") not in (None, ""):
         raise RpcError(INVALID_PARAMS, "Invalid cursor: the gateway lists tasks in one page")
     by_server: dict[str, dict[str, str]] = {}
-    for (server, upstream_id), sealed in gw.task_index.of(req.caller.key).items():
+    for (server, upstream_id), sealed in (await task_share.tasks_of(gw, req.caller.key)).items():
         ref = gw.task_ids.open(sealed, req.caller.key)
         if ref is not None and ref.kind == LEGACY_TASKS and server in gw.fleet.servers:
             by_server.setdefault(server, {})[upstream_id] = sealed

@@ -79,8 +79,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         ups = {"jobs": stack.enter_context(tasks_upstream("--era", "legacy")),
                "jobs26": stack.enter_context(tasks_upstream("--era", "dual")),
                "notasks": stack.enter_context(tasks_upstream("--era", "legacy", "--no-tasks-capability"))}
+        # two processor workers and no store: consecutive task requests land on either worker
         gateway = stack.enter_context(start_gateway(
-            work / "gw", ups, listen=listen, listTtlFloorMs=600_000,
+            work / "gw", ups, listen=listen, listTtlFloorMs=600_000, processor={"workers": 2},
             auth={"issuer": idp.issuer, "jwksUri": idp.jwks_uri, "resource": resource}))
         tokens = {u: idp.client_credentials(u, f"{u}-secret", resource=resource, scope="mcp:tools") for u in USERS}
         yield Setup(gateway, tokens, ups)
@@ -96,6 +97,18 @@ async def as_user(setup: Setup, user: str, mode: str = "legacy",
             yield client
     finally:
         await http.aclose()
+
+
+def answered_per_worker(gw: Gateway, method: str) -> list[int]:
+    """How many `method` requests each processor worker answered (its own /metrics)."""
+    first = int(gw.status_url.rsplit(":", 1)[1].split("/")[0])
+    out = []
+    for port in range(first, first + int(gw.config["processor"]["workers"])):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            lines = resp.read().decode().splitlines()
+        out.append(sum(int(ln.rsplit(" ", 1)[1]) for ln in lines
+                       if ln.startswith("muster_edge_requests_total{") and f'method="{method}"' in ln))
+    return out
 
 
 def seen_upstream(setup: Setup, name: str) -> dict[str, list[str]]:
@@ -156,6 +169,27 @@ async def test_a_task_required_tool_runs_as_a_task_routed_to_its_upstream(setup:
 
 class CallToolResultWithMeta(CallToolResult):
     model_config = ConfigDict(extra="allow")
+
+
+async def test_a_task_id_routes_on_every_worker_and_lists_there_too(setup: Setup) -> None:
+    """The sealed id carries what routing needs: whichever worker a poll lands on answers it, and the caller's
+    tasks/list holds the task on each worker (the creating worker told its sibling before answering)."""
+    async with as_user(setup, "alice") as client:
+        task = await create_task(client, "x_jobs_slow_sum", {"a": 1, "b": 2, "seconds": 0})
+        before = answered_per_worker(setup.gateway, "tasks/get")
+        lists_before = answered_per_worker(setup.gateway, "tasks/list")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            got = await get_task(client, task["taskId"])
+            assert got.task_id == task["taskId"]
+            listed = await client.session.send_request(ListTasksRequest(), ListTasksResult)
+            assert task["taskId"] in {t.task_id for t in listed.tasks}
+            gets = [a - b for a, b in zip(answered_per_worker(setup.gateway, "tasks/get"), before, strict=True)]
+            lists = [a - b for a, b in zip(answered_per_worker(setup.gateway, "tasks/list"), lists_before,
+                                           strict=True)]
+            if all(gets) and all(lists):
+                break
+        assert all(gets) and all(lists), (gets, lists)
 
 
 async def test_an_optional_tool_works_plainly_and_as_a_task(setup: Setup) -> None:
