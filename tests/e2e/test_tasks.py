@@ -1,8 +1,9 @@
 """Tasks through the gateway: task-required tools routed to the upstream that owns the task, ids sealed and bound to
 the caller, in both eras.
 
-Real Envoy, the real processor, a real OpenID provider for two callers, and real `mcp` SDK upstreams
-(tests/tasks_server.py) that run tools as tasks: `jobs` speaks the 2025-11-25 task methods (handshake era only),
+Real Envoy, the real processor (two workers), a real OpenID provider for two callers, and real `mcp` SDK upstreams
+(the demo's `jobs` kind, deploy/demo/servers.py) that run tools as tasks: `jobs` speaks the 2025-11-25 task
+methods (handshake era only),
 `jobs26` the 2026 `io.modelcontextprotocol/tasks` extension, `notasks` lists a task-required tool but declares no
 task support. Clients are the SDK's: a 2025-11-25 session (task methods with the SDK's own task types) and a
 2026-07-28 client whose ClientExtension drives the extension's tasks.
@@ -17,6 +18,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import httpx2
@@ -45,7 +47,7 @@ from pydantic import ConfigDict
 
 from tests.gateway_harness import Gateway, start_gateway
 from tests.idp import start_idp
-from tests.procs import PYTHON, ROOT, free_port, spawn
+from tests.procs import free_port, start_demo_server
 
 MODERN = "2026-07-28"
 EXT = "io.modelcontextprotocol/tasks"
@@ -57,13 +59,7 @@ USERS = ("alice", "bob")
 class Setup:
     gateway: Gateway
     tokens: dict[str, str]
-    upstreams: dict[str, str]
-
-
-@contextlib.contextmanager
-def tasks_upstream(*args: str) -> Iterator[str]:
-    with spawn([PYTHON, ROOT / "tests" / "tasks_server.py", "--port", "0", *args], "READY ", 20) as proc:
-        yield proc.ready_line.split(" ", 1)[1]
+    records: dict[str, Path]
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +72,17 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         idp = stack.enter_context(start_idp(work / "idp", clients=clients,
                                             resources=[{"audience": resource, "scope": "mcp:tools",
                                                         "accessTokenTTL": 600}]))
-        ups = {"jobs": stack.enter_context(tasks_upstream("--era", "legacy")),
-               "jobs26": stack.enter_context(tasks_upstream("--era", "dual")),
-               "notasks": stack.enter_context(tasks_upstream("--era", "legacy", "--no-tasks-capability"))}
+        records = {name: work / f"{name}.jsonl" for name in ("jobs", "jobs26", "notasks")}
+        ups = {name: stack.enter_context(start_demo_server("jobs", name=name, era=era, variant=variant,
+                                                           json_response=True, record_headers=records[name])).url
+               for name, era, variant in (("jobs", "legacy", ""), ("jobs26", "dual", ""),
+                                          ("notasks", "legacy", "no-tasks"))}
         # two processor workers and no store: consecutive task requests land on either worker
         gateway = stack.enter_context(start_gateway(
             work / "gw", ups, listen=listen, listTtlFloorMs=600_000, processor={"workers": 2},
             auth={"issuer": idp.issuer, "jwksUri": idp.jwks_uri, "resource": resource}))
         tokens = {u: idp.client_credentials(u, f"{u}-secret", resource=resource, scope="mcp:tools") for u in USERS}
-        yield Setup(gateway, tokens, ups)
+        yield Setup(gateway, tokens, records)
 
 
 @contextlib.asynccontextmanager
@@ -111,10 +109,12 @@ def answered_per_worker(gw: Gateway, method: str) -> list[int]:
     return out
 
 
-def seen_upstream(setup: Setup, name: str) -> dict[str, list[str]]:
-    url = setup.upstreams[name].rsplit("/", 1)[0] + "/seen"
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return dict(json.loads(resp.read()))
+def upstream_task_ids(setup: Setup, name: str, method: str) -> list[str]:
+    """The task ids the upstream was sent in `method` requests (from its own log of requests, in order)."""
+    path = setup.records[name]
+    lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [str(r["body"]["params"]["taskId"]) for r in lines
+            if isinstance(r.get("body"), dict) and r["body"].get("method") == method]
 
 
 # ---- the 2025-11-25 task methods, with the SDK's own task types ------------------------------------------------
@@ -157,9 +157,9 @@ async def test_a_task_required_tool_runs_as_a_task_routed_to_its_upstream(setup:
         task = await create_task(client, "x_jobs_slow_sum", {"a": 2, "b": 3})
         sealed = task["taskId"]
         assert task["status"] == "working"
-        issued = seen_upstream(setup, "jobs")["issued"]
-        assert sealed not in issued and not any(u in sealed for u in issued)  # the upstream's id never shows
         done = await until_status(client, sealed, ("completed", "failed"))
+        polled = upstream_task_ids(setup, "jobs", "tasks/get")
+        assert polled and sealed not in polled  # the upstream sees its own id; the client never does
         assert (done.task_id, done.status) == (sealed, "completed")
         payload = await client.session.send_request(
             GetTaskPayloadRequest(params=GetTaskPayloadRequestParams(task_id=sealed)), CallToolResultWithMeta)
@@ -209,7 +209,8 @@ async def test_cancel_reaches_the_upstream(setup: Setup) -> None:
         cancelled = await client.session.send_request(
             CancelTaskRequest(params=CancelTaskRequestParams(task_id=task["taskId"])), CancelTaskResult)
         assert (cancelled.task_id, cancelled.status) == (task["taskId"], "cancelled")
-        assert seen_upstream(setup, "jobs")["cancelled"][-1] == seen_upstream(setup, "jobs")["issued"][-1]
+        cancels = upstream_task_ids(setup, "jobs", "tasks/cancel")
+        assert cancels and cancels[-1] != task["taskId"] and cancels[-1].startswith("t-")
         assert (await get_task(client, task["taskId"])).status == "cancelled"
         again = await refused(client.session.send_request(
             CancelTaskRequest(params=CancelTaskRequestParams(task_id=task["taskId"])), CancelTaskResult))
@@ -230,6 +231,7 @@ async def test_another_callers_replay_of_a_task_id_is_refused(setup: Setup) -> N
     async with as_user(setup, "alice") as alice, as_user(setup, "bob") as bob:
         task = await create_task(alice, "x_jobs_slow_sum", {"a": 4, "b": 4, "seconds": 1})
         sealed = task["taskId"]
+        cancels = len(upstream_task_ids(setup, "jobs", "tasks/cancel"))
         for call in (get_task(bob, sealed),
                      bob.session.send_request(CancelTaskRequest(params=CancelTaskRequestParams(task_id=sealed)),
                                               CancelTaskResult),
@@ -240,7 +242,7 @@ async def test_another_callers_replay_of_a_task_id_is_refused(setup: Setup) -> N
         tampered = sealed[:-2] + ("AA" if not sealed.endswith("AA") else "BB")
         assert (await refused(get_task(alice, tampered))).error.code == -32602
         assert (await until_status(alice, sealed, ("completed",))).status == "completed"  # alice's task untouched
-        assert seen_upstream(setup, "jobs")["cancelled"].count(seen_upstream(setup, "jobs")["issued"][-1]) == 0
+        assert len(upstream_task_ids(setup, "jobs", "tasks/cancel")) == cancels  # nothing reached the upstream
 
 
 async def test_a_task_required_tool_that_cannot_be_reached_is_not_listed_and_the_status_says_why(
@@ -337,7 +339,8 @@ async def test_2026_extension_tasks_are_sealed_and_polled(setup: Setup) -> None:
         result = await client.call_tool("x_jobs26_slow_sum", {"a": 20, "b": 22})
         assert result.content[0].text == "42"  # type: ignore[union-attr]
     sealed = ext.created[-1]
-    assert sealed not in seen_upstream(setup, "jobs26")["issued"]
+    polled = upstream_task_ids(setup, "jobs26", "tasks/get")
+    assert polled and sealed not in polled
     assert all(p.task_id == sealed for p in ext.polls)
     async with as_user(setup, "bob", MODERN, [Tasks()]) as other:
         err = await refused(other.session.send_request(ExtGetTask(params=ExtGetTaskParams(task_id=sealed)),
@@ -372,7 +375,7 @@ async def test_2026_cancel_is_acknowledged_and_reaches_the_upstream(setup: Setup
 
     async with as_user(setup, "alice", MODERN, [Holder()]) as client:
         await client.call_tool("x_jobs26_slow_sum", {"a": 1, "b": 1, "seconds": 60})
-    upstream = seen_upstream(setup, "jobs26")
-    assert upstream["cancelled"][-1] == upstream["issued"][-1]
+    cancels = upstream_task_ids(setup, "jobs26", "tasks/cancel")
+    assert seen and cancels and cancels[-1] != seen[-1] and cancels[-1].startswith("t-")
 
 
