@@ -84,13 +84,19 @@ def capabilities(gw: Gateway, req: Request, view: View, era: str, version: str =
 
 
 def wants_task(gw: Gateway, req: Request, msg: Message, target: Target) -> bool:
-    """Whether a tools/call goes through the task path (answered here) instead of being forwarded."""
+    """Whether a tools/call goes through the task path (answered here) instead of being forwarded. A 2026 client
+    calling a task-required tool without declaring the extension is told which capability it lacks (-32021)."""
     kind = server_kind(gw, req, target.server)
     if msg.era == LEGACY:
         return kind == LEGACY_TASKS and isinstance(msg.params.get("task"), dict)
+    required = kind == LEGACY_TASKS and task_support(target.definition) == "required"
     if not client_declares_extension(msg):
+        if required:
+            raise RpcError(jsonrpc.MISSING_CAPABILITY, f"Tool {msg.params.get('name')} runs only as a task: declare "
+                           f"the {EXTENSION_TASKS} extension in the request's client capabilities",
+                           {"requiredCapabilities": {"extensions": {EXTENSION_TASKS: {}}}})
         return False
-    return kind == EXTENSION_TASKS or (kind == LEGACY_TASKS and task_support(target.definition) == "required")
+    return kind == EXTENSION_TASKS or required
 
 
 # ---- creating a task -------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ task support. Clients are the SDK's: a 2025-11-25 session (task methods with the
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import time
@@ -45,6 +46,7 @@ from mcp_types import (
 )
 from pydantic import ConfigDict
 
+from tests.e2e.test_shared_state import start_redis
 from tests.gateway_harness import Gateway, start_gateway
 from tests.idp import start_idp
 from tests.procs import free_port, start_demo_server
@@ -362,6 +364,9 @@ async def test_2026_client_runs_a_2025_task_required_tool_through_the_bridge(set
         names = {t.name for t in (await plain.list_tools()).tools}
         assert "x_jobs_echo" in names and "x_jobs_slow_sum" not in names
         assert (await plain.call_tool("x_jobs26_slow_sum", {"a": 1, "b": 1})).content[0].text == "2"  # type: ignore[union-attr]
+        err = await refused(plain.call_tool("x_jobs_slow_sum", {"a": 1, "b": 1}))  # called anyway: told what it lacks
+        assert err.error.code == -32021
+        assert err.error.data == {"requiredCapabilities": {"extensions": {EXT: {}}}}
 
 
 async def test_2026_cancel_is_acknowledged_and_reaches_the_upstream(setup: Setup) -> None:
@@ -379,3 +384,38 @@ async def test_2026_cancel_is_acknowledged_and_reaches_the_upstream(setup: Setup
     assert seen and cancels and cancels[-1] != seen[-1] and cancels[-1].startswith("t-")
 
 
+
+
+# ---- two replicas sharing a store ------------------------------------------------------------------------------
+async def test_two_replicas_sharing_a_store_route_and_list_each_others_tasks(tmp_path: Path) -> None:
+    """A task started through one gateway replica is polled, fetched and listed through another (same sealing key,
+    one Redis): the sealed id routes by itself, the caller's list comes from the store; another caller gets
+    nothing."""
+    listens = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    resources = [f"http://{listen}/mcp" for listen in listens]
+    key = tmp_path / "session-key"
+    key.write_text(base64.b64encode(bytes(range(32))).decode())
+    clients = [{"client_id": u, "client_secret": f"{u}-secret"} for u in USERS]
+    with contextlib.ExitStack() as stack:
+        redis_url = stack.enter_context(start_redis(tmp_path))
+        idp = stack.enter_context(start_idp(tmp_path / "idp", clients=clients,
+                                            resources=[{"audience": r, "scope": "mcp:tools"} for r in resources]))
+        jobs = stack.enter_context(start_demo_server("jobs", name="jobs", era="legacy", json_response=True))
+        gateways = [stack.enter_context(start_gateway(
+            tmp_path / f"gw{i}", {"jobs": jobs.url}, listen=listens[i], listTtlFloorMs=600_000,
+            store={"redis": redis_url}, sessionKey={"file": str(key)},
+            auth={"issuer": idp.issuer, "jwksUri": idp.jwks_uri, "resource": resources[i]})) for i in range(2)]
+        replicas = [Setup(gw, {u: idp.client_credentials(u, f"{u}-secret", resource=resources[i], scope="mcp:tools")
+                               for u in USERS}, {}) for i, gw in enumerate(gateways)]
+        async with as_user(replicas[0], "alice") as first:
+            task = await create_task(first, "x_jobs_slow_sum", {"a": 30, "b": 12})
+        async with as_user(replicas[1], "alice") as second, as_user(replicas[1], "bob") as bob:
+            assert (await until_status(second, task["taskId"], ("completed",))).status == "completed"
+            payload = await second.session.send_request(
+                GetTaskPayloadRequest(params=GetTaskPayloadRequestParams(task_id=task["taskId"])), CallToolResult)
+            assert payload.content[0].text == "42"  # type: ignore[union-attr]
+            listed = await second.session.send_request(ListTasksRequest(), ListTasksResult)
+            assert task["taskId"] in {t.task_id for t in listed.tasks}
+            assert (await refused(get_task(bob, task["taskId"]))).error.code == -32602
+            assert task["taskId"] not in {t.task_id for t in
+                                          (await bob.session.send_request(ListTasksRequest(), ListTasksResult)).tasks}
