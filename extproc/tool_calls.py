@@ -39,7 +39,7 @@ async def call_tool(ctx: ToolContext, name: str, arguments: Mapping[str, Any]) -
 
     Raises RpcError where a native tools/call would answer with a JSON-RPC error: an unknown or denied tool
     (`Unknown tool: X`, audited), a bad family instance argument, an unreachable upstream, its JSON-RPC error."""
-    from extproc.handlers import calls  # calls imports this module
+    from extproc.handlers import calls, tasks  # both import this module
 
     gw, req = ctx.gateway, ctx.request
     edge = gw.edge_tools.get(name)
@@ -48,6 +48,8 @@ async def call_tool(ctx: ToolContext, name: str, arguments: Mapping[str, Any]) -
     view = await gw.current_view(req)
     _, target, upstream_args = calls.resolve_call(gw, req, view, name, arguments)
     params: dict[str, Any] = {"name": target.original, "arguments": upstream_args}
+    if tasks.must_run_as_task(gw, req, target):
+        return await tasks.run_to_completion(ctx, target.server, params)
     return await request(ctx, target.server, "tools/call", params)
 
 

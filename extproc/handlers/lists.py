@@ -47,7 +47,6 @@ async def list_items(gw: Gateway, req: Request, msg: Message) -> Local:
         if mode != "meta":
             extra = (*extra, *gw.edge_listing(req, msg.era))
             native = view.legacy_tools if msg.era != MODERN else view.tools
-            native = tasks.listed_tools(native, msg)
     elif mode == "meta":
         extra = (auth.AUTH_STATUS_RESOURCE,) if attr == "resources" else ()
     else:
@@ -59,7 +58,7 @@ async def list_items(gw: Gateway, req: Request, msg: Message) -> Local:
                  tuple(t.get("name") for t in extra))
     page = gw.pages.get(cache_key)
     if page is None:
-        items = (*extra, *native)
+        items = (*extra, *(tasks.listed_tools(native, msg) if attr == "tools" else native))
         size = gw.config.list_page_size or max(len(items), 1)
         result: dict[str, Any] = {key: list(items[offset:offset + size])}
         if offset + size < len(items):

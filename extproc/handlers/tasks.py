@@ -99,6 +99,26 @@ def wants_task(gw: Gateway, req: Request, msg: Message, target: Target) -> bool:
     return kind == EXTENSION_TASKS or required
 
 
+def must_run_as_task(gw: Gateway, req: Request, target: Target) -> bool:
+    """A task-required tool of a 2025-11-25 upstream (run as a task even where a plain result is expected)."""
+    return task_support(target.definition) == "required" and server_kind(gw, req, target.server) == LEGACY_TASKS
+
+
+async def run_to_completion(ctx: ToolContext, server: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The CallToolResult of a task-required tool, for callers that want a plain result (the meta-tool call_tool,
+    workflow steps): started as a task, its result awaited with tasks/result (bounded by the server's timeout)."""
+    created = (await upstream_request(ctx, server, "tools/call", {**params, "task": {}})).get("task")
+    task_id = created.get("taskId") if isinstance(created, dict) else None
+    if not isinstance(task_id, str):
+        raise RpcError(jsonrpc.INTERNAL_ERROR, f"Upstream server '{server}' answered with an invalid response",
+                       {"server": server, "details": "no task for a task-augmented call"}, status=502)
+    result = await upstream_request(ctx, server, "tasks/result", {"taskId": task_id})
+    meta = result.get("_meta")
+    if isinstance(meta, dict) and RELATED_TASK in meta:
+        result = {**result, "_meta": {k: v for k, v in meta.items() if k != RELATED_TASK}}
+    return result
+
+
 # ---- creating a task -------------------------------------------------------------------------------------------
 def _modern_result(gw: Gateway, result: dict[str, Any], result_type: str = "complete") -> dict[str, Any]:
     meta = result.get("_meta")

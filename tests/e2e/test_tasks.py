@@ -81,7 +81,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
                                           ("notasks", "legacy", "no-tasks"))}
         # two processor workers and no store: consecutive task requests land on either worker
         gateway = stack.enter_context(start_gateway(
-            work / "gw", ups, listen=listen, listTtlFloorMs=600_000, processor={"workers": 2},
+            work / "gw", ups, listen=listen, listTtlFloorMs=600_000, processor={"workers": 2}, toolMode="both",
             auth={"issuer": idp.issuer, "jwksUri": idp.jwks_uri, "resource": resource}))
         tokens = {u: idp.client_credentials(u, f"{u}-secret", resource=resource, scope="mcp:tools") for u in USERS}
         yield Setup(gateway, tokens, records)
@@ -255,6 +255,17 @@ async def test_a_task_required_tool_that_cannot_be_reached_is_not_listed_and_the
     problems = setup.gateway.status()["viewProblems"]
     why = [p for p in problems if "'slow_sum'" in p and "'notasks'" in p]
     assert why and "requires tasks" in why[0] and "declares no task support" in why[0]
+
+
+@pytest.mark.parametrize("mode", ["legacy", MODERN])
+async def test_call_tool_runs_a_task_required_tool_as_a_task_and_returns_its_result(setup: Setup, mode: str) -> None:
+    """The meta-tool call_tool (and workflow steps) want a plain result: the gateway runs the task and waits."""
+    gets = len(upstream_task_ids(setup, "jobs", "tasks/result"))
+    async with as_user(setup, "bob", mode) as client:
+        result = await client.call_tool("call_tool", {"name": "x_jobs_slow_sum", "arguments": {"a": 5, "b": 6}})
+    inner = json.loads(result.content[0].text)  # type: ignore[union-attr]
+    assert result.is_error is False and inner["isError"] is False and inner["content"][0]["text"] == "11"
+    assert len(upstream_task_ids(setup, "jobs", "tasks/result")) == gets + 1  # it ran as a task upstream
 
 
 async def test_an_older_handshake_client_is_not_offered_task_required_tools(setup: Setup) -> None:
