@@ -155,10 +155,12 @@ async def call_as_task(gw: Gateway, req: Request, msg: Message, target: Target, 
         if msg.era == LEGACY:
             return Local.result(msg.id, {**result, "task": {**created, "taskId": sealed}})
         return Local.result(msg.id, _modern_result(gw, modern_task(created, sealed), "task"))
-    # a 2026 upstream with the extension: the client's declaration goes along; the upstream decides
+    # a 2026 upstream with the extension: the client's declaration goes along (and an input_required retry's
+    # inputResponses / requestState); the upstream decides whether this call becomes a task
     caps = msg.meta.get(jsonrpc.META_CAPABILITIES)
     params["_meta"] = {jsonrpc.META_CAPABILITIES: {"extensions": {EXTENSION_TASKS: {}}}} if not isinstance(caps, dict) \
         else {jsonrpc.META_CAPABILITIES: caps}
+    params.update({k: msg.params[k] for k in ("inputResponses", "requestState") if k in msg.params})
     result = await upstream_request(ctx, target.server, "tools/call", params)
     if result.get("resultType") == "task":
         result = {**result, "taskId": await _seal(gw, req, target.server, result.get("taskId"), EXTENSION_TASKS)}

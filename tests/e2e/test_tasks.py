@@ -351,6 +351,9 @@ async def test_2026_extension_tasks_are_sealed_and_polled(setup: Setup) -> None:
         assert EXT in (await client.session.send_discover(MODERN))["capabilities"]["extensions"]
         result = await client.call_tool("x_jobs26_slow_sum", {"a": 20, "b": 22})
         assert result.content[0].text == "42"  # type: ignore[union-attr]
+        created = len(ext.created)  # the upstream answers echo at once (its choice): a plain result comes back
+        assert (await client.call_tool("x_jobs26_echo", {"text": "now"})).content[0].text == "now"  # type: ignore[union-attr]
+        assert len(ext.created) == created
     sealed = ext.created[-1]
     polled = upstream_task_ids(setup, "jobs26", "tasks/get")
     assert polled and sealed not in polled
