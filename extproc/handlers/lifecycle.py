@@ -27,7 +27,8 @@ async def initialize(gw: Gateway, req: Request, msg: Message) -> Local:
     version = requested if requested in HANDSHAKE_VERSIONS else LATEST_HANDSHAKE
     caps = msg.params.get("capabilities")
     view = await gw.current_view(req)
-    session_id, _ = gw.sessions.mint(req.caller.subject, version, orjson.dumps(caps if isinstance(caps, dict) else {}))
+    caps = tasks.client_capabilities_upstream(caps)
+    session_id, _ = gw.sessions.mint(req.caller.subject, version, orjson.dumps(caps))
     capabilities = {**view.capabilities, "resources": {"subscribe": True}, "logging": {},
                     **tasks.capabilities(gw, req, view, msg.era, version)}
     result: dict[str, Any] = {"protocolVersion": version, "capabilities": capabilities, "serverInfo": gw.server_info}

@@ -83,6 +83,12 @@ def capabilities(gw: Gateway, req: Request, view: View, era: str, version: str =
     return {"extensions": {EXTENSION_TASKS: {}}} if kinds & {LEGACY_TASKS, EXTENSION_TASKS} else {}
 
 
+def client_capabilities_upstream(caps: Any) -> dict[str, Any]:
+    """A handshake-era client's capabilities as its upstream sessions are told them: without `tasks` (client-hosted
+    tasks for sampling and elicitation are not relayed, so upstreams must not create them)."""
+    return {k: v for k, v in caps.items() if k != "tasks"} if isinstance(caps, dict) else {}
+
+
 def wants_task(gw: Gateway, req: Request, msg: Message, target: Target) -> bool:
     """Whether a tools/call goes through the task path (answered here) instead of being forwarded. A 2026 client
     calling a task-required tool without declaring the extension is told which capability it lacks (-32021)."""

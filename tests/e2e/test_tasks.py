@@ -286,6 +286,28 @@ async def test_an_older_handshake_client_is_not_offered_task_required_tools(setu
         await http.aclose()
 
 
+async def test_upstream_sessions_are_not_told_of_client_hosted_tasks(setup: Setup) -> None:
+    """The gateway does not relay client-hosted tasks, so a client's `tasks` capability stays at the edge."""
+    http = httpx2.AsyncClient(headers={"authorization": f"Bearer {setup.tokens['bob']}",
+                                       "accept": "application/json, text/event-stream"}, timeout=30)
+    caps = {"elicitation": {"form": {}}, "tasks": {"requests": {"elicitation": {"create": {}}}}}
+    try:
+        init = await http.post(setup.gateway.url, json={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": caps, "clientInfo": {"name": "c", "version": "1"}}})
+        headers = {"mcp-session-id": init.headers["mcp-session-id"], "mcp-protocol-version": "2025-11-25"}
+        called = await http.post(setup.gateway.url, headers=headers, json={
+            "jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "x_jobs_echo",
+                                                                          "arguments": {"text": "x"}}})
+        assert called.status_code == 200 and '"x"' in called.text
+    finally:
+        await http.aclose()
+    lines = [json.loads(line) for line in setup.records["jobs"].read_text().splitlines()]
+    told = [r["body"]["params"]["capabilities"] for r in lines
+            if isinstance(r.get("body"), dict) and r["body"].get("method") == "initialize"
+            and "elicitation" in r["body"]["params"].get("capabilities", {})]
+    assert told and all("tasks" not in c for c in told)
+
+
 # ---- the 2026 extension, driven by an SDK ClientExtension ------------------------------------------------------
 class CreatedTask(Result):
     model_config = ConfigDict(extra="allow")
