@@ -16,6 +16,7 @@ from typing import Any
 
 from catalog.manifests import MCPServer
 from catalog.naming import expose_uri, exposed_name, split_exposed_uri, template_regex, uri_slug
+from catalog.task_support import reachable_tools
 
 Json = dict[str, Any]
 _TCHAR = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -447,12 +448,19 @@ def _without_injected_headers(tool: Json, routes: Mapping[str, Route]) -> Json:
     return {**tool, "inputSchema": schema}
 
 
+def _task_reachable(snap: UpstreamSnapshot, problems: list[str]) -> UpstreamSnapshot:
+    """The snapshot without task-required tools its server cannot run as tasks (named in `problems`)."""
+    tools = reachable_tools(snap.server, snap.era == "modern", snap.capabilities, snap.tools, problems)
+    return snap if tools is snap.tools else replace(snap, tools=tuple(tools))
+
+
 def build_view(servers: Sequence[MCPServer], snapshots: Mapping[str, UpstreamSnapshot], *, prefix: str = "x",
                mode: str = "always", default_ttl_ms: int = 60_000) -> View:
     """Merge the lists of every reachable upstream in `snapshots` under conflict-free names."""
     live = [s for s in sorted(servers, key=lambda s: s.name) if s.name in snapshots and snapshots[s.name].ok]
     by_name = {s.name: s for s in live}
     problems: list[str] = []
+    snapshots = {**snapshots, **{s.name: _task_reachable(snapshots[s.name], problems) for s in live}}
     units = _units(live, problems)
     tools, tool_routes = _name_candidates("tool", _candidates("tool", units, by_name, snapshots, problems),
                                           prefix, mode, problems)

@@ -20,14 +20,14 @@ from catalog.config import GatewayConfig
 from catalog.manifests import MCPServer
 from catalog.policy import Decision, ToolFacts
 from catalog.view import Route, Target, View, restrict
-from extproc import cancellation, core_tools, jsonrpc, schema_retry, tracing
+from extproc import cancellation, core_tools, jsonrpc, schema_retry, task_share, tracing
 from extproc.answer import Resend
 from extproc.continuity import Continuity, state_key
 from extproc.credentials import Broker, CredentialError
 from extproc.edge_tools import EdgeTool, EdgeTools, ToolContext
 from extproc.events import Events
 from extproc.fleet import Fleet
-from extproc.handlers import auth, calls, lifecycle, lists
+from extproc.handlers import auth, calls, lifecycle, lists, tasks
 from extproc.handlers.meta import META_TOOL_NAMES
 from extproc.jsonrpc import INVALID_REQUEST, LEGACY, MODERN, Message, RpcError
 from extproc.metrics import Metrics
@@ -43,6 +43,7 @@ from extproc.rewrite import (
     split_namespaced,
 )
 from extproc.sessions import Cursors, Sessions
+from extproc.task_ids import TaskIds, TaskIndex
 from extproc.upstream import CLIENT_INFO, REPEATABLE, RETRY_HEADER, ROUTE_HEADER, UpstreamError, cluster_name
 from extproc.upstream_sessions import SessionCapReached
 
@@ -66,6 +67,7 @@ HANDLERS: dict[str, Handler] = {
     "completion/complete": calls.complete,
     "resources/subscribe": calls.subscribe,
     "resources/unsubscribe": calls.subscribe,
+    **tasks.HANDLERS,
 }
 
 TOOL_MODE_HEADER = "x-muster-tool-mode"
@@ -91,6 +93,8 @@ class Gateway:
         self.fleet = fleet
         self.sessions = sessions
         self.cursors = cursors
+        self.task_ids = TaskIds(sessions.sealer)
+        self.task_index = TaskIndex()
         self.server_info = {"name": config.server_name, "version": CLIENT_INFO["version"]}
         self.pages: LRUCache[tuple[Any, ...], bytes] = LRUCache(maxsize=512)
         self.metrics = metrics or Metrics()
@@ -356,6 +360,9 @@ class Gateway:
     def peer_message(self, body: bytes) -> tuple[int, bytes]:
         if self.peers is None:
             return 404, b"not found\n"
+        msg = self.peers.open(body)
+        if msg is not None and task_share.on_peer_message(self, msg):
+            return 200, b"[]"
         return self.peers.handle(body, self.end_here, self.seen_here, self.lost_here, self.claim_here)
 
     async def expire_idle(self) -> int:

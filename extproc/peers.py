@@ -60,6 +60,19 @@ class Peers:
     def shared(self) -> bool:
         return self._redis is not None
 
+    @property
+    def store(self) -> Any:
+        """The store's client (redis.asyncio), or None without a store: for other shared state (task ids)."""
+        return self._redis
+
+    async def tell_siblings(self, msg: dict[str, Any]) -> None:
+        """A sealed message to every sibling worker, awaited (short timeouts); failures are logged, not raised.
+        Ops other than end/seen are read by `Gateway.peer_message` before `handle`."""
+        results = await asyncio.gather(*(self._post(url, msg) for url in self.siblings), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                log.warning("telling a sibling worker (%s) failed: %s", msg.get("op"), type(result).__name__)
+
     # ---- announcing -------------------------------------------------------------------------------------------
     def _seal(self, obj: dict[str, Any]) -> bytes:
         return self._sealer.seal(orjson.dumps(obj), _AAD).encode()

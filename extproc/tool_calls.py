@@ -39,7 +39,7 @@ async def call_tool(ctx: ToolContext, name: str, arguments: Mapping[str, Any]) -
 
     Raises RpcError where a native tools/call would answer with a JSON-RPC error: an unknown or denied tool
     (`Unknown tool: X`, audited), a bad family instance argument, an unreachable upstream, its JSON-RPC error."""
-    from extproc.handlers import calls  # calls imports this module
+    from extproc.handlers import calls, tasks  # both import this module
 
     gw, req = ctx.gateway, ctx.request
     edge = gw.edge_tools.get(name)
@@ -48,6 +48,8 @@ async def call_tool(ctx: ToolContext, name: str, arguments: Mapping[str, Any]) -
     view = await gw.current_view(req)
     _, target, upstream_args = calls.resolve_call(gw, req, view, name, arguments)
     params: dict[str, Any] = {"name": target.original, "arguments": upstream_args}
+    if tasks.must_run_as_task(gw, req, target):
+        return await tasks.run_to_completion(ctx, target.server, params)
     return await request(ctx, target.server, "tools/call", params)
 
 
@@ -123,8 +125,8 @@ async def _send(gw: Gateway, server: MCPServer, hs: Handshake, method: str, para
     params = dict(params)
     if hs.era == MODERN:
         meta = dict(params.get("_meta") or {})
-        meta.update({jsonrpc.META_VERSION: hs.version, jsonrpc.META_CAPABILITIES: {},
-                     jsonrpc.META_CLIENT_INFO: CLIENT_INFO})
+        meta.update({jsonrpc.META_VERSION: hs.version, jsonrpc.META_CLIENT_INFO: CLIENT_INFO,
+                     jsonrpc.META_CAPABILITIES: meta.get(jsonrpc.META_CAPABILITIES, {})})
         params["_meta"] = meta
     msg_id = next(_IDS)
     key = jsonrpc.NAME_BEARING.get(method)

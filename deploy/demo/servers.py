@@ -10,6 +10,9 @@ KIND is one of:
   prometheus  query, list_alerts, whoami, a prompt and a resource
   vendor      progress notifications, resource links, embedded resources, a tool name shared with kubernetes
   fixture     the tools, prompts and resources the MCP conformance suite's server scenarios call by name
+  jobs        runs tools as tasks: slow_sum (taskSupport "required"), echo ("optional"); the 2025-11-25 task
+              methods in the handshake era, the io.modelcontextprotocol/tasks extension in 2026-07-28
+              (`--variant no-tasks`: lists slow_sum as required but declares no task support)
 
 Once the socket accepts connections the process prints `READY http://HOST:PORT/mcp` (with the real port when
 `--port 0` was given) and serves until SIGTERM or SIGINT, then exits with status 0.
@@ -35,6 +38,7 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 import warnings
 import wave
 import zlib
@@ -56,7 +60,7 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-KINDS = ("kubernetes", "prometheus", "vendor", "fixture")
+KINDS = ("kubernetes", "prometheus", "vendor", "fixture", "jobs")
 LEGACY_VERSIONS = frozenset(HANDSHAKE_PROTOCOL_VERSIONS)
 READ_ONLY = types.ToolAnnotations(read_only_hint=True, destructive_hint=False, open_world_hint=False)
 DESTRUCTIVE = types.ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True)
@@ -755,11 +759,166 @@ def add_legacy_handlers(server: MCPServer) -> None:
     lowlevel.add_request_handler("resources/unsubscribe", types.UnsubscribeRequestParams, unsubscribe)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# jobs: tools run as tasks. The SDK 2.3 types tasks but does not dispatch them, so a server middleware on the
+# SDK's own runner serves them: the 2025-11-25 methods (tools/call with params.task, tasks/get|result|cancel|list)
+# on handshake-era connections, the io.modelcontextprotocol/tasks extension (resultType "task",
+# tasks/get|update|cancel) on 2026-07-28 requests that declare it. Tasks are bound to the caller's Authorization
+# header: behind a gateway with one credential every gateway caller shares it, so the gateway must bind them.
+
+TASKS_EXT = "io.modelcontextprotocol/tasks"
+RELATED_TASK = "io.modelcontextprotocol/related-task"
+TASK_SUPPORT = {"slow_sum": "required", "echo": "optional"}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class Job:
+    def __init__(self, task_id: str, context: str) -> None:
+        self.task_id, self.context, self.status = task_id, context, "working"
+        self.created = self.updated = _now()
+        self.result: dict[str, Any] | None = None
+        self.runner: asyncio.Task[None] | None = None
+        self.done = asyncio.Event()
+
+    def legacy(self) -> dict[str, Any]:
+        return {"taskId": self.task_id, "status": self.status, "createdAt": self.created,
+                "lastUpdatedAt": self.updated, "ttl": 600_000, "pollInterval": 50}
+
+    def modern(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"taskId": self.task_id, "status": self.status, "createdAt": self.created,
+                               "lastUpdatedAt": self.updated, "ttlSeconds": 600, "pollIntervalMilliseconds": 50}
+        if self.status == "completed" and self.result is not None:
+            out["result"] = self.result
+        return out
+
+
+async def run_job_tool(name: str, arguments: dict[str, Any]) -> str:
+    if name == "slow_sum":
+        await asyncio.sleep(float(arguments.get("seconds", 0.2)))
+        return str(int(arguments["a"]) + int(arguments["b"]))
+    return str(arguments.get("text", ""))
+
+
+class Jobs:
+    """The tasks of one jobs server, per authorization context."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, Job] = {}
+
+    def start(self, context: str, name: str, arguments: dict[str, Any]) -> Job:
+        job = Job(f"t-{uuid.uuid4().hex[:12]}", context)
+        self.jobs[job.task_id] = job
+        job.runner = asyncio.get_running_loop().create_task(self._run(job, name, arguments))
+        return job
+
+    async def _run(self, job: Job, name: str, arguments: dict[str, Any]) -> None:
+        try:
+            text = await run_job_tool(name, arguments)
+            job.result = {"content": [{"type": "text", "text": text}], "structuredContent": {"result": text},
+                          "isError": False}
+            job.status = "completed"
+        except asyncio.CancelledError:
+            job.status = "cancelled"
+        finally:
+            job.updated = _now()
+            job.done.set()
+
+    def find(self, context: str, params: dict[str, Any]) -> Job:
+        task_id = params.get("taskId")
+        job = self.jobs.get(task_id) if isinstance(task_id, str) else None
+        if job is None or job.context != context:
+            raise MCPError(-32602, f"Unknown task: {task_id}")
+        return job
+
+    async def method(self, method: str, params: dict[str, Any], context: str, modern: bool) -> Any:
+        if method == "tasks/list" and not modern:
+            return {"tasks": [j.legacy() for j in self.jobs.values() if j.context == context]}
+        job = self.find(context, params)
+        if method == "tasks/get":
+            return {"resultType": "complete", **job.modern()} if modern else job.legacy()
+        if method == "tasks/cancel":
+            if job.status in ("completed", "failed", "cancelled"):
+                if modern:
+                    return {"resultType": "complete"}
+                raise MCPError(-32602, f"Task {job.task_id} is already {job.status}")
+            if job.runner is not None:
+                job.runner.cancel()
+                await job.done.wait()
+            return {"resultType": "complete"} if modern else job.legacy()
+        if method == "tasks/result" and not modern:
+            await job.done.wait()
+            if job.status != "completed" or job.result is None:
+                raise MCPError(-32000, f"Task {job.task_id} was {job.status}")
+            return {**job.result, "_meta": {RELATED_TASK: {"taskId": job.task_id}}}
+        if method == "tasks/update" and modern:
+            return {"resultType": "complete"}
+        raise MCPError(-32601, f"Method not found: {method}")
+
+
+def jobs_middleware(jobs: Jobs, declare: bool) -> Callable[..., Any]:
+    async def handle(ctx: Any, call_next: Callable[[Any], Any]) -> Any:
+        method, params = ctx.method, dict(ctx.params or {})
+        modern = ctx.protocol_version not in LEGACY_VERSIONS
+        request = getattr(ctx, "request", None)
+        context = str(getattr(request, "headers", {}).get("authorization", "")) if request is not None else ""
+        if method == "initialize" and declare:
+            result = dict(await call_next(ctx))
+            result["capabilities"] = {**result.get("capabilities", {}), "tasks": {
+                "list": {}, "cancel": {}, "requests": {"tools": {"call": {}}}}}
+            return result
+        if method == "server/discover" and declare:
+            result = dict(await call_next(ctx))
+            caps = dict(result.get("capabilities", {}))
+            result["capabilities"] = {**caps, "extensions": {**caps.get("extensions", {}), TASKS_EXT: {}}}
+            return result
+        if method == "tools/list" and not modern:
+            result = dict(await call_next(ctx))
+            result["tools"] = [{**t, "execution": {"taskSupport": TASK_SUPPORT[t["name"]]}}
+                               if t["name"] in TASK_SUPPORT else t for t in result.get("tools", [])]
+            return result
+        if method == "tools/call":
+            name, arguments = params.get("name"), dict(params.get("arguments") or {})
+            meta = params.get("_meta") or {}
+            caps = meta.get("io.modelcontextprotocol/clientCapabilities") or {}
+            if modern and declare and TASKS_EXT in (caps.get("extensions") or {}) and name == "slow_sum":
+                return {"resultType": "task", **jobs.start(context, name, arguments).modern()}
+            if not modern and declare and "task" in params and name in TASK_SUPPORT:
+                return {"task": jobs.start(context, str(name), arguments).legacy()}
+            if not modern and name == "slow_sum":
+                raise MCPError(-32601, "slow_sum must be called as a task")
+            return await call_next(ctx)
+        if method.startswith("tasks/") and declare:
+            return await jobs.method(method, params, context, modern)
+        return await call_next(ctx)
+
+    return handle
+
+
+def build_jobs(name: str, variant: str = "") -> MCPServer:
+    server = MCPServer(name, version="0.1.0", middleware=[jobs_middleware(Jobs(), variant != "no-tasks")])
+
+    @server.tool()
+    async def slow_sum(a: int, b: int, seconds: float = 0.2) -> str:
+        """Add two numbers slowly (run as a task: 2025-11-25 taskSupport "required")."""
+        return await run_job_tool("slow_sum", {"a": a, "b": b, "seconds": seconds})
+
+    @server.tool()
+    def echo(text: str) -> str:
+        """Say it back (taskSupport "optional")."""
+        return text
+
+    return server
+
+
 BUILDERS: dict[str, Callable[[str], MCPServer]] = {
     "kubernetes": build_kubernetes,
     "prometheus": build_prometheus,
     "vendor": build_vendor,
     "fixture": build_fixture,
+    "jobs": build_jobs,
 }
 
 
@@ -936,6 +1095,8 @@ class QuietServer(uvicorn.Server):
 
 def build_server(args: argparse.Namespace) -> MCPServer:
     name = args.name or args.kind
+    if args.kind == "jobs":
+        return build_jobs(name, args.variant)
     return build_kubernetes(name, args.variant) if args.kind == "kubernetes" else BUILDERS[args.kind](name)
 
 
@@ -995,9 +1156,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--audience", default="", help="with --require-jwt: the audience tokens must carry")
     parser.add_argument("--max-token-uses", type=int, default=0,
                         help="with --require-jwt: refuse a token after this many requests (0: never)")
-    parser.add_argument("--variant", default="", choices=("", "skewed"),
-                        help="kubernetes only: 'skewed' changes one description and adds a tool with an "
-                             "argument named management_cluster (family fallbacks)")
+    parser.add_argument("--variant", default="", choices=("", "skewed", "no-tasks"),
+                        help="kubernetes: 'skewed' changes one description and adds a tool with an "
+                             "argument named management_cluster (family fallbacks); jobs: 'no-tasks' declares "
+                             "no task support")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (reported on the READY line)")
     parser.add_argument("--transport", choices=("streamable-http", "sse", "stdio"), default="streamable-http",
                         help="sse: the 2024-11-05 HTTP+SSE transport (GET /sse); stdio: serve on stdin/stdout")

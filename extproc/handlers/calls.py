@@ -13,7 +13,7 @@ from catalog.policy import ToolFacts
 from catalog.view import Route, Target, View
 from extproc import jsonrpc, tool_calls
 from extproc.edge_tools import text_result
-from extproc.handlers import auth, meta
+from extproc.handlers import auth, meta, tasks
 from extproc.handlers.meta import META_TOOL_NAMES
 from extproc.jsonrpc import INVALID_PARAMS, LEGACY_RESOURCE_NOT_FOUND, MODERN, Message, RpcError
 from extproc.replies import Forward, Local
@@ -187,6 +187,8 @@ async def call_tool(gw: Gateway, req: Request, msg: Message) -> Forward | Local:
         route, target, upstream_args = resolve_call(gw, req, view, name, arguments)
     except ArgumentError as err:  # a result the model reads and acts on, not a protocol error
         return tool_calls.finish(gw, msg, err.tool_result())
+    if tasks.wants_task(gw, req, msg, target):
+        return await tasks.call_as_task(gw, req, msg, target, upstream_args)
     params = {**msg.params, "name": target.original, "arguments": upstream_args}
     return await gw.forward(req, msg, target.server, params, name=target.original, header_map=target.header_map,
                             arguments=upstream_args, repeatable=_repeatable(target.definition))

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from extproc import jsonrpc
+from extproc.handlers import tasks
 from extproc.jsonrpc import HANDSHAKE_VERSIONS, LATEST_HANDSHAKE, MODERN, MODERN_VERSIONS, Message, RpcError
 from extproc.replies import Local
 from extproc.request import Request
@@ -26,8 +27,10 @@ async def initialize(gw: Gateway, req: Request, msg: Message) -> Local:
     version = requested if requested in HANDSHAKE_VERSIONS else LATEST_HANDSHAKE
     caps = msg.params.get("capabilities")
     view = await gw.current_view(req)
-    session_id, _ = gw.sessions.mint(req.caller.subject, version, orjson.dumps(caps if isinstance(caps, dict) else {}))
-    capabilities = {**view.capabilities, "resources": {"subscribe": True}, "logging": {}}
+    caps = tasks.client_capabilities_upstream(caps)
+    session_id, _ = gw.sessions.mint(req.caller.subject, version, orjson.dumps(caps))
+    capabilities = {**view.capabilities, "resources": {"subscribe": True}, "logging": {},
+                    **tasks.capabilities(gw, req, view, msg.era, version)}
     result: dict[str, Any] = {"protocolVersion": version, "capabilities": capabilities, "serverInfo": gw.server_info}
     if gw.config.instructions:
         result["instructions"] = gw.config.instructions
@@ -38,7 +41,7 @@ async def discover(gw: Gateway, req: Request, msg: Message) -> Local:
     view = await gw.current_view(req)
     result: dict[str, Any] = {
         "supportedVersions": [*MODERN_VERSIONS, *reversed(HANDSHAKE_VERSIONS)],
-        "capabilities": view.capabilities,
+        "capabilities": {**view.capabilities, **tasks.capabilities(gw, req, view, msg.era)},
         "ttlMs": view.ttl_ms,
         "cacheScope": gw.cache_scope(req),
         "resultType": "complete",

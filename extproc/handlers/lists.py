@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from extproc import jsonrpc
-from extproc.handlers import auth, meta
+from extproc.handlers import auth, meta, tasks
 from extproc.jsonrpc import INVALID_PARAMS, MODERN, Message, RpcError
 from extproc.replies import Local
 from extproc.request import Request
@@ -56,11 +56,12 @@ async def list_items(gw: Gateway, req: Request, msg: Message) -> Local:
             extra = (auth.AUTH_STATUS_RESOURCE,)
         native = getattr(view, attr)
     cache_key = (view.fingerprint, msg.method, offset, msg.era, scope, mode, gw.edge_tools.generation,
+                 attr == "tools" and tasks.client_drives_tasks(msg),
                  tuple(t.get("name") for t in extra))
     page = gw.pages.get(cache_key)
     hit = page is not None
     if page is None:
-        items = (*extra, *native)
+        items = (*extra, *(tasks.listed_tools(native, msg) if attr == "tools" else native))
         size = gw.config.list_page_size or max(len(items), 1)
         result: dict[str, Any] = {key: list(items[offset:offset + size])}
         if offset + size < len(items):
