@@ -25,10 +25,11 @@ from extproc.credentials import Broker, CredentialError
 from extproc.edge_tools import EdgeTool, EdgeTools, ToolContext
 from extproc.events import Events
 from extproc.fleet import Fleet
-from extproc.handlers import auth, calls, lifecycle, lists
+from extproc.handlers import auth, calls, lifecycle, lists, subscriptions
 from extproc.handlers.meta import META_TOOL_NAMES
 from extproc.jsonrpc import INVALID_REQUEST, LEGACY, MODERN, Message, RpcError
 from extproc.metrics import Metrics
+from extproc.notify import Notifier
 from extproc.peers import Peers
 from extproc.replies import JSON, Forward, Local, ResponsePlan
 from extproc.request import Request
@@ -55,8 +56,9 @@ HANDLERS: dict[str, Handler] = {
     "prompts/get": calls.get_prompt,
     "resources/read": calls.read_resource,
     "completion/complete": calls.complete,
-    "resources/subscribe": calls.subscribe,
-    "resources/unsubscribe": calls.subscribe,
+    "resources/subscribe": subscriptions.subscribe,
+    "resources/unsubscribe": subscriptions.subscribe,
+    "subscriptions/listen": subscriptions.listen,
 }
 
 TOOL_MODE_HEADER = "x-muster-tool-mode"
@@ -97,6 +99,9 @@ class Gateway:
         self.events = Events(config.redis_url)
         core_tools.register_builtin(self)
         self.fleet.on_change = self._upstream_changed
+        self.notifier = Notifier(self)
+        self.fleet.on_lists = self.notifier.upstream_lists
+        self.fleet.on_resource = self.notifier.resource_updated
         self.collisions: dict[str, list[str]] = {}
 
     def _upstream_changed(self, server: MCPServer, owner: str, up: bool, why: str) -> None:
@@ -108,6 +113,7 @@ class Gateway:
         """A catalog (re)load: swapped into the fleet and recorded as events (reload, each refused manifest)."""
         before = set(self.fleet.errors)
         self.fleet.set_catalog(servers, errors)
+        self.notifier.view_changed("catalog", relay=False)  # every worker reads the catalog itself
         self.events.record("Catalog", "catalog", "Reloaded", f"{len(servers)} MCPServers admitted, "
                                                              f"{len(errors)} refused")
         for err in errors:
@@ -125,6 +131,7 @@ class Gateway:
         view = self.fleet.view()
         out["collisions"] = sorted(name for name in view.tool_routes if self.reserved(name))
         out["toolMode"] = self.config.tool_mode
+        out["notifications"] = self.notifier.status()
         return out
 
     def tool_mode(self, req: Request) -> str:
@@ -274,6 +281,8 @@ class Gateway:
             return await self._end_session(req)
         if method == "GET" and "last-event-id" in req.headers and "mcp-session-id" in req.headers:
             return self._resume(req)
+        if method == "GET" and "mcp-session-id" in req.headers:
+            return await self._listen_stream(req)
         return Local(405, b"", {"allow": "POST, DELETE"}, details="muster_edge_method_not_allowed")
 
     def _resume(self, req: Request) -> Local | Forward:
@@ -293,6 +302,17 @@ class Gateway:
         del headers["content-length"]
         plan = ResponsePlan(server=server.name, namespace=server.name, upstream_session_owner=token.nonce.hex())
         return Forward(cluster_name(server.name), b"", headers, self._dropped(req, headers), plan)
+
+    async def _listen_stream(self, req: Request) -> Local | Forward:
+        """A handshake-era client's GET stream: its session checked here, the stream served by the notifier."""
+        if "text/event-stream" not in req.headers.get("accept", "") and "*/*" not in req.headers.get("accept", ""):
+            return Local.error(RpcError(INVALID_REQUEST, "Not Acceptable: Client must accept text/event-stream",
+                                        status=406), LEGACY)
+        try:
+            await self._check_session(req)
+        except RpcError as err:
+            return Local.error(err, LEGACY)
+        return self.notifier.open_get(req, req.session_nonce)
 
     async def _end_session(self, req: Request) -> Local:
         sid = req.headers.get("mcp-session-id")

@@ -12,7 +12,7 @@ import ipaddress
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -23,6 +23,7 @@ from extproc.credentials import SecretFiles
 log = logging.getLogger(__name__)
 
 _MAX_HEADER_LINES = 100
+Stream = Callable[[dict[str, str], asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 _UNAUTHORIZED = b"the status endpoint needs the statusToken as a bearer, or a loopback peer\n"
 
 
@@ -79,20 +80,24 @@ def redact(status: dict[str, Any]) -> dict[str, Any]:
 async def serve_status(host: str, port: int, status: Callable[[], dict[str, Any]],
                        metrics: Callable[[], str] = lambda: "",
                        peer: Callable[[bytes], tuple[int, bytes]] | None = None,
-                       token: Callable[[], str] = lambda: "") -> asyncio.Server:
+                       token: Callable[[], str] = lambda: "",
+                       stream: Stream | None = None) -> asyncio.Server:
     """`peer` answers `POST /peer`: messages from sibling workers, sealed with the session key (extproc/peers.py),
-    so they need no statusToken."""
+    so they need no statusToken. `stream` serves `/notify` (extproc/notify.py: Envoy's listening streams, each
+    with a sealed ticket the endpoint checks itself), for as long as the stream lasts."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 5)
             authorization = ""
             length = 0
+            headers: dict[str, str] = {}
             for _ in range(_MAX_HEADER_LINES):
                 header = await asyncio.wait_for(reader.readline(), 5)
                 if header in (b"\r\n", b"\n", b""):
                     break
                 name, _, value = header.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
                 if name.strip().lower() == "authorization":
                     authorization = value.strip()
                 elif name.strip().lower() == "content-length" and value.strip().isdigit():
@@ -100,6 +105,9 @@ async def serve_status(host: str, port: int, status: Callable[[], dict[str, Any]
             parts = line.decode("latin-1").split()
             path = parts[1].split("?", 1)[0] if len(parts) > 1 else "/"
             extra = ""
+            if path == "/notify" and stream is not None:
+                await stream(headers, reader, writer)
+                return
             if parts and parts[0] == "POST" and path == "/peer" and peer is not None and 0 < length <= 1 << 20:
                 code, body = peer(await asyncio.wait_for(reader.readexactly(length), 5))
                 ctype = "application/json"
@@ -124,4 +132,5 @@ async def serve_status(host: str, port: int, status: Callable[[], dict[str, Any]
         finally:
             writer.close()
 
-    return await asyncio.start_server(handle, host, port)
+    # a listening stream's ticket carries the caller's groups: lines up to 1 MiB
+    return await asyncio.start_server(handle, host, port, limit=1 << 20)

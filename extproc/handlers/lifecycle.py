@@ -15,6 +15,9 @@ from extproc.request import Request
 if TYPE_CHECKING:
     from extproc.gateway import Gateway
 
+# honoured by the notification channel (extproc/notify.py): GET streams and subscriptions/listen
+LIST_CHANGED_CAPABILITIES = {"tools": {"listChanged": True}, "prompts": {"listChanged": True},
+                             "resources": {"subscribe": True, "listChanged": True}}
 LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 
 
@@ -27,7 +30,7 @@ async def initialize(gw: Gateway, req: Request, msg: Message) -> Local:
     caps = msg.params.get("capabilities")
     view = await gw.current_view(req)
     session_id, _ = gw.sessions.mint(req.caller.subject, version, orjson.dumps(caps if isinstance(caps, dict) else {}))
-    capabilities = {**view.capabilities, "resources": {"subscribe": True}, "logging": {}}
+    capabilities = {**view.capabilities, **LIST_CHANGED_CAPABILITIES, "logging": {}}
     result: dict[str, Any] = {"protocolVersion": version, "capabilities": capabilities, "serverInfo": gw.server_info}
     if gw.config.instructions:
         result["instructions"] = gw.config.instructions
@@ -38,7 +41,7 @@ async def discover(gw: Gateway, req: Request, msg: Message) -> Local:
     view = await gw.current_view(req)
     result: dict[str, Any] = {
         "supportedVersions": [*MODERN_VERSIONS, *reversed(HANDSHAKE_VERSIONS)],
-        "capabilities": view.capabilities,
+        "capabilities": {**view.capabilities, **LIST_CHANGED_CAPABILITIES},
         "ttlMs": view.ttl_ms,
         "cacheScope": gw.cache_scope(req),
         "resultType": "complete",

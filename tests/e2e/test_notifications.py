@@ -1,0 +1,187 @@
+"""Change notifications through the real gateway (Envoy + processor), to real SDK clients, in both eras.
+
+A handshake-era client's GET stream and a 2026-07-28 client's subscriptions/listen are served by the processor's
+own stream endpoint; each client is told once, and only about what it can see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import orjson
+import pytest
+from mcp.client.client import Client
+from mcp.shared.subscriptions import ResourceUpdated, ToolsListChanged
+
+from tests.gateway_harness import Gateway, start_gateway
+from tests.procs import DemoServer, start_demo_server
+
+TIMEOUT = 15.0
+
+
+@dataclass
+class Setup:
+    gateway: Gateway
+    vendor: DemoServer
+    fixture: DemoServer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    work = tmp_path_factory.mktemp("notify")
+    with contextlib.ExitStack() as stack:
+        vendor = stack.enter_context(start_demo_server("vendor", name="vendor"))
+        fixture = stack.enter_context(start_demo_server("fixture", name="fixture"))
+        gateway = stack.enter_context(start_gateway(work / "gw", {"vendor": vendor.url, "fixture": fixture.url},
+                                                    listTtlFloorMs=600_000))
+        yield Setup(gateway, vendor, fixture)
+
+
+@dataclass
+class Inbox:
+    """The notifications one handshake-era client received, by method."""
+
+    methods: list[str] = field(default_factory=list)
+    params: list[dict[str, Any]] = field(default_factory=list)
+
+    async def handler(self, message: Any) -> None:
+        root = getattr(message, "root", message)
+        method = getattr(root, "method", None)
+        if isinstance(method, str) and method.startswith("notifications/"):
+            self.methods.append(method)
+            params = getattr(root, "params", None)
+            self.params.append(params.model_dump(by_alias=True, exclude_none=True) if params is not None else {})
+
+    def count(self, method: str) -> int:
+        return self.methods.count(method)
+
+
+async def until(predicate: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def listening(gateway: Gateway) -> int:
+    return int(gateway.status()["notifications"]["listening"])
+
+
+@contextlib.asynccontextmanager
+async def legacy_client(gateway: Gateway, inbox: Inbox) -> AsyncIterator[Client]:
+    before = listening(gateway)
+    async with Client(gateway.url, mode="legacy", message_handler=inbox.handler) as client:
+        await until(lambda: listening(gateway) > before, "the GET stream to open")
+        yield client
+
+
+async def tool_names(client: Client) -> set[str]:
+    return {t.name for t in (await client.list_tools()).tools}
+
+
+def test_capabilities_declare_list_changed_and_subscribe(setup: Setup) -> None:
+    async def main() -> None:
+        for mode in ("legacy", "auto"):  # auto: server/discover first, as 2026-07-28 clients do
+            async with Client(setup.gateway.url, mode=mode) as client:
+                assert client.session.protocol_version == ("2025-11-25" if mode == "legacy" else "2026-07-28")
+                caps = client.session.server_capabilities
+                assert caps is not None
+                assert caps.tools is not None and caps.tools.list_changed
+                assert caps.prompts is not None and caps.prompts.list_changed
+                assert caps.resources is not None and caps.resources.list_changed and caps.resources.subscribe
+
+    asyncio.run(main())
+
+
+def test_legacy_get_stream_told_once_when_an_upstream_tool_list_changes(setup: Setup) -> None:
+    async def main() -> None:
+        inbox = Inbox()
+        async with legacy_client(setup.gateway, inbox) as client:
+            had_beta = "x_vendor_beta_feature" in await tool_names(client)
+            await client.call_tool("x_vendor_toggle_beta", {})
+            await until(lambda: inbox.count("notifications/tools/list_changed") >= 1, "tools/list_changed")
+            assert ("x_vendor_beta_feature" in await tool_names(client)) != had_beta
+            # a second, unrelated list_changed would show up with the next toggle's: one per event
+            await client.call_tool("x_vendor_toggle_beta", {})
+            await until(lambda: inbox.count("notifications/tools/list_changed") >= 2, "the second tools/list_changed")
+            assert ("x_vendor_beta_feature" in await tool_names(client)) == had_beta
+            assert inbox.count("notifications/tools/list_changed") == 2
+            assert inbox.count("notifications/prompts/list_changed") == 0
+            assert inbox.count("notifications/resources/list_changed") == 0
+
+    asyncio.run(main())
+
+
+def test_listen_acknowledges_and_tells_only_what_was_asked(setup: Setup) -> None:
+    async def main() -> None:
+        async with Client(setup.gateway.url, mode="2026-07-28") as client:
+            async with client.listen(tools_list_changed=True) as sub:
+                assert sub.honored.tools_list_changed and not sub.honored.prompts_list_changed
+                await client.call_tool("x_vendor_toggle_beta", {})
+                event = await asyncio.wait_for(sub.__anext__(), TIMEOUT)
+                assert isinstance(event, ToolsListChanged)
+
+    asyncio.run(main())
+
+
+def test_listen_wire_format(setup: Setup) -> None:
+    """The raw stream: the acknowledgement first, with the listen id as subscriptionId on every frame."""
+    async def main() -> None:
+        meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientCapabilities": {}}
+        body = {"jsonrpc": "2.0", "id": "sub-7", "method": "subscriptions/listen",
+                "params": {"notifications": {"toolsListChanged": True, "promptsListChanged": False}, "_meta": meta}}
+        headers = {"accept": "application/json, text/event-stream", "content-type": "application/json",
+                   "mcp-protocol-version": "2026-07-28", "mcp-method": "subscriptions/listen"}
+        frames: list[dict[str, Any]] = []
+        async with httpx2.AsyncClient(timeout=TIMEOUT) as http, \
+                http.stream("POST", setup.gateway.url, content=orjson.dumps(body), headers=headers) as resp:
+            assert resp.status_code == 200
+            assert resp.headers["content-type"].startswith("text/event-stream")
+            async for line in resp.aiter_lines():
+                if line.startswith("data:"):
+                    frames.append(orjson.loads(line[5:]))
+                    break
+        ack = frames[0]
+        assert ack["method"] == "notifications/subscriptions/acknowledged"
+        assert ack["params"]["notifications"] == {"toolsListChanged": True}
+        assert ack["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"] == "sub-7"
+
+    asyncio.run(main())
+
+
+def test_stream_endpoint_refuses_a_request_without_a_ticket(setup: Setup) -> None:
+    status = setup.gateway.config["processor"]["status"]
+    resp = httpx2.post(f"http://{status}/notify", headers={"x-muster-edge-listen": "forged"}, timeout=5)
+    assert resp.status_code == 403
+
+
+def test_get_without_a_session_is_refused(setup: Setup) -> None:
+    resp = httpx2.get(setup.gateway.url, headers={"accept": "text/event-stream", "mcp-session-id": "nope"}, timeout=5)
+    assert resp.status_code in (400, 404)
+    assert "error" in resp.json()
+
+
+def test_manifest_added_and_removed_tells_once_each(setup: Setup, tmp_path: Path) -> None:
+    async def main() -> None:
+        inbox = Inbox()
+        with start_demo_server("prometheus", name="extra") as extra:
+            async with legacy_client(setup.gateway, inbox) as client:
+                setup.gateway.add_server("extra", extra.url)
+                await until(lambda: inbox.count("notifications/tools/list_changed") >= 1, "list_changed on add")
+                assert any(n.startswith("x_extra_") for n in await tool_names(client))
+                setup.gateway.remove_manifest("extra.yaml")
+                await until(lambda: inbox.count("notifications/tools/list_changed") >= 2, "list_changed on remove")
+                assert not any(n.startswith("x_extra_") for n in await tool_names(client))
+                assert inbox.count("notifications/tools/list_changed") == 2
+
+    asyncio.run(main())
