@@ -101,7 +101,7 @@ class Gateway:
         self.fleet.on_change = self._upstream_changed
         self.notifier = Notifier(self)
         self.fleet.on_lists = self.notifier.upstream_lists
-        self.fleet.on_resource = self.notifier.resource_updated
+        self.fleet.on_resource = lambda server, owner, uri: self.notifier.resource_updated(server, uri, owner)
         self.collisions: dict[str, list[str]] = {}
 
     def _upstream_changed(self, server: MCPServer, owner: str, up: bool, why: str) -> None:

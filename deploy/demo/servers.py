@@ -440,6 +440,12 @@ def add_notification_fixtures(server: MCPServer) -> None:
         return "tools/list_changed published"
 
     @server.tool(structured_output=False)
+    async def test_trigger_resource_update(ctx: Context) -> str:
+        """Announces that test://watched-resource changed, to subscriptions/listen streams that follow it."""
+        await ctx.notify_resource_updated("test://watched-resource")
+        return "resources/updated published"
+
+    @server.tool(structured_output=False)
     async def test_trigger_prompt_change(ctx: Context) -> str:
         """Announces a prompts list change to subscriptions/listen streams (the list itself stays stable)."""
         await ctx.notify_prompts_changed()

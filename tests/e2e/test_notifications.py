@@ -20,6 +20,7 @@ import pytest
 from mcp.client.client import Client
 from mcp.shared.subscriptions import ResourceUpdated, ToolsListChanged
 
+from tests import conformance
 from tests.gateway_harness import Gateway, start_gateway
 from tests.procs import DemoServer, start_demo_server
 
@@ -123,12 +124,12 @@ def test_legacy_get_stream_told_once_when_an_upstream_tool_list_changes(setup: S
 
 def test_listen_acknowledges_and_tells_only_what_was_asked(setup: Setup) -> None:
     async def main() -> None:
-        async with Client(setup.gateway.url, mode="2026-07-28") as client:
-            async with client.listen(tools_list_changed=True) as sub:
-                assert sub.honored.tools_list_changed and not sub.honored.prompts_list_changed
-                await client.call_tool("x_vendor_toggle_beta", {})
-                event = await asyncio.wait_for(sub.__anext__(), TIMEOUT)
-                assert isinstance(event, ToolsListChanged)
+        async with Client(setup.gateway.url, mode="2026-07-28") as client, \
+                client.listen(tools_list_changed=True) as sub:
+            assert sub.honored.tools_list_changed and not sub.honored.prompts_list_changed
+            await client.call_tool("x_vendor_toggle_beta", {})
+            event = await asyncio.wait_for(sub.__anext__(), TIMEOUT)
+            assert isinstance(event, ToolsListChanged)
 
     asyncio.run(main())
 
@@ -185,3 +186,88 @@ def test_manifest_added_and_removed_tells_once_each(setup: Setup, tmp_path: Path
                 assert inbox.count("notifications/tools/list_changed") == 2
 
     asyncio.run(main())
+
+
+def test_resources_updated_reaches_subscribers_with_the_exposed_uri(setup: Setup) -> None:
+    async def exposed_watched(client: Client) -> str:
+        uris = [str(r.uri) for r in (await client.list_resources()).resources]
+        return next(u for u in uris if u.endswith("watched-resource"))
+
+    async def main() -> None:
+        async with Client(setup.gateway.url, mode="2026-07-28") as client:
+            uri = await exposed_watched(client)
+            assert uri != "test://watched-resource"  # prefixMode always: the gateway's own form
+            async with client.listen(resource_subscriptions=[uri]) as sub:
+                assert sub.honored.resource_subscriptions == [uri]
+                got: list[Any] = []
+
+                async def next_event() -> None:
+                    got.append(await sub.__anext__())
+
+                waiter = asyncio.ensure_future(next_event())
+                deadline = time.monotonic() + TIMEOUT
+                while not waiter.done() and time.monotonic() < deadline:  # the upstream subscription opens async
+                    await client.call_tool("x_fixture_test_trigger_resource_update", {})
+                    await asyncio.wait([waiter], timeout=0.5)
+                assert waiter.done(), "no resources/updated"
+                assert isinstance(got[0], ResourceUpdated) and got[0].uri == uri
+
+        inbox = Inbox()
+        async with legacy_client(setup.gateway, inbox) as client:
+            uri = await exposed_watched(client)
+            await client.session.subscribe_resource(uri)
+            deadline = time.monotonic() + TIMEOUT
+            while not inbox.count("notifications/resources/updated") and time.monotonic() < deadline:
+                await client.call_tool("x_fixture_test_trigger_resource_update", {})
+                await asyncio.sleep(0.5)
+            index = inbox.methods.index("notifications/resources/updated")
+            assert inbox.params[index]["uri"] == uri
+            await client.session.unsubscribe_resource(uri)
+
+    asyncio.run(main())
+
+
+def test_listening_clients_release_what_they_held(setup: Setup) -> None:
+    async def main() -> None:
+        base = listening(setup.gateway)
+        async with Client(setup.gateway.url, mode="2026-07-28") as client, \
+                client.listen(tools_list_changed=True, prompts_list_changed=True):
+            await until(lambda: listening(setup.gateway) == base + 1, "the stream to be held")
+        await until(lambda: listening(setup.gateway) == base, "the stream to be released")
+        assert setup.gateway.status()["notifications"]["upstreamSubscriptions"] == 0
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------------------------- conformance
+
+SUBSCRIPTION_CHECKS = {
+    "2026-07-28": ("server-stateless", [
+        "sep-2575-server-sends-subscription-ack", "sep-2575-server-tags-subscription-id",
+        "sep-2575-server-honors-notification-filter", "sep-2575-server-sends-tools-list-changed-on-subscription",
+        "sep-2575-server-sends-prompts-list-changed-on-subscription"]),
+}
+
+
+@pytest.mark.skipif(not conformance.available(), reason="the conformance suite is not installed (make node)")
+def test_conformance_subscription_and_list_changed_checks_pass(tmp_path: Path) -> None:
+    with contextlib.ExitStack() as stack:
+        fixture = stack.enter_context(start_demo_server("fixture", name="fixture"))
+        gw = stack.enter_context(start_gateway(tmp_path / "gw", {"fixture": fixture.url}, prefixMode="never"))
+        for version, (scenario, wanted) in SUBSCRIPTION_CHECKS.items():
+            out = tmp_path / version
+            conformance.run_conformance_detailed(gw.url, version, out, scenario=scenario)
+            statuses = checks_by_id(out)
+            assert {c: statuses.get(c) for c in wanted} == dict.fromkeys(wanted, "SUCCESS")
+        for scenario in ("resources-subscribe", "resources-unsubscribe"):
+            result = conformance.run_conformance_detailed(gw.url, "2025-11-25", tmp_path / scenario,
+                                                          scenario=scenario)
+            assert result[scenario].passed and not result[scenario].statuses["SKIPPED"], result[scenario]
+
+
+def checks_by_id(out: Path) -> dict[str, str]:
+    statuses: dict[str, str] = {}
+    for checks in out.glob("*/checks.json"):
+        for check in orjson.loads(checks.read_bytes()):
+            statuses[check["id"]] = check["status"]
+    return statuses
