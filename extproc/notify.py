@@ -203,7 +203,7 @@ class Notifier:
                                    "params": ack})
         else:
             self._chunk(listener, b": stream open\n\n")
-        listener.watch.digests = self._digests_of(listener)
+        listener.watch.digests = dict(self._digests_of(listener))  # its own copy: the cached one is shared
         self.listeners[listener.id] = listener
         for uri in watch.uris:
             self._hold_uri(listener, uri)

@@ -18,11 +18,13 @@ import httpx2
 import orjson
 import pytest
 from mcp.client.client import Client
+from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.subscriptions import ResourceUpdated, ToolsListChanged
 
 from tests import conformance
 from tests.gateway_harness import Gateway, start_gateway
-from tests.procs import DemoServer, start_demo_server
+from tests.idp import Idp, start_idp
+from tests.procs import DemoServer, free_port, start_demo_server
 
 TIMEOUT = 15.0
 
@@ -73,8 +75,15 @@ async def until(predicate: Callable[[], Any], what: str, timeout: float = TIMEOU
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def worker_status(gateway: Gateway) -> list[dict[str, Any]]:
+    """Every worker's /status (worker i listens on the status port + i)."""
+    host, port = gateway.config["processor"]["status"].rsplit(":", 1)
+    workers = int(gateway.config["processor"].get("workers", 1))
+    return [httpx2.get(f"http://{host}:{int(port) + i}/status", timeout=5).json() for i in range(workers)]
+
+
 def listening(gateway: Gateway) -> int:
-    return int(gateway.status()["notifications"]["listening"])
+    return sum(int(s["notifications"]["listening"]) for s in worker_status(gateway))
 
 
 @contextlib.asynccontextmanager
@@ -234,7 +243,7 @@ def test_listening_clients_release_what_they_held(setup: Setup) -> None:
                 client.listen(tools_list_changed=True, prompts_list_changed=True):
             await until(lambda: listening(setup.gateway) == base + 1, "the stream to be held")
         await until(lambda: listening(setup.gateway) == base, "the stream to be released")
-        assert setup.gateway.status()["notifications"]["upstreamSubscriptions"] == 0
+        assert worker_status(setup.gateway)[0]["notifications"]["upstreamSubscriptions"] == 0
 
     asyncio.run(main())
 
@@ -271,3 +280,106 @@ def checks_by_id(out: Path) -> dict[str, str]:
         for check in orjson.loads(checks.read_bytes()):
             statuses[check["id"]] = check["status"]
     return statuses
+
+
+# ---------------------------------------------------------------------------------------------- login, reach
+
+
+@dataclass
+class Signed:
+    gateway: Gateway
+    idp: Idp
+    tokens: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Signed]:
+    """OAuth at the edge, with one per-user OAuth server (alice signs in to it, bob never does)."""
+    work = tmp_path_factory.mktemp("signed")
+    listen = f"127.0.0.1:{free_port()}"
+    resource = f"http://{listen}/mcp"
+    oauth_port = free_port()
+    oauth_url = f"http://127.0.0.1:{oauth_port}/mcp"
+    clients: list[dict[str, Any]] = [{"client_id": u, "client_secret": f"{u}-secret"} for u in ("alice", "bob")]
+    clients += [{"client_id": "muster-edge", "client_secret": "oauth-client-secret",
+                 "grant_types": ["authorization_code", "refresh_token"],
+                 "redirect_uris": [f"http://{listen}/oauth/callback"], "scope": "openid offline_access mcp:tools"},
+                {"client_id": "muster-edge-login", "client_secret": "edge-login-secret",
+                 "grant_types": ["authorization_code"], "redirect_uris": [f"http://{listen}/oauth/callback"],
+                 "scope": "openid"}]
+    resources = [{"audience": resource, "scope": "mcp:tools", "accessTokenTTL": 600},
+                 {"audience": oauth_url, "scope": "mcp:tools", "accessTokenTTL": 600}]
+    (work / "oauth-client-secret").write_text("oauth-client-secret")
+    (work / "edge-login-secret").write_text("edge-login-secret")
+    with contextlib.ExitStack() as stack:
+        users = [{"sub": "alice", "password": "pw"}, {"sub": "bob", "password": "pw"}]
+        idp = stack.enter_context(start_idp(work / "idp", clients=clients, resources=resources, users=users))
+        vendor = stack.enter_context(start_demo_server("vendor", name="vendor"))
+        oauth = stack.enter_context(start_demo_server("prometheus", port=oauth_port, name="oauth-srv",
+                                                      require_jwt=idp.issuer, audience=oauth_url))
+        servers = {"vendor": vendor.url, "oauth-srv": {"url": oauth.url, "auth": {"type": "oauth"}}}
+        gateway = stack.enter_context(start_gateway(
+            work / "gw", servers, listen=listen, listTtlFloorMs=600_000,
+            auth={"issuer": idp.issuer, "jwksUri": idp.jwks_uri, "resource": resource},
+            upstreamOAuth={"clientId": "muster-edge", "clientSecretFile": str(work / "oauth-client-secret")},
+            edgeLogin={"clientId": "muster-edge-login", "clientSecretFile": str(work / "edge-login-secret")}))
+        tokens = {u: idp.client_credentials(u, f"{u}-secret", resource=resource, scope="mcp:tools")
+                  for u in ("alice", "bob")}
+        yield Signed(gateway, idp, tokens)
+
+
+@contextlib.asynccontextmanager
+async def as_user(signed: Signed, user: str, inbox: Inbox) -> AsyncIterator[Client]:
+    before = listening(signed.gateway)
+    http = httpx2.AsyncClient(headers={"authorization": f"Bearer {signed.tokens[user]}"}, timeout=30)
+    try:
+        async with Client(streamable_http_client(signed.gateway.url, http_client=http), mode="legacy",
+                          message_handler=inbox.handler) as client:
+            await until(lambda: listening(signed.gateway) > before, f"{user}'s GET stream to open")
+            yield client
+    finally:
+        await http.aclose()
+
+
+def test_login_and_logout_tell_only_the_caller_who_sees_the_change(signed: Signed) -> None:
+    async def main() -> None:
+        alice_inbox, bob_inbox = Inbox(), Inbox()
+        async with as_user(signed, "alice", alice_inbox) as alice, as_user(signed, "bob", bob_inbox) as bob:
+            assert not any(n.startswith("x_oauth-srv_") for n in await tool_names(alice))
+            login = await alice.call_tool("core_auth_login", {"server": "oauth-srv"})
+            url = login.structured_content["authUrl"]  # type: ignore[index]
+            callback = f"{signed.gateway.url.rsplit('/mcp', 1)[0]}/oauth/callback"
+            back = signed.idp.browse(url, callback, user="alice", password="pw")
+            proved = signed.idp.browse(back, callback, user="alice", password="pw")
+            async with httpx2.AsyncClient(timeout=20) as browser:
+                assert (await browser.get(proved)).status_code == 200
+            await until(lambda: alice_inbox.count("notifications/tools/list_changed") == 1, "alice told of the login")
+            assert any(n.startswith("x_oauth-srv_") for n in await tool_names(alice))
+            await alice.call_tool("core_auth_logout", {"server": "oauth-srv"})
+            await until(lambda: alice_inbox.count("notifications/tools/list_changed") == 2, "alice told of the logout")
+            assert not any(n.startswith("x_oauth-srv_") for n in await tool_names(alice))
+            # bob, listening all along, saw neither: his view never changed
+            await bob.call_tool("x_vendor_echo", {"text": "still here"})
+            assert bob_inbox.count("notifications/tools/list_changed") == 0
+            assert alice_inbox.count("notifications/tools/list_changed") == 2
+
+    asyncio.run(main())
+
+
+def test_two_workers_tell_each_client_once(tmp_path: Path) -> None:
+    """Every worker follows the upstream itself and tells only the streams it holds: one notification each."""
+    async def main(gateway: Gateway) -> None:
+        inboxes = [Inbox() for _ in range(4)]
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(legacy_client(gateway, inbox)) for inbox in inboxes]
+            held = [s["notifications"]["listening"] for s in worker_status(gateway)]
+            assert min(held) >= 1, held  # the streams are spread over both workers
+            await clients[0].call_tool("x_vendor_toggle_beta", {})
+            await until(lambda: all(i.count("notifications/tools/list_changed") >= 1 for i in inboxes),
+                        "every client told")
+            await clients[1].call_tool("x_vendor_echo", {"text": "settle"})
+            assert [i.count("notifications/tools/list_changed") for i in inboxes] == [1, 1, 1, 1], held
+
+    with start_demo_server("vendor", name="vendor") as vendor, \
+            start_gateway(tmp_path / "gw", {"vendor": vendor.url}, processor={"workers": 2}) as gateway:
+        asyncio.run(main(gateway))
