@@ -84,6 +84,8 @@ class UpstreamState:
     created: float = field(default_factory=time.monotonic)
     settle_until: float = 0.0
     announced: set[str] = field(default_factory=set)  # kinds the upstream said changed, until the next fetch
+    taken: set[str] = field(default_factory=set)  # the announced kinds the running fetch is fetching
+    announced_at: float = 0.0
     resource_uris: set[str] = field(default_factory=set)  # upstream URIs the notification channel follows
 
     @property
@@ -205,7 +207,23 @@ class Fleet:
         hs = state.handshake or await self.client.probe(state.server, auth)
         hs.auth = auth
         state.handshake = hs
-        results = await asyncio.gather(*(self._list(state.server, hs, m, k, cap) for m, k, cap in _LISTS))
+        # an upstream that announced which lists changed gets only those fetched again (the others are kept);
+        # announcements that arrive while this fetch runs start another one when it is done
+        state.taken |= state.announced
+        state.announced = set()
+        snap = state.snapshot
+        kept: dict[str, Any] = {}
+        if state.taken and snap is not None and snap.ok:
+            kept = {"tools/list": snap.tools, "prompts/list": snap.prompts, "resources/list": snap.resources,
+                    "resources/templates/list": snap.templates}
+            kept = {m: kept[m] for m, _, cap in _LISTS if cap not in state.taken}
+
+        async def one(method: str, key: str, capability: str) -> tuple[list[dict[str, Any]], int | None]:
+            if method in kept:
+                return list(kept[method]), None
+            return await self._list(state.server, hs, method, key, capability)
+
+        results = await asyncio.gather(*(one(m, k, cap) for m, k, cap in _LISTS))
         return hs, list(results)
 
     async def _refresh(self, state: UpstreamState) -> None:
@@ -270,7 +288,12 @@ class Fleet:
             instructions=hs.instructions, tools=tuple(tools), prompts=tuple(prompts), resources=tuple(resources),
             templates=tuple(templates), ttl_ms=ttl, generation=self._generation)
         state.last_good = state.snapshot
-        announced, state.announced = frozenset(state.announced), set()
+        announced, state.taken = frozenset(state.taken), set()
+        if announced:
+            log.info("upstream %s: %s fetched again, %.1f ms after its list_changed", server.name,
+                     ", ".join(sorted(announced)), (time.monotonic() - state.announced_at) * 1000)
+        if state.announced:  # announced while this fetch ran: fetch again once it is done
+            asyncio.get_running_loop().call_soon(self._schedule, state)
         if self.on_lists is not None and (announced or first or previously_failed or not _same_lists(before,
                                                                                                    state.snapshot)):
             self.on_lists(server.name, state.owner, announced)
@@ -336,6 +359,8 @@ class Fleet:
                         log.info("upstream %s: %s", state.server.name, msg["method"])
                         kind = KIND_OF_METHOD.get(method)
                         if kind is not None:
+                            if not state.announced:
+                                state.announced_at = time.monotonic()
                             state.announced.add(kind)
                         state.expires_at = 0.0
                         self._schedule(state)
