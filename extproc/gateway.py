@@ -333,6 +333,7 @@ class Gateway:
         for nonce, issued_at in ended:
             self.sessions.end(nonce, issued_at)
             self.fleet.end_sessions(nonce.hex(), reason)
+            self.notifier.session_ended(nonce.hex())
 
     def seen_here(self, nonces: list[bytes]) -> list[bytes]:
         return [n for n in nonces if self.sessions.seen_within(n, self.sessions.idle_timeout_s)]

@@ -443,6 +443,16 @@ class Notifier:
             del self._upstream_refs[key]
             self.gw.fleet.watch_resource(key[0], key[1], key[2], False)
 
+    def session_ended(self, session: str) -> None:
+        """A handshake-era session ended (DELETE, expiry; on every worker): its GET streams end with it."""
+        self.session_uris.pop(session, None)
+        for listener in list(self.listeners.values()):
+            if listener.session == session:
+                with contextlib.suppress(Exception):
+                    listener.writer.write(b"0\r\n\r\n")
+                    listener.writer.close()
+                self._close(listener)
+
     # ---- relayed from a sibling worker ----------------------------------------------------------------------
     def from_peer(self, msg: dict[str, Any]) -> None:
         op = msg.get("op")

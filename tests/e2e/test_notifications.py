@@ -383,3 +383,24 @@ def test_two_workers_tell_each_client_once(tmp_path: Path) -> None:
     with start_demo_server("vendor", name="vendor") as vendor, \
             start_gateway(tmp_path / "gw", {"vendor": vendor.url}, processor={"workers": 2}) as gateway:
         asyncio.run(main(gateway))
+
+
+def test_a_deleted_session_ends_its_get_stream(setup: Setup) -> None:
+    async def main() -> None:
+        base = listening(setup.gateway)
+        init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+        accept = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+        async with httpx2.AsyncClient(timeout=TIMEOUT) as http:
+            session = (await http.post(setup.gateway.url, content=orjson.dumps(init),
+                                       headers=accept)).headers["mcp-session-id"]
+            headers = {"mcp-session-id": session, "mcp-protocol-version": "2025-11-25"}
+            async with http.stream("GET", setup.gateway.url,
+                                   headers={**headers, "accept": "text/event-stream"}) as stream:
+                assert stream.status_code == 200
+                await until(lambda: listening(setup.gateway) == base + 1, "the GET stream to be held")
+                assert (await http.delete(setup.gateway.url, headers=headers)).status_code == 200
+                await asyncio.wait_for(stream.aread(), TIMEOUT)  # the stream ends
+        await until(lambda: listening(setup.gateway) == base, "the stream to be released")
+
+    asyncio.run(main())
