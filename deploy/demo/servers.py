@@ -260,6 +260,8 @@ def build_vendor(name: str) -> MCPServer:
         """A tool that comes and goes (see toggle_beta)."""
         return "beta"
 
+    listed_by = handshake_sessions(server)
+
     @server.tool(structured_output=False)
     async def toggle_beta(ctx: Context) -> str:
         """Add or remove the tool `beta_feature`, then announce that the tool list changed."""
@@ -269,7 +271,10 @@ def build_vendor(name: str) -> MCPServer:
         else:
             server.add_tool(beta_feature, annotations=READ_ONLY, structured_output=False)
             state = "added"
-        await ctx.notify_tools_changed()
+        await ctx.notify_tools_changed()  # 2026-07-28 listen streams
+        for session in list(listed_by.values()):  # handshake-era sessions, on their GET streams
+            with contextlib.suppress(Exception):
+                await session.send_tool_list_changed()
         return f"beta_feature {state}"
 
     @server.resource(VENDOR_README, mime_type="text/markdown")
@@ -283,6 +288,25 @@ def build_vendor(name: str) -> MCPServer:
         return [user(text_block(f"Summarize {topic} in three sentences."))]
 
     return server
+
+
+def handshake_sessions(server: MCPServer) -> dict[int, Any]:
+    """The handshake-era sessions that listed the tools (a gateway's own session among them; the newest 100).
+    The SDK's notify_tools_changed reaches 2026-07-28 listen streams only; these are told on their GET streams."""
+    lowlevel = server._lowlevel_server
+    entry = lowlevel._request_handlers["tools/list"]
+    sessions: dict[int, Any] = {}
+
+    async def tools_list(ctx: ServerRequestContext[Any], params: Any) -> Any:
+        if ctx.protocol_version in HANDSHAKE_PROTOCOL_VERSIONS:
+            sessions.pop(id(ctx.session), None)
+            sessions[id(ctx.session)] = ctx.session
+            while len(sessions) > 100:
+                sessions.pop(next(iter(sessions)))
+        return await entry.handler(ctx, params)
+
+    lowlevel.add_request_handler("tools/list", entry.params_type, tools_list)  # type: ignore[arg-type]
+    return sessions
 
 
 def readme(name: str) -> str:

@@ -404,3 +404,20 @@ def test_a_deleted_session_ends_its_get_stream(setup: Setup) -> None:
         await until(lambda: listening(setup.gateway) == base, "the stream to be released")
 
     asyncio.run(main())
+
+
+def test_a_handshake_era_upstream_list_changed_reaches_both_eras(tmp_path: Path) -> None:
+    """The gateway follows a handshake-era upstream on its own session's GET stream."""
+    async def main(gateway: Gateway) -> None:
+        inbox = Inbox()
+        async with legacy_client(gateway, inbox) as client, \
+                Client(gateway.url, mode="2026-07-28") as modern_client, \
+                modern_client.listen(tools_list_changed=True) as sub:
+            await client.call_tool("x_vendor_toggle_beta", {})
+            await until(lambda: inbox.count("notifications/tools/list_changed") == 1, "tools/list_changed")
+            assert isinstance(await asyncio.wait_for(sub.__anext__(), TIMEOUT), ToolsListChanged)
+            assert "x_vendor_beta_feature" in await tool_names(client)
+
+    with start_demo_server("vendor", name="vendor", era="legacy") as vendor, \
+            start_gateway(tmp_path / "gw", {"vendor": vendor.url}) as gateway:
+        asyncio.run(main(gateway))
