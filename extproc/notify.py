@@ -168,7 +168,11 @@ class Notifier:
                          b"connection: close\r\n\r\nforbidden\n")
             await writer.drain()
             return
-        listener = await self._open(ticket, headers, writer)
+        try:
+            listener = await self._open(ticket, headers, writer)
+        except (ConnectionError, RuntimeError) as exc:  # the peer went away while the stream opened
+            log.info("a listening stream could not be opened: %s", exc)
+            return
         try:
             while await reader.read(65536):  # the request body, then nothing until the peer closes
                 pass
