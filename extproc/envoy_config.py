@@ -20,6 +20,7 @@ import yaml
 from catalog.config import DEFAULT_BRIDGE_PORT, Address, GatewayConfig
 from catalog.manifests import MCPServer
 from extproc import answer
+from extproc.notify import NOTIFY_CLUSTER
 from extproc.upstream import RETRY_HEADER, ROUTE_HEADER, cluster_name, origin_cluster_name
 
 CDS_FILE = "cds.yaml"
@@ -344,6 +345,35 @@ def server_routes(routed: list[dict[str, Any]], servers: Sequence[MCPServer]) ->
     return out
 
 
+def notify_route() -> dict[str, Any]:
+    """Listening streams (a GET stream, subscriptions/listen) the processor sent to its own stream endpoint: no
+    timeout, and an idle timeout well above the endpoint's keep-alive comments (15 s)."""
+    return {"name": "muster_edge_notify",
+            "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": NOTIFY_CLUSTER}}]},
+            "route": {"cluster": NOTIFY_CLUSTER, "timeout": "0s", "idle_timeout": "60s"},
+            "request_headers_to_remove": [ROUTE_HEADER]}
+
+
+def notify_cluster(config: GatewayConfig) -> dict[str, Any]:
+    """Every worker's stream endpoint (its status listener); a stream may land on any of them (its ticket says
+    all it needs), the least busy first. Each stream holds one connection for its life."""
+    host = config.status_listen.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host in ("::", "[::]") else host
+    ports = [config.status_listen.port + i for i in range(config.workers)]
+    return {
+        "name": NOTIFY_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "lb_policy": "LEAST_REQUEST",
+        "circuit_breakers": {"thresholds": [{"max_requests": 100000, "max_pending_requests": 100000,
+                                             "max_connections": 100000}]},
+        "load_assignment": {"cluster_name": NOTIFY_CLUSTER, "endpoints": [
+            {"lb_endpoints": [{"endpoint": {"address": _socket(host, p)}} for p in ports]}]},
+        "outlier_detection": {"split_external_local_origin_errors": True, "consecutive_local_origin_failure": 1,
+                              "interval": "1s", "base_ejection_time": "2s", "max_ejection_percent": 50},
+    }
+
+
 def routes(config: GatewayConfig, servers: Sequence[MCPServer] = ()) -> list[dict[str, Any]]:
     """The public routes: protected resource metadata; routed calls by the processor's header (per server, then
     shared); the MCP path."""
@@ -376,7 +406,8 @@ def routes(config: GatewayConfig, servers: Sequence[MCPServer] = ()) -> list[dic
         "direct_response": {"status": 500, "body": {"inline_string": not_routed}},
         "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
     }
-    return [*prm, *callback, *server_routes(routed, servers), *routed, *pinned_routes(config, unrouted), unrouted,
+    return [*prm, *callback, notify_route(), *server_routes(routed, servers), *routed,
+            *pinned_routes(config, unrouted), unrouted,
         {
             "name": "muster_edge_not_found",
             "match": {"prefix": "/"},
@@ -890,7 +921,7 @@ def bootstrap(config: GatewayConfig, ports: Sequence[int], cds_dir: str) -> dict
         }},
         "static_resources": {
             "listeners": [*public_listeners(config, cds_dir), internal_listener(config)],
-            "clusters": [processor_cluster(config, ports), *pinned_clusters(config, ports),
+            "clusters": [processor_cluster(config, ports), *pinned_clusters(config, ports), notify_cluster(config),
                          *([idp_cluster(config)] if config.auth else []), *tracing_clusters(config)],
         },
         **tracing_runtime(config),
@@ -902,7 +933,7 @@ def mesh_pieces(config: GatewayConfig, ports: Sequence[int], cds_dir: str) -> di
     return {
         "http_filters": http_filters(config),
         "routes": routes(config),
-        "clusters": [processor_cluster(config, ports), *pinned_clusters(config, ports),
+        "clusters": [processor_cluster(config, ports), *pinned_clusters(config, ports), notify_cluster(config),
                      *([idp_cluster(config)] if config.auth else [])],
         "local_reply_config": local_replies(config) if config.auth else {"mappers": public_reply_mappers()},
         "listeners": [internal_listener(config)],

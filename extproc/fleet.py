@@ -24,6 +24,7 @@ from typing import Any
 from cachetools import LRUCache
 
 from catalog.manifests import AdmissionError, MCPServer
+from catalog.notify import KIND_OF_METHOD
 from catalog.view import UpstreamSnapshot, View, build_view, x_mcp_header_problem
 from extproc import tracing
 from extproc.continuity import Continuity
@@ -86,6 +87,10 @@ class UpstreamState:
     created: float = field(default_factory=time.monotonic)
     settle_until: float = 0.0
     fetched_at: float = 0.0  # when the current lists were fetched (their age in /metrics)
+    announced: set[str] = field(default_factory=set)  # kinds the upstream said changed, until the next fetch
+    taken: set[str] = field(default_factory=set)  # the announced kinds the running fetch is fetching
+    announced_at: float = 0.0
+    resource_uris: set[str] = field(default_factory=set)  # upstream URIs the notification channel follows
 
     @property
     def fresh(self) -> bool:
@@ -95,6 +100,11 @@ class UpstreamState:
         for task in (self.refreshing, self.listener):
             if task is not None:
                 task.cancel()
+
+
+def _same_lists(a: UpstreamSnapshot | None, b: UpstreamSnapshot) -> bool:
+    return a is not None and a.ok and (a.tools, a.prompts, a.resources, a.templates) == \
+        (b.tools, b.prompts, b.resources, b.templates)
 
 
 class Fleet:
@@ -130,6 +140,11 @@ class Fleet:
         self.on_fetch: Callable[[str, float, bool], None] = lambda _server, _seconds, _ok: None
         self.continuity: Continuity | None = None  # the store's shared upstream sessions (set by the server)
         self.on_change: Callable[[MCPServer, str, bool, str], None] | None = None  # (server, owner, up, why)
+        # the notification channel's hooks: (server, owner, kinds the upstream announced) after its lists were
+        # fetched again and differ, it announced a change, came up or failed; (server, owner, uri) for an
+        # upstream's resources/updated
+        self.on_lists: Callable[[str, str, frozenset[str]], None] | None = None
+        self.on_resource: Callable[[str, str, str], None] | None = None
 
     def _new_state(self, server: MCPServer, owner: str = "") -> UpstreamState:
         state = UpstreamState(server, owner=owner)
@@ -224,15 +239,36 @@ class Fleet:
         try:
             with tracing.span("muster_edge.list_fetch", {"muster_edge.server": state.server.name},
                               child_only=True):
-                auth = await self._credentials(state)
-                hs = state.handshake or await self.client.probe(state.server, auth)
-                hs.auth = auth
-                state.handshake = hs
-                results = await asyncio.gather(*(self._list(state.server, hs, m, k, cap) for m, k, cap in _LISTS))
-                ok = True
-                return hs, list(results)
+                results = await self._fetch_lists(state)
+            ok = True
+            return results
         finally:
             self.on_fetch(state.server.name, time.perf_counter() - started, ok)
+
+    async def _fetch_lists(self, state: UpstreamState
+                           ) -> tuple[Handshake, list[tuple[list[dict[str, Any]], int | None]]]:
+        auth = await self._credentials(state)
+        hs = state.handshake or await self.client.probe(state.server, auth)
+        hs.auth = auth
+        state.handshake = hs
+        # an upstream that announced which lists changed gets only those fetched again (the others are kept);
+        # announcements that arrive while this fetch runs start another one when it is done
+        state.taken |= state.announced
+        state.announced = set()
+        snap = state.snapshot
+        kept: dict[str, Any] = {}
+        if state.taken and snap is not None and snap.ok:
+            kept = {"tools/list": snap.tools, "prompts/list": snap.prompts, "resources/list": snap.resources,
+                    "resources/templates/list": snap.templates}
+            kept = {m: kept[m] for m, _, cap in _LISTS if cap not in state.taken}
+
+        async def one(method: str, key: str, capability: str) -> tuple[list[dict[str, Any]], int | None]:
+            if method in kept:
+                return list(kept[method]), None
+            return await self._list(state.server, hs, method, key, capability)
+
+        results = await asyncio.gather(*(one(m, k, cap) for m, k, cap in _LISTS))
+        return hs, list(results)
 
     async def _refresh(self, state: UpstreamState) -> None:
         while True:
@@ -288,6 +324,7 @@ class Fleet:
         self._generation += 1
         previously_failed = (state.snapshot is not None and not state.snapshot.ok) or bool(state.down)
         first = state.snapshot is None
+        before = state.snapshot
         state.auth_required = False
         state.down = ""
         state.snapshot = UpstreamSnapshot(
@@ -296,6 +333,15 @@ class Fleet:
             templates=tuple(templates), ttl_ms=ttl, generation=self._generation)
         state.last_good = state.snapshot
         state.fetched_at = time.monotonic()
+        announced, state.taken = frozenset(state.taken), set()
+        if announced:
+            log.info("upstream %s: %s fetched again, %.1f ms after its list_changed", server.name,
+                     ", ".join(sorted(announced)), (time.monotonic() - state.announced_at) * 1000)
+        if state.announced:  # announced while this fetch ran: fetch again once it is done
+            asyncio.get_running_loop().call_soon(self._schedule, state)
+        if self.on_lists is not None and (announced or first or previously_failed or not _same_lists(before,
+                                                                                                   state.snapshot)):
+            self.on_lists(server.name, state.owner, announced)
         life_ms = max(ttl if ttl is not None else self.default_ttl_ms, self.ttl_floor_ms)
         state.expires_at = time.monotonic() + life_ms / 1000.0 * random.uniform(0.9, 1.0)
         if previously_failed:
@@ -338,8 +384,11 @@ class Fleet:
             if self.on_change is not None and (state.snapshot is None or state.snapshot.ok):
                 self.on_change(state.server, state.owner, False, reason)
         self._generation += 1
+        was_listed = self.listed(state) is not None
         state.snapshot = UpstreamSnapshot(server=name, ok=False, error=reason, generation=self._generation)
         state.auth_required = auth_required
+        if self.on_lists is not None and was_listed != (self.listed(state) is not None):
+            self.on_lists(name, state.owner, frozenset())
         self._close_own(state)
         state.pooled.clear("upstream_failed")
         state.expires_at = 0.0
@@ -347,13 +396,26 @@ class Fleet:
     async def _listen(self, state: UpstreamState, hs: Handshake) -> None:
         """Follow the upstream's list_changed notifications; any of them refreshes that upstream."""
         delay = 1.0
+        if hs.era == LEGACY:
+            for uri in sorted(state.resource_uris):
+                await self._subscribe_legacy(state, hs, uri, True)
         while True:
             try:
-                async for msg in self.client.events(state.server, hs):
-                    if str(msg.get("method", "")).endswith("/list_changed"):
+                async for msg in self.client.events(state.server, hs, sorted(state.resource_uris)):
+                    method = str(msg.get("method", ""))
+                    if method.endswith("/list_changed"):
                         log.info("upstream %s: %s", state.server.name, msg["method"])
+                        kind = KIND_OF_METHOD.get(method)
+                        if kind is not None:
+                            if not state.announced:
+                                state.announced_at = time.monotonic()
+                            state.announced.add(kind)
                         state.expires_at = 0.0
                         self._schedule(state)
+                    elif method == "notifications/resources/updated" and self.on_resource is not None:
+                        updated = (msg.get("params") or {}).get("uri")
+                        if isinstance(updated, str):
+                            self.on_resource(state.server.name, state.owner, updated)
                     delay = 1.0
             except asyncio.CancelledError:
                 raise
@@ -368,6 +430,35 @@ class Fleet:
     def _suspect_state(self, state: UpstreamState) -> None:
         state.expires_at = 0.0
         self._schedule(state)
+
+    def watch_resource(self, name: str, owner: str, uri: str, on: bool) -> None:
+        """Follow (or stop following) one upstream resource for the notification channel: on the fleet's own
+        change stream of that upstream (a 2026-07-28 listen names its URIs and is opened again; a handshake-era
+        session subscribes with resources/subscribe)."""
+        server = self.servers.get(name)
+        if server is None:
+            return
+        state = self._user_state(server, owner, "") if owner else self.states.get(name)
+        if state is None or (uri in state.resource_uris) == on:
+            return
+        (state.resource_uris.add if on else state.resource_uris.discard)(uri)
+        hs = state.handshake
+        if hs is None:
+            return  # the first fetch opens the stream with the URIs
+        if hs.era == LEGACY:
+            task = asyncio.get_running_loop().create_task(self._subscribe_legacy(state, hs, uri, on))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        elif state.listener is not None and not state.listener.done():
+            state.listener.cancel()
+            state.listener = asyncio.get_running_loop().create_task(self._listen(state, hs))
+
+    async def _subscribe_legacy(self, state: UpstreamState, hs: Handshake, uri: str, on: bool) -> None:
+        method = "resources/subscribe" if on else "resources/unsubscribe"
+        try:
+            await self.client.request(state.server, hs, method, {"uri": uri})
+        except Exception as exc:
+            log.info("upstream %s: %s %s failed: %s", state.server.name, method, uri, exc)
 
     def down(self, name: str, reason: str, owner: str = "") -> None:
         """A routed call found this upstream down or frozen (Envoy answered 503/504): calls to it fail fast

@@ -27,10 +27,11 @@ from extproc.credentials import Broker, CredentialError
 from extproc.edge_tools import EdgeTool, EdgeTools, ToolContext
 from extproc.events import Events
 from extproc.fleet import Fleet
-from extproc.handlers import auth, calls, lifecycle, lists, tasks
+from extproc.handlers import auth, calls, lifecycle, lists, subscriptions, tasks
 from extproc.handlers.meta import META_TOOL_NAMES
 from extproc.jsonrpc import INVALID_REQUEST, LEGACY, MODERN, Message, RpcError
 from extproc.metrics import Metrics
+from extproc.notify import Notifier
 from extproc.peers import Peers
 from extproc.replies import JSON, Forward, Local, ResponsePlan
 from extproc.request import Request
@@ -65,8 +66,9 @@ HANDLERS: dict[str, Handler] = {
     "prompts/get": calls.get_prompt,
     "resources/read": calls.read_resource,
     "completion/complete": calls.complete,
-    "resources/subscribe": calls.subscribe,
-    "resources/unsubscribe": calls.subscribe,
+    "resources/subscribe": subscriptions.subscribe,
+    "resources/unsubscribe": subscriptions.subscribe,
+    "subscriptions/listen": subscriptions.listen,
     **tasks.HANDLERS,
 }
 
@@ -112,6 +114,9 @@ class Gateway:
         self.events = Events(config.redis_url)
         core_tools.register_builtin(self)
         self.fleet.on_change = self._upstream_changed
+        self.notifier = Notifier(self)
+        self.fleet.on_lists = self.notifier.upstream_lists
+        self.fleet.on_resource = lambda server, owner, uri: self.notifier.resource_updated(server, uri, owner)
         self.collisions: dict[str, list[str]] = {}
         self.inflight = cancellation.Tracker()
         self.answers = cancellation.Answers()
@@ -126,6 +131,7 @@ class Gateway:
         """A catalog (re)load: swapped into the fleet and recorded as events (reload, each refused manifest)."""
         before = set(self.fleet.errors)
         self.fleet.set_catalog(servers, errors)
+        self.notifier.view_changed("catalog", relay=False)  # every worker reads the catalog itself
         self.events.record("Catalog", "catalog", "Reloaded", f"{len(servers)} MCPServers admitted, "
                                                              f"{len(errors)} refused")
         for err in errors:
@@ -143,6 +149,7 @@ class Gateway:
         view = self.fleet.view()
         out["collisions"] = sorted(name for name in view.tool_routes if self.reserved(name))
         out["toolMode"] = self.config.tool_mode
+        out["notifications"] = self.notifier.status()
         return out
 
     def tool_mode(self, req: Request) -> str:
@@ -299,6 +306,8 @@ class Gateway:
             return await self._end_session(req)
         if method == "GET" and "last-event-id" in req.headers and "mcp-session-id" in req.headers:
             return await self._resume(req)
+        if method == "GET" and "mcp-session-id" in req.headers:
+            return await self._listen_stream(req)
         refused = self._refusal(405, f"Method Not Allowed: {method} (use POST; DELETE ends a session)",
                                 "muster_edge_method_not_allowed")
         refused.headers["allow"] = "POST, DELETE"
@@ -332,6 +341,17 @@ class Gateway:
         plan = ResponsePlan(server=server.name, namespace=server.name, upstream_session_owner=token.nonce.hex())
         return Forward(cluster_name(server.name), b"", headers, self._dropped(req, headers), plan)
 
+    async def _listen_stream(self, req: Request) -> Local | Forward:
+        """A handshake-era client's GET stream: its session checked here, the stream served by the notifier."""
+        if "text/event-stream" not in req.headers.get("accept", "") and "*/*" not in req.headers.get("accept", ""):
+            return Local.error(RpcError(INVALID_REQUEST, "Not Acceptable: Client must accept text/event-stream",
+                                        status=406), LEGACY)
+        try:
+            await self._check_session(req)
+        except RpcError as err:
+            return Local.error(err, LEGACY)
+        return self.notifier.open_get(req, req.session_nonce)
+
     async def _end_session(self, req: Request) -> Local:
         sid = req.headers.get("mcp-session-id")
         if not sid:
@@ -353,6 +373,7 @@ class Gateway:
         for nonce, issued_at in ended:
             self.sessions.end(nonce, issued_at)
             self.fleet.end_sessions(nonce.hex(), reason)
+            self.notifier.session_ended(nonce.hex())
 
     def seen_here(self, nonces: list[bytes]) -> list[bytes]:
         return [n for n in nonces if self.sessions.seen_within(n, self.sessions.idle_timeout_s)]

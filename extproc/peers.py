@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -55,6 +56,9 @@ class Peers:
             self._redis = redis.from_url(redis_url)
         self._http = httpx2.AsyncClient(timeout=2.0) if self.siblings else None
         self._touched: dict[bytes, float] = {}
+        # the notification channel's events from other processes (extproc/notify.py: logins, subscriptions)
+        self.on_notify: Callable[[dict[str, Any]], None] | None = None
+        self._origin = secrets.token_hex(8)
 
     @property
     def shared(self) -> bool:
@@ -137,6 +141,21 @@ class Peers:
         assert self._http is not None
         return await self._http.post(url, content=self._seal(msg))
 
+    async def tell(self, event: dict[str, Any]) -> None:
+        """A notification-channel event for every other process: sibling workers, and replicas via the store."""
+        msg = {"op": "notify", "from": self._origin, "event": event}
+        jobs: list[Awaitable[Any]] = [self._post(url, msg) for url in self.siblings]
+        if self._redis is not None:
+            jobs.append(self._redis.publish(CHANNEL, self._seal(msg)))
+        for result in await asyncio.gather(*jobs, return_exceptions=True):
+            if isinstance(result, BaseException):
+                log.warning("telling the other processes a notification event failed: %s", type(result).__name__)
+
+    def _notified(self, msg: dict[str, Any]) -> None:
+        event = msg.get("event")
+        if self.on_notify is not None and msg.get("from") != self._origin and isinstance(event, dict):
+            self.on_notify(event)
+
     # ---- asking ---------------------------------------------------------------------------------------------
     async def ended(self, nonce: bytes) -> bool:
         """Whether the store says this session ended (always False without a store)."""
@@ -188,6 +207,9 @@ class Peers:
             if msg.get("op") == "end":
                 end_here([(bytes.fromhex(h), int(t)) for h, t in msg.get("sessions", [])], str(msg.get("reason")))
                 return 200, b"[]"
+            if msg.get("op") == "notify":
+                self._notified(msg)
+                return 200, b"[]"
             if msg.get("op") == "seen":
                 nonces = [bytes.fromhex(h) for h in msg.get("sessions", [])]
                 return 200, orjson.dumps([n.hex() for n in seen_here(nonces)])
@@ -214,7 +236,9 @@ class Peers:
                     if item.get("type") != "message":
                         continue
                     msg = self.open(item["data"])
-                    if msg is not None and msg.get("op") == "end":
+                    if msg is not None and msg.get("op") == "notify":
+                        self._notified(msg)
+                    elif msg is not None and msg.get("op") == "end":
                         end_here([(bytes.fromhex(h), int(t)) for h, t in msg["sessions"]], str(msg.get("reason")))
                     elif msg is not None and msg.get("op") == "lost" and lost_here is not None:
                         lost_here(str(msg["server"]), str(msg["owner"]), str(msg.get("subject", "")))

@@ -142,6 +142,16 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
     gateway = build_gateway(config)
     gateway.peers = Peers(gateway.sessions.sealer, sibling_urls(config, status_port), config.redis_url,
                           idle_timeout_s=config.sessions.idle_timeout_s, max_age_s=gateway.sessions.max_age_s)
+    relays: set[asyncio.Task[None]] = set()
+
+    def relay(event: dict[str, Any]) -> None:
+        assert gateway.peers is not None
+        task = asyncio.get_running_loop().create_task(gateway.peers.tell(event))
+        relays.add(task)
+        task.add_done_callback(relays.discard)
+
+    gateway.peers.on_notify = gateway.notifier.from_peer
+    gateway.notifier.relay = relay
     server = grpc.aio.server(options=GRPC_OPTIONS, maximum_concurrent_rpcs=20_000)
     epg.add_ExternalProcessorServicer_to_server(Processor(gateway), server)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(
@@ -172,7 +182,8 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
                                                                                  "sessions": gateway.session_status()},
                                                                                 config.state_dir)),
                                            gateway.metrics.render, gateway.peer_message, token=status_token(config),
-                                           all_metrics=workers_metrics(config, status_port, gateway.metrics.render))
+                                           all_metrics=workers_metrics(config, status_port, gateway.metrics.render),
+                                           stream=gateway.notifier.serve)
     log.info("processor listening on %s:%d", config.processor_listen.host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -180,6 +191,7 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    await gateway.notifier.aclose()
     await shutdown(server, healthy, fleet, [watcher, maintainer, sweeper, listener], status_server, gateway.peers)
     await workflows.of(gateway).executions.aclose()
     if tracing.ON:

@@ -25,6 +25,7 @@ from extproc.metrics import merge_workers
 log = logging.getLogger(__name__)
 
 _MAX_HEADER_LINES = 100
+Stream = Callable[[dict[str, str], asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 _UNAUTHORIZED = b"the status endpoint needs the statusToken as a bearer, or a loopback peer\n"
 
 
@@ -82,20 +83,25 @@ async def serve_status(host: str, port: int, status: Callable[[], dict[str, Any]
                        metrics: Callable[[], str] = lambda: "",
                        peer: Callable[[bytes], tuple[int, bytes]] | None = None,
                        token: Callable[[], str] = lambda: "",
-                       all_metrics: Callable[[], Awaitable[str]] | None = None) -> asyncio.Server:
+                       all_metrics: Callable[[], Awaitable[str]] | None = None,
+                       stream: Stream | None = None) -> asyncio.Server:
     """`peer` answers `POST /peer`: messages from sibling workers, sealed with the session key (extproc/peers.py),
-    so they need no statusToken. `/metrics` is this worker's; `/metrics/all` (`all_metrics`) every worker's."""
+    so they need no statusToken. `/metrics` is this worker's; `/metrics/all` (`all_metrics`) every worker's.
+    `stream` serves `/notify` (extproc/notify.py: Envoy's listening streams, each with a sealed ticket the endpoint
+    checks itself), for as long as the stream lasts."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 5)
             authorization = ""
             length = 0
+            headers: dict[str, str] = {}
             for _ in range(_MAX_HEADER_LINES):
                 header = await asyncio.wait_for(reader.readline(), 5)
                 if header in (b"\r\n", b"\n", b""):
                     break
                 name, _, value = header.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
                 if name.strip().lower() == "authorization":
                     authorization = value.strip()
                 elif name.strip().lower() == "content-length" and value.strip().isdigit():
@@ -103,6 +109,9 @@ async def serve_status(host: str, port: int, status: Callable[[], dict[str, Any]
             parts = line.decode("latin-1").split()
             path = parts[1].split("?", 1)[0] if len(parts) > 1 else "/"
             extra = ""
+            if path == "/notify" and stream is not None:
+                await stream(headers, reader, writer)
+                return
             if parts and parts[0] == "POST" and path == "/peer" and peer is not None and 0 < length <= 1 << 20:
                 code, body = peer(await asyncio.wait_for(reader.readexactly(length), 5))
                 ctype = "application/json"
@@ -130,7 +139,8 @@ async def serve_status(host: str, port: int, status: Callable[[], dict[str, Any]
         finally:
             writer.close()
 
-    return await asyncio.start_server(handle, host, port)
+    # a listening stream's ticket carries the caller's groups: lines up to 1 MiB
+    return await asyncio.start_server(handle, host, port, limit=1 << 20)
 
 
 def workers_metrics(config: GatewayConfig, status_port: int,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -275,15 +275,18 @@ class UpstreamClient:
         except httpx2.HTTPError as exc:
             log.info("ending upstream session on %s failed: %s", server.name, type(exc).__name__)
 
-    async def events(self, server: MCPServer, hs: Handshake) -> AsyncIterator[dict[str, Any]]:
-        """Server-to-client notifications about lists: the legacy GET stream or a modern subscriptions/listen."""
+    async def events(self, server: MCPServer, hs: Handshake,
+                     uris: Sequence[str] = ()) -> AsyncIterator[dict[str, Any]]:
+        """Server-to-client notifications about lists: the legacy GET stream or a modern subscriptions/listen
+        (which also names the resource URIs to follow; a legacy session subscribes to those itself)."""
         headers = self.headers(server, era=hs.era, version=hs.version, session_id=hs.session_id, auth=hs.auth)
         headers["accept"] = "text/event-stream" if hs.era == LEGACY else "application/json, text/event-stream"
         if hs.era == LEGACY:
             request = self._http.build_request("GET", server.path, headers=headers, timeout=httpx2.Timeout(None))
         else:
             params = {"notifications": {"toolsListChanged": True, "promptsListChanged": True,
-                                        "resourcesListChanged": True},
+                                        "resourcesListChanged": True, **({"resourceSubscriptions": list(uris)}
+                                                                         if uris else {})},
                       "_meta": {jsonrpc.META_VERSION: hs.version, jsonrpc.META_CAPABILITIES: {},
                                 jsonrpc.META_CLIENT_INFO: CLIENT_INFO}}
             headers["mcp-method"] = "subscriptions/listen"

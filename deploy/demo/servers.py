@@ -264,6 +264,8 @@ def build_vendor(name: str) -> MCPServer:
         """A tool that comes and goes (see toggle_beta)."""
         return "beta"
 
+    listed_by = handshake_sessions(server)
+
     @server.tool(structured_output=False)
     async def toggle_beta(ctx: Context) -> str:
         """Add or remove the tool `beta_feature`, then announce that the tool list changed."""
@@ -273,7 +275,10 @@ def build_vendor(name: str) -> MCPServer:
         else:
             server.add_tool(beta_feature, annotations=READ_ONLY, structured_output=False)
             state = "added"
-        await ctx.notify_tools_changed()
+        await ctx.notify_tools_changed()  # 2026-07-28 listen streams
+        for session in list(listed_by.values()):  # handshake-era sessions, on their GET streams
+            with contextlib.suppress(Exception):
+                await session.send_tool_list_changed()
         return f"beta_feature {state}"
 
     @server.resource(VENDOR_README, mime_type="text/markdown")
@@ -287,6 +292,25 @@ def build_vendor(name: str) -> MCPServer:
         return [user(text_block(f"Summarize {topic} in three sentences."))]
 
     return server
+
+
+def handshake_sessions(server: MCPServer) -> dict[int, Any]:
+    """The handshake-era sessions that listed the tools (a gateway's own session among them; the newest 100).
+    The SDK's notify_tools_changed reaches 2026-07-28 listen streams only; these are told on their GET streams."""
+    lowlevel = server._lowlevel_server
+    entry = lowlevel._request_handlers["tools/list"]
+    sessions: dict[int, Any] = {}
+
+    async def tools_list(ctx: ServerRequestContext[Any], params: Any) -> Any:
+        if ctx.protocol_version in HANDSHAKE_PROTOCOL_VERSIONS:
+            sessions.pop(id(ctx.session), None)
+            sessions[id(ctx.session)] = ctx.session
+            while len(sessions) > 100:
+                sessions.pop(next(iter(sessions)))
+        return await entry.handler(ctx, params)
+
+    lowlevel.add_request_handler("tools/list", entry.params_type, tools_list)  # type: ignore[arg-type]
+    return sessions
 
 
 def readme(name: str) -> str:
@@ -442,6 +466,12 @@ def add_notification_fixtures(server: MCPServer) -> None:
         """Announces a tools list change to subscriptions/listen streams (the list itself stays stable)."""
         await ctx.notify_tools_changed()
         return "tools/list_changed published"
+
+    @server.tool(structured_output=False)
+    async def test_trigger_resource_update(ctx: Context) -> str:
+        """Announces that test://watched-resource changed, to subscriptions/listen streams that follow it."""
+        await ctx.notify_resource_updated("test://watched-resource")
+        return "resources/updated published"
 
     @server.tool(structured_output=False)
     async def test_trigger_prompt_change(ctx: Context) -> str:

@@ -88,7 +88,7 @@ async def core_tool(gw: Gateway, req: Request, msg: Message, name: str, argument
             "upstreamOAuth client.", error=True))
     if name == "core_auth_logout":
         existed = await users.logout(server, subject)
-        gw.fleet.suspect(target, subject)
+        gw.notifier.view_changed("logout", [target], subject)  # refetched; listening streams told what went
         return _finish(gw, msg, _text_result(f"Signed out of '{target}'." if existed else
                                              f"Server '{target}' had no tokens of yours."))
     if await users.token_for(server, subject) is not None:
@@ -168,7 +168,7 @@ async def callback(gw: Gateway, req: Request) -> Local:
                                 "referrer-policy": "no-referrer"}, details="muster_edge_oauth_callback")
     server, subject = outcome.server, outcome.subject
     assert server is not None
-    gw.fleet.suspect(server.name, subject)
+    gw.notifier.view_changed("login", [server.name], subject)  # refetched; listening streams told what came
     gw.events.record("MCPServer", server.name, "LoggedIn", f"signed in to {server.name}", subject=subject)
     return _page("Signed in", f"You are signed in to {server.name}. You can close this window and go back to your "
                               "agent.", 200)

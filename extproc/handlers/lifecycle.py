@@ -16,6 +16,9 @@ from extproc.request import Request
 if TYPE_CHECKING:
     from extproc.gateway import Gateway
 
+# honoured by the notification channel (extproc/notify.py): GET streams and subscriptions/listen
+LIST_CHANGED_CAPABILITIES = {"tools": {"listChanged": True}, "prompts": {"listChanged": True},
+                             "resources": {"subscribe": True, "listChanged": True}}
 LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 
 
@@ -29,7 +32,7 @@ async def initialize(gw: Gateway, req: Request, msg: Message) -> Local:
     view = await gw.current_view(req)
     caps = tasks.client_capabilities_upstream(caps)
     session_id, _ = gw.sessions.mint(req.caller.subject, version, orjson.dumps(caps))
-    capabilities = {**view.capabilities, "resources": {"subscribe": True}, "logging": {},
+    capabilities = {**view.capabilities, **LIST_CHANGED_CAPABILITIES, "logging": {},
                     **tasks.capabilities(gw, req, view, msg.era, version)}
     result: dict[str, Any] = {"protocolVersion": version, "capabilities": capabilities, "serverInfo": gw.server_info}
     if gw.config.instructions:
@@ -41,7 +44,8 @@ async def discover(gw: Gateway, req: Request, msg: Message) -> Local:
     view = await gw.current_view(req)
     result: dict[str, Any] = {
         "supportedVersions": [*MODERN_VERSIONS, *reversed(HANDSHAKE_VERSIONS)],
-        "capabilities": {**view.capabilities, **tasks.capabilities(gw, req, view, msg.era)},
+        "capabilities": {**view.capabilities, **LIST_CHANGED_CAPABILITIES,
+                         **tasks.capabilities(gw, req, view, msg.era)},
         "ttlMs": view.ttl_ms,
         "cacheScope": gw.cache_scope(req),
         "resultType": "complete",

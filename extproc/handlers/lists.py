@@ -16,7 +16,10 @@ from extproc.replies import Local
 from extproc.request import Request
 
 if TYPE_CHECKING:
+    from catalog.view import View
     from extproc.gateway import Gateway
+
+Items = tuple[dict[str, Any], ...]
 
 LISTS = {
     "tools/list": ("tools", "tools"),
@@ -41,20 +44,7 @@ async def list_items(gw: Gateway, req: Request, msg: Message) -> Local:
         offset = parsed.offset
     scope = gw.cache_scope(req)
     mode = gw.tool_mode(req)
-    extra: tuple[dict[str, Any], ...] = ()
-    native: tuple[dict[str, Any], ...] = ()
-    if attr == "tools":
-        if mode != "native":
-            extra = meta.META_TOOLS
-        if mode != "meta":
-            extra = (*extra, *gw.edge_listing(req, msg.era))
-            native = view.legacy_tools if msg.era != MODERN else view.tools
-    elif mode == "meta":
-        extra = (auth.AUTH_STATUS_RESOURCE,) if attr == "resources" else ()
-    else:
-        if attr == "resources" and gw.offers_auth_status:
-            extra = (auth.AUTH_STATUS_RESOURCE,)
-        native = getattr(view, attr)
+    extra, native = listing(gw, req, view, attr, msg.era)
     cache_key = (view.fingerprint, msg.method, offset, msg.era, scope, mode, gw.edge_tools.generation,
                  attr == "tools" and tasks.client_drives_tasks(msg),
                  tuple(t.get("name") for t in extra))
@@ -72,3 +62,24 @@ async def list_items(gw: Gateway, req: Request, msg: Message) -> Local:
         page = gw.pages[cache_key] = jsonrpc.dumps(result)
     gw.metrics.listed(msg.method, hit, time.perf_counter() - started)
     return Local.raw_result(msg.id, page)
+
+
+def listing(gw: Gateway, req: Request, view: View, attr: str, era: str) -> tuple[Items, Items]:
+    """(the gateway's own items, the upstreams' items) of one list for this caller: what a client reads (also
+    what the notification channel compares, so a client is told exactly when this changes)."""
+    mode = gw.tool_mode(req)
+    extra: Items = ()
+    native: Items = ()
+    if attr == "tools":
+        if mode != "native":
+            extra = meta.META_TOOLS
+        if mode != "meta":
+            extra = (*extra, *gw.edge_listing(req, era))
+            native = view.legacy_tools if era != MODERN else view.tools
+    elif mode == "meta":
+        extra = (auth.AUTH_STATUS_RESOURCE,) if attr == "resources" else ()
+    else:
+        if attr == "resources" and gw.offers_auth_status:
+            extra = (auth.AUTH_STATUS_RESOURCE,)
+        native = getattr(view, attr)
+    return extra, native
