@@ -25,6 +25,7 @@ _KNOWN = {
     "auth", "policy", "audit", "secretsDir", "store", "upstreamOAuth", "restart", "sessions", "edgeLogin",
     "statusToken", "toolMode", "workflows", "bridges", "logFormat",
 }
+_KNOWN |= {"xds"}
 _KNOWN |= {"workflows"}
 LOG_FORMATS = ("text", "json")
 
@@ -165,6 +166,8 @@ class GatewayConfig:
     bridge_idle_seconds: int = 300
     bridge_max_connections: int = 100
     log_format: str = "text"
+    # Envoy gets the catalog's clusters and routes over gRPC xDS (ADS) from the processor, not from files
+    xds: bool = False
 
     @property
     def callback_url(self) -> str:
@@ -351,6 +354,7 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
         tool_mode=_tool_mode(raw.get("toolMode", "native"), source),
         **_bridges(raw.get("bridges"), source),
         log_format=log_format,
+        xds=_bool(raw, "xds", False, source),
     )
     if cfg.edge_login is not None and cfg.auth is None:
         raise ConfigError(f"{source}: edgeLogin: needs auth (the edge IdP it signs in at is auth.issuer)")
@@ -421,6 +425,13 @@ def _bridges(raw: Any, source: str) -> dict[str, Any]:
     if "listen" in raw:
         out["bridge_listen"] = Address.parse(raw["listen"], f"{source}: bridges.listen")
     return out
+
+
+def _bool(raw: dict[str, Any], key: str, default: bool, source: str) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{source}: {key}: must be true or false")
+    return value
 
 
 def _store(raw: Any, source: str) -> str:

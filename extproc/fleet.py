@@ -122,6 +122,8 @@ class Fleet:
         # whether an owner's gateway session has ended (set by the gateway): a session opened for an owner whose
         # DELETE arrived meanwhile is closed at once, not kept
         self.owner_ended: Callable[[str], bool] = lambda _owner: False
+        # with xDS: None once every connected Envoy has acknowledged a server's cluster, else why not (xds_acks)
+        self.envoy_acked: Callable[[MCPServer], Awaitable[str | None]] | None = None
 
     def _new_state(self, server: MCPServer, owner: str = "") -> UpstreamState:
         state = UpstreamState(server, owner=owner)
@@ -196,6 +198,13 @@ class Fleet:
         return hs, list(results)
 
     async def _refresh(self, state: UpstreamState) -> None:
+        if state.last_good is None and self.envoy_acked is not None:
+            # never listed yet: every Envoy must route to it first (a caller's next call may land on any of them)
+            state.last_attempt = time.monotonic()
+            waiting = await self.envoy_acked(state.server)
+            if waiting is not None:
+                self._fail(state, waiting)
+                return
         while True:
             server = state.server
             state.last_attempt = time.monotonic()
