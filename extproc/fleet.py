@@ -205,6 +205,7 @@ class Fleet:
             if waiting is not None:
                 self._fail(state, waiting)
                 return
+            state.created = time.monotonic()  # the first fetch's retries start now that Envoys have its cluster
         while True:
             server = state.server
             state.last_attempt = time.monotonic()

@@ -126,6 +126,9 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 with contextlib.suppress(ConfigError):
                     stream.bridge = Address.parse(meta.string_value, "node metadata")
             log.info("xds: Envoy %s connected (%s)", stream.node, stream.peer)
+            if any(s.node == stream.node for s in self.streams if s is not stream):
+                log.warning("xds: two Envoys connected as node %r: node ids must be unique (--service-node), or "
+                            "their ACKs overwrite each other", stream.node)
         type_url = req.type_url
         if type_url not in TYPES:
             log.debug("xds: %s asked for %s, which the gateway does not serve", stream.node, type_url)

@@ -144,6 +144,9 @@ def behind(records: Sequence[NodeRecord], name: str, digest: str) -> list[NodeRe
     return [r for r in records if r.servers.get(name) != digest]
 
 
+NO_ENVOY = "waiting for an Envoy to connect to the xDS server and acknowledge its cluster"
+
+
 def why_not_listed(records: Sequence[NodeRecord]) -> str:
     parts = [f"{r.node} ({'rejected it: ' + r.nack if r.nack else 'no ACK yet'})" for r in records]
     return "waiting for every connected Envoy to acknowledge its cluster: " + ", ".join(parts)
@@ -158,16 +161,17 @@ class AckGate:
         self.last: list[NodeRecord] = []  # the latest read, for the status
 
     async def acked(self, server: MCPServer) -> str | None:
-        """None once every connected Envoy has acknowledged `server`'s clusters; else, after waiting, why not."""
+        """None once every connected Envoy (and at least one: with none, nothing routes to it) has acknowledged
+        `server`'s clusters; else, after waiting, why not."""
         digest = server_digest(server)
         deadline = time.monotonic() + self.wait_s
         while True:
             self.last = await self.registry.nodes()
             late = behind(self.last, server.name, digest)
-            if not late:
+            if self.last and not late:
                 return None
             if time.monotonic() >= deadline:
-                return why_not_listed(late)
+                return why_not_listed(late) if late else NO_ENVOY
             await asyncio.sleep(_POLL_S)
 
     async def refresh(self, every_s: float = 2.0) -> None:

@@ -321,3 +321,45 @@ async def test_two_replicas_behind_one_redis_exchange_once_per_token_lifetime(tm
 async def _served(http: httpx2.AsyncClient, request: dict[str, Any]) -> bool:
     answer = await http.post(**request)
     return answer.status_code == 200 and '\\"server\\": \\"other\\"' in answer.text
+
+
+async def test_workers_of_one_replica_share_the_envoys_acks(tmp_path: Path) -> None:
+    """`muster-edge run` with two workers and no shared store: one worker holds Envoy's ADS stream, and both read
+    its ACKs (files in the state folder) before listing a new server."""
+    with contextlib.ExitStack() as stack:
+        one = stack.enter_context(start_demo_server("kubernetes", name="one"))
+        two = stack.enter_context(start_demo_server("prometheus", name="two"))
+        gw = stack.enter_context(start_gateway(tmp_path, {"one": one.url}, xds=True, processor={"workers": 2}))
+        status_port = int(gw.status_url.rsplit(":", 1)[1].split("/")[0])
+        workers = [f"http://127.0.0.1:{status_port + i}/status" for i in (0, 1)]
+        until(lambda: all(len(get_json(w)["xds"]["connected"]) == 1 for w in workers), "both workers see Envoy")
+        served = [len(get_json(w)["xds"]["servedHere"]) for w in workers]
+        assert sorted(served) == [0, 1], served  # one ADS stream, held by one worker
+        gw.add_server("two", two.url)
+        for worker in workers:
+            until(lambda w=worker: next((s for s in get_json(w)["servers"] if s["name"] == "two"), {}).get("state")
+                  == "Connected", f"two listed by {worker}")
+        for i in range(6):  # streams spread over both workers: every call is routed
+            assert await whoami(gw.url, "x_two_whoami") == {"server": "two"}, i
+        assert not (gw.config_path.parent / "state" / "envoy" / "cds" / "cds.yaml").exists()  # no file in xDS mode
+
+
+def test_the_xds_bootstrap_validates_and_ships_no_cluster_files(tmp_path: Path) -> None:
+    (tmp_path / "servers").mkdir()
+    (tmp_path / "servers" / "one.yaml").write_text(yaml.safe_dump(manifest("one", "http://127.0.0.1:18101/mcp")))
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump({"catalog": "./servers", "xds": True,
+                                                           "processor": {"workers": 2}}))
+    done = subprocess.run([str(MUSTER_EDGE), "envoy", "render", "-c", str(tmp_path / "gateway.yaml"), "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bootstrap.yaml", "mesh.yaml"]
+    result = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(tmp_path / "out" / "bootstrap.yaml"),
+                             "--disable-hot-restart"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "OK" in result.stdout + result.stderr, result.stdout + result.stderr
+    boot = yaml.safe_load((tmp_path / "out" / "bootstrap.yaml").read_text())
+    assert boot["dynamic_resources"]["ads_config"]["grpc_services"] == [
+        {"envoy_grpc": {"cluster_name": envoy_config.XDS_CLUSTER}}]
+    xds = next(c for c in boot["static_resources"]["clusters"] if c["name"] == envoy_config.XDS_CLUSTER)
+    assert len(xds["load_assignment"]["endpoints"][0]["lb_endpoints"]) == 2  # any worker serves it
+    mesh = yaml.safe_load((tmp_path / "out" / "mesh.yaml").read_text())
+    assert mesh["cds_config"] == {"ads": {}, "resource_api_version": "V3"} and "ads_config" in mesh
