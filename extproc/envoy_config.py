@@ -800,8 +800,9 @@ def xds_clusters(config: GatewayConfig, ports: Sequence[int]) -> list[dict[str, 
         "connect_timeout": "1s",
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            # a frozen worker still holds the TCP connection: its missed PING answer moves the stream to another
             "explicit_http_config": {"http2_protocol_options": {
-                "connection_keepalive": {"interval": "30s", "timeout": "5s"}}}}},
+                "connection_keepalive": {"interval": "5s", "timeout": "3s"}}}}},
         "load_assignment": {"cluster_name": XDS_CLUSTER, "endpoints": [
             {"lb_endpoints": [{"endpoint": {"address": _socket(host, p)}} for p in ports]}]},
     }]

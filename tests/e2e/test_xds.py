@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+import redis
 import yaml
 
 from catalog.config import parse_config
@@ -251,7 +252,7 @@ async def test_an_envoy_that_rejects_or_does_not_acknowledge_holds_back_the_list
 async def test_two_replicas_behind_one_redis_exchange_once_per_token_lifetime(tmp_path: Path) -> None:
     """Two whole gateways (Envoy + processor each, `muster-edge run`) with one catalog and one Redis: the second
     starts later and converges on the same clusters, a manifest added later reaches both, and one caller's calls
-    spread over both replicas cause one token exchange."""
+    spread over both replicas cause one token exchange per lifetime of the exchanged token."""
     listen_a, listen_b, upstream_port = free_port(), free_port(), free_port()
     resources = [f"http://127.0.0.1:{p}/mcp" for p in (listen_a, listen_b)]
     audience = f"http://127.0.0.1:{upstream_port}/mcp"
@@ -271,7 +272,7 @@ async def test_two_replicas_behind_one_redis_exchange_once_per_token_lifetime(tm
                      {"client_id": "exchanger", "client_secret": "exchanger-secret",
                       "grant_types": ["client_credentials", GRANT_TOKEN_EXCHANGE]}],
             resources=[*({"audience": r, "scope": "mcp:tools"} for r in resources),
-                       {"audience": audience, "scope": "mcp:tools"}]))
+                       {"audience": audience, "scope": "mcp:tools", "accessTokenTTL": 8}]))
         stack.enter_context(start_demo_server("kubernetes", port=upstream_port, name="k8s", require_jwt=idp.issuer,
                                               audience=audience))
         other = stack.enter_context(start_demo_server("prometheus", name="other"))
@@ -301,11 +302,20 @@ async def test_two_replicas_behind_one_redis_exchange_once_per_token_lifetime(tm
                 "mcp-name": tool}, "json": {"jsonrpc": "2.0", "id": i, "method": "tools/call",
                                             "params": {"name": tool, "arguments": {}, "_meta": meta}}}
 
+        def exchanges() -> int:
+            return sum(r["grant_type"] == GRANT_TOKEN_EXCHANGE for r in idp.recent_requests())
+
         async with httpx2.AsyncClient(timeout=60) as http:
+            # one exchanged token (8 s, used until 2 s before it expires) serves both replicas: one exchange ...
             answers = [await http.post(**call(gw_a if i % 2 else gw_b, i)) for i in range(20)]
             assert all(r.status_code == 200 and '\\"server\\": \\"k8s\\"' in r.text for r in answers), answers[0].text
-            exchanges = sum(r["grant_type"] == GRANT_TOKEN_EXCHANGE for r in idp.recent_requests())
-            assert exchanges == 1, idp.recent_requests()
+            assert exchanges() == 1, idp.recent_requests()
+            # ... per token lifetime: once it is gone from Redis, the next calls on both replicas exchange once more
+            shared = redis.Redis.from_url(redis_url)
+            until(lambda: not shared.keys("muster-edge:exchange:*"), "the exchanged token to expire", 15)
+            answers = [await http.post(**call(gw_a if i % 2 else gw_b, i)) for i in range(20)]
+            assert all(r.status_code == 200 and '\\"server\\": \\"k8s\\"' in r.text for r in answers), answers[0].text
+            assert exchanges() == 2, idp.recent_requests()
 
             # a manifest added to the one catalog: each replica lists it once both Envoys (Redis) acknowledged it
             tmp = catalog / ".other.tmp"
@@ -363,3 +373,27 @@ def test_the_xds_bootstrap_validates_and_ships_no_cluster_files(tmp_path: Path) 
     assert len(xds["load_assignment"]["endpoints"][0]["lb_endpoints"]) == 2  # any worker serves it
     mesh = yaml.safe_load((tmp_path / "out" / "mesh.yaml").read_text())
     assert mesh["cds_config"] == {"ads": {}, "resource_api_version": "V3"} and "ads_config" in mesh
+
+
+async def test_a_frozen_xds_worker_hands_its_envoy_to_another(tmp_path: Path) -> None:
+    """The worker holding Envoy's ADS stream freezes (SIGSTOP): Envoy's keep-alive PING goes unanswered, it
+    reconnects to the other worker, which serves the same versions, and a server added meanwhile is listed."""
+    with contextlib.ExitStack() as stack:
+        one = stack.enter_context(start_demo_server("kubernetes", name="one"))
+        two = stack.enter_context(start_demo_server("prometheus", name="two"))
+        gw = stack.enter_context(start_gateway(tmp_path, {"one": one.url}, xds=True, processor={"workers": 2}))
+        status_port = int(gw.status_url.rsplit(":", 1)[1].split("/")[0])
+        workers = [f"http://127.0.0.1:{status_port + i}/status" for i in (0, 1)]
+        holder = until(lambda: next((i + 1 for i, w in enumerate(workers) if get_json(w)["xds"]["servedHere"]), 0),
+                       "a worker holding Envoy's stream") - 1
+        other = workers[1 - holder]
+        pid = next(p["pid"] for p in gw.status()["supervisor"]["processes"] if p["name"] == f"processor {holder}")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            until(lambda: get_json(other)["xds"]["servedHere"], "the other worker takes the stream over", 30)
+            gw.add_server("two", two.url)
+            until(lambda: next((s for s in get_json(other)["servers"] if s["name"] == "two"), {}).get("state")
+                  == "Connected", "two listed by the live worker", 30)
+            await auntil(lambda: whoami(gw.url, "x_two_whoami"), "x_two_whoami served", 30)
+        finally:
+            os.kill(pid, signal.SIGCONT)
