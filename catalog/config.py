@@ -25,6 +25,7 @@ _KNOWN = {
     "auth", "policy", "audit", "secretsDir", "store", "upstreamOAuth", "restart", "sessions", "edgeLogin",
     "statusToken", "toolMode", "workflows", "bridges", "logFormat", "metrics",
 }
+_KNOWN |= {"xds"}
 _KNOWN |= {"workflows"}
 _KNOWN |= {"tracing"}
 LOG_FORMATS = ("text", "json")
@@ -183,6 +184,8 @@ class GatewayConfig:
     # latency histograms (and Envoy's access log to the processor that feeds the call histograms); counters stay
     metrics: bool = True
     tracing: TracingConfig | None = None
+    # Envoy gets the catalog's clusters and routes over gRPC xDS (ADS) from the processor, not from files
+    xds: bool = False
 
     @property
     def callback_url(self) -> str:
@@ -369,8 +372,9 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
         tool_mode=_tool_mode(raw.get("toolMode", "native"), source),
         **_bridges(raw.get("bridges"), source),
         log_format=log_format,
-        metrics=_flag(raw, "metrics", True, source),
+        metrics=_bool(raw, "metrics", True, source),
         tracing=_tracing(raw.get("tracing"), source),
+        xds=_bool(raw, "xds", False, source),
     )
     if cfg.edge_login is not None and cfg.auth is None:
         raise ConfigError(f"{source}: edgeLogin: needs auth (the edge IdP it signs in at is auth.issuer)")
@@ -381,11 +385,6 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
     return cfg
 
 
-def _flag(raw: dict[str, Any], key: str, default: bool, source: str) -> bool:
-    value = raw.get(key, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{source}: {key}: must be true or false")
-    return value
 def _tracing(raw: Any, source: str) -> TracingConfig | None:
     """`tracing: {endpoint: HOST:PORT | http(s)://HOST:PORT, samplingRatio: 0..1, serviceName}`; absent: off."""
     if raw is None or raw is False:
@@ -469,6 +468,13 @@ def _bridges(raw: Any, source: str) -> dict[str, Any]:
     if "listen" in raw:
         out["bridge_listen"] = Address.parse(raw["listen"], f"{source}: bridges.listen")
     return out
+
+
+def _bool(raw: dict[str, Any], key: str, default: bool, source: str) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{source}: {key}: must be true or false")
+    return value
 
 
 def _store(raw: Any, source: str) -> str:

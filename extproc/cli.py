@@ -90,6 +90,10 @@ def _render_once(config: GatewayConfig, servers: Any, out: str, kind: str, targe
     ports = envoy_config.processor_ports(config)
     envoy_config.write_atomic(os.path.join(out, "bootstrap.yaml"),
                               envoy_config.dump(envoy_config.bootstrap(config, ports, cds_dir)))
+    if config.xds:  # the processors serve the clusters and routes (extproc/xds.py): no files to ship
+        envoy_config.write_atomic(os.path.join(out, "mesh.yaml"),
+                                  envoy_config.dump(envoy_config.mesh_pieces(config, ports, cds_dir)))
+        return [f"{out}/bootstrap.yaml", f"{out}/mesh.yaml"]
     envoy_config.write_atomic(os.path.join(cds_dir, envoy_config.CDS_FILE),
                               envoy_config.dump(envoy_config.cds(servers, config.bridge_listen
                                                                  if config.bridge_listen.port else None)))

@@ -53,7 +53,8 @@ def upstream_cluster(server: MCPServer, bridge: Address | None = None) -> dict[s
     """
     if server.bridged:
         where = bridge or Address("127.0.0.1", DEFAULT_BRIDGE_PORT)
-        return _cluster(cluster_name(server.name), f"http://{where}", server.timeout)
+        host = f"[{where.host}]" if ":" in where.host else where.host  # an IPv6 bridge address
+        return _cluster(cluster_name(server.name), f"http://{host}:{where.port}", server.timeout)
     return _cluster(cluster_name(server.name), server.url, server.timeout)
 
 
@@ -684,7 +685,7 @@ def http_filters(config: GatewayConfig) -> list[dict[str, Any]]:
 def public_listeners(config: GatewayConfig, cds_dir: str | None = None) -> list[dict[str, Any]]:
     """The plain listener (`listen`, for local tools) and, with `tls`, the HTTPS one: the same chain on both;
     with `cds_dir`, their routes come from the route table there (RDS_FILE), else inline without server routes."""
-    rds = _rds(cds_dir) if cds_dir is not None else None
+    rds = rds_source(config, cds_dir)
     vhost = {"name": "mcp", "domains": ["*"], "routes": routes(config)}
     filters = [*http_filters(config), _ROUTER]
     replies = local_replies(config) if config.auth is not None else {"mappers": public_reply_mappers()}
@@ -905,24 +906,24 @@ def tracing_runtime(config: GatewayConfig) -> dict[str, Any]:
         {"name": "admin", "admin_layer": {}}]}}
 
 
-def bootstrap(config: GatewayConfig, ports: Sequence[int], cds_dir: str) -> dict[str, Any]:
-    """The standalone gateway: public listener, internal listener, processor cluster, file-based CDS."""
+def bootstrap(config: GatewayConfig, ports: Sequence[int], cds_dir: str,
+              node_id: str = "muster-edge") -> dict[str, Any]:
+    """The standalone gateway: public listener, internal listener, processor cluster, and the catalog's clusters
+    and routes from files (CDS_FILE, RDS_FILE) or, with `xds: true`, from the processor over ADS."""
     return {
-        "node": {"id": "muster-edge", "cluster": "muster-edge"},
+        "node": envoy_node(config, node_id),
         "admin": {"address": _socket(config.envoy_admin.host, config.envoy_admin.port)},
         "overload_manager": {"resource_monitors": [{
             "name": "envoy.resource_monitors.global_downstream_max_connections",
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.resource_monitors."
                                       "downstream_connections.v3.DownstreamConnectionsConfig",
                              "max_active_downstream_connections": 50000}}]},
-        "dynamic_resources": {"cds_config": {
-            "resource_api_version": "V3",
-            "path_config_source": {"path": os.path.join(cds_dir, CDS_FILE), "watched_directory": {"path": cds_dir}},
-        }},
+        "dynamic_resources": dynamic_resources(config, cds_dir),
         "static_resources": {
             "listeners": [*public_listeners(config, cds_dir), internal_listener(config)],
             "clusters": [processor_cluster(config, ports), *pinned_clusters(config, ports), notify_cluster(config),
-                         *([idp_cluster(config)] if config.auth else []), *tracing_clusters(config)],
+                         *([idp_cluster(config)] if config.auth else []), *tracing_clusters(config),
+                         *xds_clusters(config, ports)],
         },
         **tracing_runtime(config),
     }
@@ -934,10 +935,10 @@ def mesh_pieces(config: GatewayConfig, ports: Sequence[int], cds_dir: str) -> di
         "http_filters": http_filters(config),
         "routes": routes(config),
         "clusters": [processor_cluster(config, ports), *pinned_clusters(config, ports), notify_cluster(config),
-                     *([idp_cluster(config)] if config.auth else [])],
+                     *([idp_cluster(config)] if config.auth else []), *xds_clusters(config, ports)],
         "local_reply_config": local_replies(config) if config.auth else {"mappers": public_reply_mappers()},
         "listeners": [internal_listener(config)],
-        "cds_config": bootstrap(config, ports, cds_dir)["dynamic_resources"]["cds_config"],
+        **mesh_xds_pieces(config, ports, cds_dir),
         "access_log": call_access_log(config),
     }
 
@@ -965,3 +966,68 @@ def write_atomic(path: str, text: str) -> None:
 
 def processor_ports(config: GatewayConfig) -> list[int]:
     return [config.processor_listen.port + i for i in range(config.workers)]
+
+
+# ---- the catalog's clusters and routes over gRPC xDS (`xds: true`) -----------------------------------------------
+
+XDS_CLUSTER = "muster_edge_xds"
+NODE_BRIDGE_KEY = "muster_edge_bridge"  # node metadata: where this Envoy's own bridge listens (per replica)
+
+
+def envoy_node(config: GatewayConfig, node_id: str = "muster-edge") -> dict[str, Any]:
+    """Envoy's node: its id names it in the processor's ACK tracking (unique per Envoy: `--service-node` overrides
+    it), and its metadata carries its own bridge's loopback address, so xDS points bridged clusters there."""
+    node: dict[str, Any] = {"id": node_id, "cluster": "muster-edge"}
+    if config.xds:
+        bridge = config.bridge_listen if config.bridge_listen.port else Address("127.0.0.1", DEFAULT_BRIDGE_PORT)
+        node["metadata"] = {NODE_BRIDGE_KEY: str(bridge)}
+    return node
+
+
+def dynamic_resources(config: GatewayConfig, cds_dir: str) -> dict[str, Any]:
+    if not config.xds:
+        return {"cds_config": {
+            "resource_api_version": "V3",
+            "path_config_source": {"path": os.path.join(cds_dir, CDS_FILE), "watched_directory": {"path": cds_dir}},
+        }}
+    return {
+        # one aggregated stream to one processor worker; any worker serves the same versions (content hashes)
+        "ads_config": {"api_type": "GRPC", "transport_api_version": "V3", "set_node_on_first_message_only": True,
+                       "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}]},
+        "cds_config": {"ads": {}, "resource_api_version": "V3"},
+    }
+
+
+def rds_source(config: GatewayConfig, cds_dir: str | None) -> dict[str, Any] | None:
+    """Where the public listeners' route table comes from: the processor's ADS stream, the RDS file, or inline."""
+    if config.xds:
+        return {"route_config_name": ROUTE_TABLE, "config_source": {"ads": {}, "resource_api_version": "V3"}}
+    return _rds(cds_dir) if cds_dir is not None else None
+
+
+def xds_clusters(config: GatewayConfig, ports: Sequence[int]) -> list[dict[str, Any]]:
+    """The processor workers once more, as the xDS server: a cluster of its own, so the one long-lived ADS
+    stream never shares a connection (or balancing and health settings) with the per-request ext_proc streams."""
+    if not config.xds:
+        return []
+    host = config.processor_listen.host
+    return [{
+        "name": XDS_CLUSTER,
+        "type": "STATIC" if _is_ip(host) else "STRICT_DNS",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            # a frozen worker still holds the TCP connection: its missed PING answer moves the stream to another
+            "explicit_http_config": {"http2_protocol_options": {
+                "connection_keepalive": {"interval": "5s", "timeout": "3s"}}}}},
+        "load_assignment": {"cluster_name": XDS_CLUSTER, "endpoints": [
+            {"lb_endpoints": [{"endpoint": {"address": _socket(host, p)}} for p in ports]}]},
+    }]
+
+
+def mesh_xds_pieces(config: GatewayConfig, ports: Sequence[int], cds_dir: str) -> dict[str, Any]:
+    """The mesh operator's Envoy takes its upstream clusters from the same source as the standalone gateway."""
+    pieces: dict[str, Any] = {"cds_config": dynamic_resources(config, cds_dir)["cds_config"]}
+    if config.xds:
+        pieces["ads_config"] = dynamic_resources(config, cds_dir)["ads_config"]
+    return pieces

@@ -145,6 +145,8 @@ class Fleet:
         # upstream's resources/updated
         self.on_lists: Callable[[str, str, frozenset[str]], None] | None = None
         self.on_resource: Callable[[str, str, str], None] | None = None
+        # with xDS: None once every connected Envoy has acknowledged a server's cluster, else why not (xds_acks)
+        self.envoy_acked: Callable[[MCPServer], Awaitable[str | None]] | None = None
 
     def _new_state(self, server: MCPServer, owner: str = "") -> UpstreamState:
         state = UpstreamState(server, owner=owner)
@@ -271,6 +273,14 @@ class Fleet:
         return hs, list(results)
 
     async def _refresh(self, state: UpstreamState) -> None:
+        if state.last_good is None and self.envoy_acked is not None:
+            # never listed yet: every Envoy must route to it first (a caller's next call may land on any of them)
+            state.last_attempt = time.monotonic()
+            waiting = await self.envoy_acked(state.server)
+            if waiting is not None:
+                self._fail(state, waiting)
+                return
+            state.created = time.monotonic()  # the first fetch's retries start now that Envoys have its cluster
         while True:
             server = state.server
             state.last_attempt = time.monotonic()

@@ -9,12 +9,13 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
 import httpx2
 from envoy.service.accesslog.v3 import als_pb2_grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -36,6 +37,7 @@ from extproc.sessions import Cursors, Sealer, Sessions, load_key
 from extproc.status import serve_status, status_token, workers_metrics
 from extproc.stream import Stream
 from extproc.upstream import UpstreamClient
+from extproc.xds import XdsServer, registry_for
 
 log = logging.getLogger(__name__)
 
@@ -160,14 +162,17 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
     healthy = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(healthy, server)
     server.add_insecure_port(f"{config.processor_listen.host}:{port}")
+    first = read_catalog(config.catalog_dir)
+    xds = serve_xds(config, gateway, server, first.servers)
     await server.start()
     await healthy.set("", health_pb2.HealthCheckResponse.SERVING)
     fleet = gateway.fleet
-    first = read_catalog(config.catalog_dir)
     gateway.set_catalog(first.servers, first.errors)
     workflows.of(gateway).set_workflows(first.workflows)
 
     def changed(result: LoadResult) -> None:
+        if xds is not None:
+            xds.set_catalog(result.servers)
         gateway.set_catalog(result.servers, result.errors)
         workflows.of(gateway).set_workflows(result.workflows)
 
@@ -175,11 +180,14 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
     sweeper = asyncio.get_running_loop().create_task(gateway.sweep_sessions())
     listener = asyncio.get_running_loop().create_task(gateway.peers.listen(gateway.end_here, gateway.lost_here))
     watcher = asyncio.get_running_loop().create_task(watch(config.catalog_dir, changed))
+    upkeep = xds_upkeep(xds)
     status_server = None
     if status_port is not None:
         status_server = await serve_status(config.status_listen.host, status_port,
                                            with_supervisor(lambda: with_bridges({**gateway.status(),
-                                                                                 "sessions": gateway.session_status()},
+                                                                                 "sessions": gateway.session_status(),
+                                                                                 **({"xds": xds.status()} if xds
+                                                                                    else {})},
                                                                                 config.state_dir)),
                                            gateway.metrics.render, gateway.peer_message, token=status_token(config),
                                            all_metrics=workers_metrics(config, status_port, gateway.metrics.render),
@@ -192,10 +200,31 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await gateway.notifier.aclose()
-    await shutdown(server, healthy, fleet, [watcher, maintainer, sweeper, listener], status_server, gateway.peers)
+    await shutdown(server, healthy, fleet, [watcher, maintainer, sweeper, listener, *upkeep], status_server,
+                   gateway.peers)
     await workflows.of(gateway).executions.aclose()
     if tracing.ON:
         await asyncio.to_thread(tracing.shutdown)  # the last spans reach the collector
+
+
+def serve_xds(config: GatewayConfig, gateway: Gateway, server: grpc.aio.Server,
+              servers: Sequence[MCPServer]) -> XdsServer | None:
+    """With `xds: true`, this worker also serves the catalog's clusters and routes to Envoys (ADS), and lists a new
+    server only once every connected Envoy has acknowledged its cluster."""
+    if not config.xds:
+        return None
+    xds = XdsServer(config, registry_for(config))
+    xds.set_catalog(servers)
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(xds, server)
+    gateway.fleet.envoy_acked = xds.gate.acked
+    return xds
+
+
+def xds_upkeep(xds: XdsServer | None) -> list[asyncio.Task[None]]:
+    if xds is None:
+        return []
+    loop = asyncio.get_running_loop()
+    return [loop.create_task(xds.heartbeat()), loop.create_task(xds.gate.refresh())]
 
 
 async def shutdown(server: grpc.aio.Server, healthy: Any, fleet: Fleet, tasks: list[asyncio.Task[None]],

@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -50,7 +51,10 @@ class Paths:
 
 
 def write_cds(config: GatewayConfig, paths: Paths) -> list[str]:
-    """Write the clusters of the admitted catalog; returns the refusals to report."""
+    """Write the clusters of the admitted catalog; returns the refusals to report. With `xds: true` the
+    processor serves them to Envoy instead (extproc/xds.py), and it reports the refusals itself."""
+    if config.xds:
+        return []
     result = read_catalog(config.catalog_dir)
     envoy_config.write_atomic(os.path.join(paths.cds_dir, envoy_config.CDS_FILE),
                               envoy_config.dump(envoy_config.cds(result.servers, config.bridge_listen)))
@@ -63,7 +67,13 @@ def render(config: GatewayConfig, paths: Paths) -> None:
     ports = envoy_config.processor_ports(config)
     os.makedirs(paths.cds_dir, exist_ok=True)
     write_cds(config, paths)
-    envoy_config.write_atomic(paths.bootstrap, envoy_config.dump(envoy_config.bootstrap(config, ports, paths.cds_dir)))
+    envoy_config.write_atomic(paths.bootstrap, envoy_config.dump(
+        envoy_config.bootstrap(config, ports, paths.cds_dir, node_id=node_id(config))))
+
+
+def node_id(config: GatewayConfig) -> str:
+    """This Envoy's name in the processor's ACK tracking: unique for each replica, also on one host."""
+    return f"muster-edge-{socket.gethostname()}-{config.listen.port}"
 
 
 _PR_SET_PDEATHSIG = 1
