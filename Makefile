@@ -16,6 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[dev]'
+	# xds-protos ships an older copy of opentelemetry/proto (no InstrumentationScope); whichever wheel pip unpacks
+	# last wins, so put OpenTelemetry's own back over it (the tracing exporter needs it; xds reads a subset of it)
+	$(PIP) install -q --no-deps --force-reinstall \
+	  "opentelemetry-proto==$$($(PY) -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 	touch $@
 
 proto: $(GEN)/.built

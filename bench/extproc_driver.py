@@ -1,7 +1,9 @@
 """Drive one processor worker directly over gRPC, the way Envoy does, and count ext_proc cycles per second.
 
-A cycle is one HTTP request's worth of messages on its own stream: request headers and request body (a routed
-call's answer goes to the processor only when Envoy's matcher says it needs it, on a stream of its own).
+A cycle is one HTTP request's worth of messages on its own stream: the request body, with the request headers in
+forwarded metadata as Envoy's headers_in filter packs them (extproc/carried.py); a routed call's answer goes to
+the processor only when Envoy's matcher says it needs it, on a stream of its own. `--two-messages` sends the
+request headers and the body as two messages instead (the path before one-message routing).
 Taking Envoy out of the loop shows what the processor alone can do per core.
 The driver pre-serialises every message once (the method is called without serialisers, so bytes go straight
 to the wire) and only parses replies during warm-up, which keeps its own gRPC-Python cost as low as it can be;
@@ -29,6 +31,7 @@ import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from bench import procstat
+from extproc import carried
 
 METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 MODERN = "2026-07-28"
@@ -48,11 +51,29 @@ def headers_message(pairs: dict[str, str], end_of_stream: bool = False) -> bytes
     return request.SerializeToString()
 
 
-def body_message(body: bytes) -> bytes:
+def body_message(body: bytes, headers: dict[str, str] | None = None) -> bytes:
+    """The body message; with `headers`, carrying them in metadata as Envoy's headers_in filter does."""
     request = ep.ProcessingRequest()
     request.request_body.body = body
     request.request_body.end_of_stream = True
+    if headers is not None:
+        packed = "\n".join(f"{k}\n{v}" for k, v in headers.items())
+        fields = request.metadata_context.filter_metadata[carried.REQUEST_NAMESPACE].fields
+        fields[carried.REQUEST_KEY].string_value = packed
     return request.SerializeToString()
+
+
+TWO_MESSAGES = False  # --two-messages: request headers, then the body (the path before one-message routing)
+
+
+def cycle_messages(hdrs: dict[str, str], body: bytes) -> tuple[bytes, ...]:
+    if TWO_MESSAGES:
+        return headers_message(hdrs), body_message(body)
+    return (body_message(body, hdrs),)
+
+
+def replies(*kinds: str) -> tuple[str, ...]:
+    return ("request_headers", *kinds) if TWO_MESSAGES else kinds
 
 
 def http_request(authority: str, path: str, body: bytes, extra: dict[str, str]) -> dict[str, str]:
@@ -75,17 +96,17 @@ def scenario(name: str, tool: str, session: str, authority: str, path: str) -> S
     if name == "tools_list":
         body = orjson.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/list", "params": {"_meta": ENVELOPE}})
         hdrs = http_request(authority, path, body, {"mcp-protocol-version": MODERN, "mcp-method": "tools/list"})
-        return Scenario((headers_message(hdrs), body_message(body)), ("request_headers", "immediate_response"))
+        return Scenario(cycle_messages(hdrs, body), replies("immediate_response"))
     if name == "ping":
         body = orjson.dumps({"jsonrpc": "2.0", "id": 7, "method": "ping"})
         hdrs = http_request(authority, path, body, {"mcp-protocol-version": LEGACY_VERSION, "mcp-session-id": session})
-        return Scenario((headers_message(hdrs), body_message(body)), ("request_headers", "immediate_response"))
+        return Scenario(cycle_messages(hdrs, body), replies("immediate_response"))
     if name == "tools_call":
         body = orjson.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
                              "params": {"name": tool, "arguments": {"text": "hello"}, "_meta": ENVELOPE}})
         hdrs = http_request(authority, path, body, {"mcp-protocol-version": MODERN, "mcp-method": "tools/call",
                                                     "mcp-name": tool})
-        return Scenario((headers_message(hdrs), body_message(body)), ("request_headers", "request_body"))
+        return Scenario(cycle_messages(hdrs, body), replies("request_body"))
     raise SystemExit(f"unknown scenario {name!r}")
 
 
@@ -123,8 +144,8 @@ async def open_session(process: Any, authority: str, path: str) -> str:
     body = orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize",
                          "params": {"protocolVersion": LEGACY_VERSION, "capabilities": {},
                                     "clientInfo": {"name": "bench", "version": "1"}}})
-    replies = await _cycle(process, (headers_message(http_request(authority, path, body, {})), body_message(body)))
-    answer = ep.ProcessingResponse.FromString(replies[-1]).immediate_response
+    answers = await _cycle(process, cycle_messages(http_request(authority, path, body, {}), body))
+    answer = ep.ProcessingResponse.FromString(answers[-1]).immediate_response
     for option in answer.headers.set_headers:
         if option.header.key.lower() == "mcp-session-id":
             return (option.header.raw_value or option.header.value.encode()).decode()
@@ -199,9 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--path", default="/mcp")
     parser.add_argument("--traceparent", default="", help="W3C context in each stream's metadata, as Envoy's tracer")
     parser.add_argument("--watch-pids", default="", help="comma-separated PIDs whose CPU time to report")
+    parser.add_argument("--two-messages", action="store_true", help="request headers and body as two messages")
     args = parser.parse_args(argv)
-    global METADATA
+    global METADATA, TWO_MESSAGES
     METADATA = (("traceparent", args.traceparent), ("tracestate", "")) if args.traceparent else ()
+    TWO_MESSAGES = args.two_messages
     watch = [int(p) for p in args.watch_pids.split(",") if p.strip()]
     result = asyncio.run(measure(args.target, args.scenario, args.name, args.concurrency, args.seconds,
                                  args.warmup, args.authority, args.path, watch))

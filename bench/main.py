@@ -12,7 +12,9 @@ Sections, in order (each prints its table as soon as it is done); `--only` picks
   auth: OAuth at the edge with a real IdP and a 30-rule policy, with and without (bench/edge_auth.py);
   exchange: RFC 8693 token exchange vs a static Authorization header, IdP requests counted (bench/exchange.py);
   metrics: routed tools/call with metrics on vs off (bench/metrics_cost.py);
-  tracing: tools/call with tracing off, at sampling ratio 0 and at 1.0 (bench/tracing.py).
+  tracing: tools/call with tracing off, at sampling ratio 0 and at 1.0 (bench/tracing.py);
+  scaling: tools/call at c=16 with 1, 2 processor workers x Envoy concurrency 1, 2 (the fast upstream), and the
+     CPU seconds per 1,000 calls of each process (the README's per-core sizing figures).
 Everything runs on 127.0.0.1 with free ports and is stopped on exit, error, Ctrl-C or SIGTERM.
 """
 
@@ -41,7 +43,8 @@ from bench.report import LEGEND, Row, find, ratios, table
 from bench.stacks import GatewayStack, Upstream
 from bench.wire import LEGACY, MODERN, Call, Endpoint, Requests
 
-SECTIONS = ("core", "families", "auth", "exchange", "metrics", "tracing")
+SECTIONS = ("core", "families", "auth", "exchange", "metrics", "tracing", "scaling")
+SCALING = ((1, 1), (1, 2), (2, 1), (2, 2))  # (processor workers, Envoy worker threads)
 CONCURRENCY = (1, 16)
 LIST_UPSTREAMS, LIST_TOOLS = 10, 50
 GATEWAY_1 = "gateway 1w"
@@ -188,6 +191,10 @@ class Bench:
                     base = Row("processor", label, "ext_proc", scenario, c)
                     self.add(measure_processor(base, gw.processor_listen[0], scenario, tool, authority, c, s,
                                                gw.processor_pids))
+        with stacks.echo_processor() as (listen, pid):  # gRPC-Python's own floor, beside the real worker
+            for c in CONCURRENCY:
+                base = Row("processor", label, "echo floor", "tools_call", c)
+                self.add(measure_processor(base, listen, "tools_call", tool, authority, c, s, [pid]))
         with stacks.contender(self.work, upstreams, tag="-list") as rival:
             url = rival.urls[upstreams[0].name]
             self.notes.append(f"contender tools/list: {describe_list(url, legacy=True)}")
@@ -196,6 +203,34 @@ class Bench:
                                       Requests(Endpoint.parse(url), LEGACY, listing), c, s,
                                       Probe(envoy_pids=[rival.pid], upstreams=upstreams, admin_url=rival.admin_url,
                                             clusters=[u.name for u in upstreams])))
+
+    # ---- scaling -------------------------------------------------------------------------------------------
+    def scaling(self, upstream: Upstream) -> None:
+        """One gateway shape at a time (each alone on the machine), the same calls to the same upstream."""
+        call = Call("tools/call", f"x_{upstream.name}_{upstream.tool}", upstream.arguments)
+        for workers, threads in SCALING:
+            label = f"{workers}w x {threads}t"
+            with stacks.gateway(self.work / f"scale-{workers}-{threads}", [upstream], workers,
+                                {"envoyConcurrency": threads}) as gw:
+                requests = Requests(Endpoint.parse(gw.url), MODERN, call)
+                prime(requests)
+                self.add(measure_http(Row("scaling", upstream.name, label, MODERN, 16), requests, 16,
+                                      Settings(self.settings.warmup_s, self.settings.measure_s,
+                                               self.settings.max_requests, 1), self.gateway_probe(gw, [upstream])))
+
+    def scaling_summary(self) -> list[str]:
+        lines = []
+        for row in self.rows:
+            if row.section != "scaling" or row.failure or not row.rps:
+                continue
+            proc = f"{row.proc_us / 1000:.2f}" if row.proc_us else "-"
+            envoy = f"{row.envoy_us / 1000:.2f}" if row.envoy_us else "-"
+            up = f"{row.upstream_us / 1000:.2f}" if row.upstream_us else "-"
+            per_core = (f"; per CPU-second: processor {1e6 / row.proc_us:.0f} calls, Envoy {1e6 / row.envoy_us:.0f}"
+                        f" calls" if row.proc_us and row.envoy_us else "")
+            lines.append(f"[scale] {row.target:9} {row.rps:6.0f} calls/s at c=16; CPU s per 1,000 calls: processor"
+                         f" {proc}, Envoy {envoy}, upstream {up}{per_core}; other load {row.other_pct or 0:.0f}%")
+        return lines
 
     # ---- output --------------------------------------------------------------------------------------------
     def summary(self, upstreams: Sequence[str]) -> str:
@@ -223,9 +258,16 @@ class Bench:
                              f" contender at c=16 = {row16.rps / c16.rps:.2f}")
         for row in self.rows:
             if row.section == "processor" and not row.failure and row.proc_us:
-                lines.append(f"[proc ] {row.wire:10} c={row.concurrency:<2} {row.rps:7.0f} cycles/s wall,"
+                target = f"; target <= 400 us: {'PASS' if row.proc_us <= 400 else 'MISS'}" \
+                    if row.wire == "tools_call" and row.target == "ext_proc" else ""
+                if row.target == "echo floor":
+                    target = " (an echo servicer: gRPC-Python's own cost, no parsing or deciding)"
+                lines.append(f"[proc ] {row.target:10} {row.wire:10} c={row.concurrency:<2} {row.rps:7.0f} cycles/s"
+                             " wall,"
                              f" {1e6 / row.proc_us:6.0f} cycles per processor CPU-second (one core),"
-                             f" {row.xp_msgs:.0f} messages/cycle, peak RSS {row.proc_mb:.1f} MB")
+                             f" {row.proc_us:4.0f} us CPU per cycle, {row.xp_msgs:.0f} messages/cycle, peak RSS"
+                             f" {row.proc_mb:.1f} MB{target}")
+        lines += self.scaling_summary()
         return "\n".join(lines)
 
 
@@ -362,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
             if "tracing" in only:
                 say("[trace] tools/call with tracing off, at sampling ratio 0 and 1.0")
                 tracing_bench.run(bench)
+            if "scaling" in only:
+                say(f"[scale] tools/call at c=16, processor workers x Envoy threads: {SCALING}")
+                with stacks.fast_upstream("fast") as fast:
+                    bench.scaling(fast)
     except KeyboardInterrupt:
         say("\ninterrupted: every process the benchmark started has been stopped")
         return 130
@@ -375,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
                              " or list (warm tools/list)"),
                 ("auth", "EDGE SECURITY: jwt_authn (real IdP) + 30-rule policy (auth+pol) vs neither (open); 5"
                          " upstreams x 20 tools; upstream column = call or list"),
+                ("scaling", "SCALING: tools/call at c=16 (fast upstream, 2026-07-28 wire); target = processor"
+                            " workers x Envoy worker threads, one gateway at a time"),
                 ("exchange", f"UPSTREAM CREDENTIALS: {exchange.CALLS} calls of one user per cell, to a token-exchange"
                              " upstream (exchange = exchange-srv) and to one with a static Authorization header"
                              " (static = static-srv)"),

@@ -233,3 +233,11 @@ def gateway(workdir: Path, upstreams: Sequence[Upstream], workers: int = 1,
                            processor_listen=[f"127.0.0.1:{listen + i}" for i in range(workers)], run_pid=run_pid,
                            processor_pids=procstat.processor_pids(run_pid), envoy_pids=procstat.envoy_pids(run_pid),
                            config_path=gw.config_path)
+
+
+@contextlib.contextmanager
+def echo_processor() -> Iterator[tuple[str, int]]:
+    """bench/echo_processor.py: (HOST:PORT, pid) of an ext_proc servicer that answers without reading."""
+    cmd: list[str | os.PathLike[str]] = [PYTHON, "-m", "bench.echo_processor", "--port", "0"]
+    with spawn(cmd, "READY ", 20, cwd=ROOT) as proc:
+        yield proc.ready_line.split(" ", 1)[1].strip(), proc.pid

@@ -23,12 +23,13 @@ _KNOWN = {
     "prefix", "prefixMode", "maxRequestBytes", "sessionKey", "stateDir", "listPageSize", "serverName",
     "instructions", "listTtlMs", "listTtlFloorMs", "allowedOrigins", "listWaitMs", "allowedHosts", "tls",
     "auth", "policy", "audit", "secretsDir", "store", "upstreamOAuth", "restart", "sessions", "edgeLogin",
-    "statusToken", "toolMode", "workflows", "bridges", "logFormat", "metrics",
+    "statusToken", "toolMode", "workflows", "bridges", "logFormat", "metrics", "envoyConcurrency", "auditVolume",
 }
 _KNOWN |= {"xds"}
 _KNOWN |= {"workflows"}
 _KNOWN |= {"tracing"}
 LOG_FORMATS = ("text", "json")
+AUDIT_VOLUMES = ("all", "denied", "none")
 
 
 class ConfigError(ValueError):
@@ -145,6 +146,7 @@ class GatewayConfig:
     envoy_admin: Address = Address("127.0.0.1", 9901)
     processor_listen: Address = Address("127.0.0.1", 50051)
     workers: int = 1
+    envoy_concurrency: int = 0  # Envoy's worker threads (--concurrency); 0: min(cpus, 4)
     status_listen: Address = Address("127.0.0.1", 9902)
     catalog_dir: str = "servers"
     prefix: str = "x"
@@ -166,6 +168,7 @@ class GatewayConfig:
     auth: AuthConfig | None = None
     policy: Policy = field(default_factory=Policy)
     audit_log: str = ""
+    audit_volume: str = "all"  # which policy decisions get an audit line: all | denied | none
     secrets_dir: str = ""
     redis_url: str = ""
     upstream_oauth: UpstreamOAuthConfig | None = None
@@ -329,6 +332,9 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
     listen = Address.parse(raw.get("listen", "127.0.0.1:8080"), f"{source}: listen")
     if hosts is None:
         hosts = list(LOOPBACK_HOSTS) if listen.host in LOOPBACK_HOSTS or listen.host == "::1" else []
+    audit_volume = raw.get("auditVolume", "all")
+    if audit_volume not in AUDIT_VOLUMES:
+        raise ConfigError(f"{source}: auditVolume: must be one of {', '.join(AUDIT_VOLUMES)}, got {audit_volume!r}")
     log_format = raw.get("logFormat", "text")
     if log_format not in LOG_FORMATS:
         raise ConfigError(f"{source}: logFormat: must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
@@ -340,6 +346,7 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
         envoy_admin=Address.parse(raw.get("envoyAdmin", "127.0.0.1:9901"), f"{source}: envoyAdmin"),
         processor_listen=Address.parse(processor.get("listen", "127.0.0.1:50051"), f"{source}: processor.listen"),
         workers=_int(processor, "workers", 1, 1, 64, f"{source}: processor"),
+        envoy_concurrency=_int(raw, "envoyConcurrency", 0, 0, 256, source),
         status_listen=Address.parse(processor.get("status", "127.0.0.1:9902"), f"{source}: processor.status"),
         catalog_dir=path_of(str(raw.get("catalog", "servers"))),
         prefix=prefix,
@@ -375,6 +382,7 @@ def parse_config(text: str, source: str = "<config>") -> GatewayConfig:
         metrics=_bool(raw, "metrics", True, source),
         tracing=_tracing(raw.get("tracing"), source),
         xds=_bool(raw, "xds", False, source),
+        audit_volume=audit_volume,
     )
     if cfg.edge_login is not None and cfg.auth is None:
         raise ConfigError(f"{source}: edgeLogin: needs auth (the edge IdP it signs in at is auth.issuer)")

@@ -19,7 +19,7 @@ import yaml
 
 from catalog.config import DEFAULT_BRIDGE_PORT, Address, GatewayConfig
 from catalog.manifests import MCPServer
-from extproc import answer
+from extproc import answer, carried
 from extproc.notify import NOTIFY_CLUSTER
 from extproc.upstream import RETRY_HEADER, ROUTE_HEADER, cluster_name, origin_cluster_name
 
@@ -135,21 +135,84 @@ def _ext_proc_common() -> dict[str, Any]:
     }
 
 
+BODY_FILTER = "envoy.filters.http.ext_proc"
+HEADERS_FILTER = "muster_edge.request_headers"
+HEADERS_IN = "muster_edge.headers_in"
+HEADERS_OUT = "muster_edge.headers_out"
+_MATCHER = "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher"
+_SKIP = {"action": {"name": "skip", "typed_config": {
+    "@type": "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter"}}}
+
+
+def _request_is(header: str, value_match: dict[str, Any]) -> dict[str, Any]:
+    return {"single_predicate": {
+        "input": {"name": header, "typed_config": {
+            "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput", "header_name": header}},
+        "value_match": value_match}}
+
+
+# A request without a body (GET streams, DELETE, a POST with content-length 0) goes to the headers filter; every
+# other one (a POST with a body) to the body filter. An HTTP/2 POST that ends with its headers and says no
+# content-length reaches neither: nothing routes it (the route table answers "not routed").
+BODYLESS = {"or_matcher": {"predicate": [
+    {"not_matcher": _request_is(":method", {"exact": "POST"})},
+    _request_is("content-length", {"exact": "0"}),
+]}}
+
+
+def _when(predicate: dict[str, Any], name: str, typed_config: dict[str, Any]) -> dict[str, Any]:
+    """A filter Envoy runs only when `predicate` holds (else skipped, at no cost to the processor)."""
+    return {"name": name, "typed_config": {
+        "@type": _MATCHER,
+        "xds_matcher": {"matcher_list": {"matchers": [{"predicate": {"not_matcher": predicate}, "on_match": _SKIP}]}},
+        "extension_config": {"name": "envoy.filters.http.ext_proc" if "ExternalProcessor" in typed_config["@type"]
+                             else name, "typed_config": typed_config}}}
+
+
+def _lua(name: str, source: str) -> dict[str, Any]:
+    return {"name": name, "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                                           "default_source_code": {"inline_string": source}}}
+
+
+def headers_in_filter() -> dict[str, Any]:
+    """Packs the request headers into dynamic metadata for the body message (extproc/carried.py)."""
+    return _lua(HEADERS_IN, carried.headers_in_lua((ROUTE_HEADER, RETRY_HEADER)))
+
+
+def headers_out_filter() -> dict[str, Any]:
+    """Applies the processor's upstream headers after the body message, then routes (extproc/carried.py)."""
+    return _lua(HEADERS_OUT, carried.HEADERS_OUT_LUA)
+
+
 def ext_proc_filter(config: GatewayConfig) -> dict[str, Any]:
-    """The request filter: headers and the whole body, never the answer (the answer filter takes those)."""
-    return {
-        "name": "envoy.filters.http.ext_proc",
-        "typed_config": {
-            **_ext_proc_common(),
-            "processing_mode": {
-                "request_header_mode": "SEND", "request_body_mode": "BUFFERED",
-                "response_header_mode": "SKIP", "response_body_mode": "NONE",
-                "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
-            },
-            "metadata_options": {"forwarding_namespaces": {"untyped": ["envoy.filters.http.jwt_authn"]},
-                                 "receiving_namespaces": {"untyped": [answer.NAMESPACE, answer.RESEND_NAMESPACE]}},
+    """The request filter for requests with a body: the body alone, one message, with the headers and the verified
+    claims in forwarded metadata; never the answer (the answer filters take those)."""
+    return _when({"not_matcher": BODYLESS}, BODY_FILTER, {
+        **_ext_proc_common(),
+        "processing_mode": {
+            "request_header_mode": "SKIP", "request_body_mode": "BUFFERED",
+            "response_header_mode": "SKIP", "response_body_mode": "NONE",
+            "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
         },
-    }
+        "metadata_options": {
+            "forwarding_namespaces": {"untyped": ["envoy.filters.http.jwt_authn", carried.REQUEST_NAMESPACE]},
+            "receiving_namespaces": {"untyped": [answer.NAMESPACE, answer.RESEND_NAMESPACE,
+                                                 carried.UPSTREAM_NAMESPACE]}},
+    })
+
+
+def headers_filter(config: GatewayConfig) -> dict[str, Any]:
+    """The request filter for requests without a body (GET streams, DELETE): the headers message alone."""
+    return _when(BODYLESS, HEADERS_FILTER, {
+        **_ext_proc_common(),
+        "processing_mode": {
+            "request_header_mode": "SEND", "request_body_mode": "NONE",
+            "response_header_mode": "SKIP", "response_body_mode": "NONE",
+            "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP",
+        },
+        "metadata_options": {"forwarding_namespaces": {"untyped": ["envoy.filters.http.jwt_authn"]},
+                             "receiving_namespaces": {"untyped": [answer.NAMESPACE, answer.RESEND_NAMESPACE]}},
+    })
 
 
 def _metadata_is(key: str, matcher: dict[str, Any]) -> dict[str, Any]:
@@ -210,8 +273,8 @@ _ASKED = _not(_metadata_is("rpc_id", {"string_match": {"exact": "null"}}))
 # response itself: the answer cases, listed once here and in the README ("What the processor sees of a call").
 # The three cases never overlap, so at most one answer filter runs for a response.
 # The flags are written in the request filter's reply to the request body; the answer filters' matchers first
-# run when their own request callbacks do, which the request filter holds back until that reply because the
-# body is BUFFERED (keep it so: with a streamed request body the matchers would see no flags and skip).
+# run when their own request callbacks do, which headers_out holds back until that reply (it waits for the whole
+# body, which the request filter BUFFERs; keep it so: with a streamed request body the matchers would see no flags).
 ANSWER_CASES: dict[str, dict[str, Any]] = {
     # decided on the status and headers: every routed 401 (a renewable credential is renewed and the call resent;
     # any other never reaches the client with the upstream's own WWW-Authenticate), a lost upstream session, an
@@ -245,7 +308,7 @@ _ANSWER_MODES = {
 
 def answer_filter(case: str) -> dict[str, Any]:
     """One answer filter: an ext_proc that Envoy skips unless ANSWER_CASES[case] holds, so a call whose answer
-    needs nothing costs two ext_proc messages (request headers and body) and none for its answer."""
+    needs nothing costs one ext_proc message (the request body) and none for its answer."""
     processor = {
         **_ext_proc_common(),
         "processing_mode": {"request_header_mode": "SKIP", "request_body_mode": "NONE",
@@ -289,8 +352,8 @@ def connection_buffer_limit(config: GatewayConfig) -> int:
 
 
 def _no_ext_proc() -> dict[str, Any]:
-    return {"envoy.filters.http.ext_proc": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", "disabled": True}}
+    off = {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", "disabled": True}
+    return {BODY_FILTER: off, HEADERS_FILTER: off}
 
 
 def protected_resource_metadata(config: GatewayConfig) -> dict[str, Any]:
@@ -679,7 +742,8 @@ def _with_call_log(config: GatewayConfig, hcm: dict[str, Any]) -> dict[str, Any]
 
 def http_filters(config: GatewayConfig) -> list[dict[str, Any]]:
     auth = [jwt_filter(config)] if config.auth is not None else []
-    return [body_size_filter(config), *auth, ext_proc_filter(config), *map(answer_filter, ANSWER_CASES)]
+    return [body_size_filter(config), *auth, headers_in_filter(), ext_proc_filter(config), headers_filter(config),
+            headers_out_filter(), *map(answer_filter, ANSWER_CASES)]
 
 
 def public_listeners(config: GatewayConfig, cds_dir: str | None = None) -> list[dict[str, Any]]:
@@ -742,8 +806,8 @@ def internal_listener(config: GatewayConfig) -> dict[str, Any]:
 PROCESSOR_CLUSTER = "muster_edge_processor"
 # the sealed session id is URL-safe base64 whose first character comes from a random nonce: uniform over these
 _ID_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-# the request filters whose streams a pinned session's requests take to its worker
-PINNED_FILTERS = ("envoy.filters.http.ext_proc",)
+# the ext_proc filters whose streams a pinned session's requests (and their answers) take to its worker
+PINNED_FILTERS = (BODY_FILTER, HEADERS_FILTER, *(f"muster_edge.answer_{case}" for case in ANSWER_CASES))
 
 
 def pins_sessions(config: GatewayConfig) -> bool:

@@ -212,14 +212,21 @@ class Gateway:
 
     def audit(self, req: Request, *, tool: str, decision: str, rule: str, server: str = "",
               upstream_tool: str = "") -> None:
-        """One structured line per decision on a call; never a token or header value."""
-        fields = {"event": "tools/call", "subject": req.caller.subject, "tool": tool, "upstream_tool": upstream_tool,
-                  "server": server, "decision": decision, "rule": rule, "toolset": req.toolset or "full"}
-        audit_log.info("%s", orjson.dumps(fields).decode(), extra={"fields": fields})
+        """One structured line per decision on a call (`auditVolume`: all, denied only, or none; the decision
+        counter counts every one); never a token or header value."""
+        volume = self.config.audit_volume
+        if volume == "all" or (volume == "denied" and decision != "allow"):
+            self._audit_line(req, tool, decision, rule, server, upstream_tool)
         if tracing.ON:
             tracing.annotate_current({"gen_ai.tool.name": tool, "muster_edge.decision": decision,
                                       "muster_edge.rule": rule})
         self.metrics.inc("muster_edge_policy_decisions_total", decision=decision, rule=rule, server=server)
+
+    def _audit_line(self, req: Request, tool: str, decision: str, rule: str, server: str, upstream_tool: str) -> None:
+        fields = {"event": "tools/call", "subject": req.caller.subject, "tool": tool, "upstream_tool": upstream_tool,
+                  "server": server, "decision": decision, "rule": rule, "toolset": req.toolset or "full"}
+        # a refusal is written at once (with the lines batched before it); allowed calls wait for their batch
+        audit_log.info("%s", orjson.dumps(fields).decode(), extra={"fields": fields, "urgent": decision != "allow"})
 
     # ---- headers ------------------------------------------------------------------------------------------
     def _host_allowed(self, authority: str) -> bool:

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
@@ -99,3 +99,67 @@ def configure(fmt: str = "text", level: str = "INFO") -> None:
 def _log_uncaught(exc_type: type[BaseException], exc: BaseException | None, tb: TracebackType | None) -> None:
     if exc is not None and not issubclass(exc_type, KeyboardInterrupt):
         logging.getLogger("muster_edge").critical("uncaught exception", exc_info=(exc_type, exc, tb))
+
+
+AUDIT_LOGGER = "muster_edge.audit"
+
+
+class BatchingHandler(logging.Handler):
+    """Formats each line where it is logged (the request it belongs to is known only there) and writes them in
+    batches: one write and one flush per `max_lines` lines or `max_delay_s`, not one per line.
+
+    At 4,000 audited calls/s a line-by-line stderr handler is a system call per call on the event loop; here the
+    write happens at most every `max_delay_s` (from the next line logged, or from `flush()`, which the processor
+    calls on a timer and logging calls at exit). A record marked `urgent` (a refusal) is written at once, with
+    whatever waited before it."""
+
+    def __init__(self, stream: IO[str], max_lines: int = 512, max_delay_s: float = 0.25) -> None:
+        super().__init__()
+        self.stream = stream
+        self.max_lines = max_lines
+        self.max_delay_s = max_delay_s
+        self._lines: list[str] = []
+        self._since = 0.0
+        self._lock_write = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        if not self._lines:
+            self._since = time.monotonic()
+        self._lines.append(line)
+        if getattr(record, "urgent", False) or len(self._lines) >= self.max_lines \
+                or time.monotonic() - self._since >= self.max_delay_s:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock_write:
+            lines, self._lines = self._lines, []
+            if not lines:
+                return
+            try:
+                self.stream.write("\n".join(lines) + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass  # a closed stream at exit: nothing left to tell
+
+
+def configure_audit(extra_streams: list[IO[str]] | None = None) -> list[BatchingHandler]:
+    """Audit lines through batching handlers (stderr, in the root handler's format, and any file), not through
+    the root handler line by line. Returns the handlers, for the processor's flush timer."""
+    audit = logging.getLogger(AUDIT_LOGGER)
+    root = logging.getLogger()
+    formatter = root.handlers[0].formatter if root.handlers else logging.Formatter(TEXT_FORMAT)
+    handlers = [BatchingHandler(sys.stderr)]
+    handlers[0].setFormatter(formatter)
+    for stream in extra_streams or []:
+        handler = BatchingHandler(stream)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handlers.append(handler)
+    for handler in handlers:
+        audit.addHandler(handler)
+    audit.propagate = False
+    return handlers

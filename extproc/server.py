@@ -177,6 +177,7 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
         workflows.of(gateway).set_workflows(result.workflows)
 
     maintainer = asyncio.get_running_loop().create_task(fleet.maintain())
+    flusher = asyncio.get_running_loop().create_task(flush_audit())
     sweeper = asyncio.get_running_loop().create_task(gateway.sweep_sessions())
     listener = asyncio.get_running_loop().create_task(gateway.peers.listen(gateway.end_here, gateway.lost_here))
     watcher = asyncio.get_running_loop().create_task(watch(config.catalog_dir, changed))
@@ -200,8 +201,10 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await gateway.notifier.aclose()
-    await shutdown(server, healthy, fleet, [watcher, maintainer, sweeper, listener, *upkeep], status_server,
+    await shutdown(server, healthy, fleet, [watcher, maintainer, sweeper, listener, flusher, *upkeep], status_server,
                    gateway.peers)
+    for handler in _audit_handlers:
+        handler.flush()
     await workflows.of(gateway).executions.aclose()
     if tracing.ON:
         await asyncio.to_thread(tracing.shutdown)  # the last spans reach the collector
@@ -274,16 +277,24 @@ def with_supervisor(status: Callable[[], dict[str, Any]]) -> Callable[[], dict[s
     return combined
 
 
-def audit_to_file(path: str) -> None:
-    """Audit lines also go to a file of their own (one JSON object per line), for a log shipper."""
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logging.getLogger("muster_edge.audit").addHandler(handler)
+_audit_handlers: list[logs.BatchingHandler] = []
+
+
+async def flush_audit(every_s: float = 0.25) -> None:
+    """Batched audit lines reach their streams within `every_s` even when no further line comes."""
+    while True:
+        await asyncio.sleep(every_s)
+        for handler in _audit_handlers:
+            handler.flush()
 
 
 def run_processor(config: GatewayConfig, *, port: int, status_port: int | None) -> None:
-    if config.audit_log:
-        audit_to_file(config.audit_log)
+    # Log records need no caller frame, thread or process names here: each costs a lookup per line.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    # audit lines in batches, to stderr and to their own file (one JSON object per line) for a log shipper
+    audit_file = open(config.audit_log, "a", encoding="utf-8") if config.audit_log else None  # noqa: SIM115
+    _audit_handlers[:] = logs.configure_audit([audit_file] if audit_file is not None else [])
     try:
         import uvloop
 

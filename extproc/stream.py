@@ -21,7 +21,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import json_format
 
 from catalog.policy import Claims
-from extproc import answer, cancellation
+from extproc import answer, cancellation, carried
 from extproc.gateway import Gateway
 from extproc.jsonrpc import INTERNAL_ERROR, MODERN, RpcError
 from extproc.replies import JSON, Forward, Local, ResponsePlan
@@ -174,6 +174,18 @@ class Stream:
         return resp
 
     async def _request_body(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
+        carried_headers = not self.req.headers
+        if carried_headers:  # the one-message path: no headers message, the headers came in metadata
+            packed = _strings(msg, carried.REQUEST_NAMESPACE).get(carried.REQUEST_KEY, "")
+            if not packed:
+                log.error("a request body came without its headers (no %s metadata): render the Envoy "
+                          "configuration again", carried.REQUEST_NAMESPACE)
+            self.req = Request.from_headers(carried.unpack(packed), caller_of(msg, self.gw.groups_claim))
+            first = await self._patient(self.gw.on_headers(self.req, False))
+            if isinstance(first, Local):
+                return immediate(first)
+            if first is not None:  # a body request is never forwarded on its headers alone: fail closed
+                return immediate(unreadable_context(RuntimeError("a forward decided on headers for a body")))
         decision = await self._patient(self.gw.on_body(self.req, msg.request_body.body))
         if isinstance(decision, Local):
             return immediate(decision)
@@ -181,17 +193,26 @@ class Stream:
         resp = ep.ProcessingResponse()
         common = resp.request_body.response
         common.body_mutation.body = decision.body
-        self._route(resp, common, decision)
+        self._route(resp, common, decision, carried_headers)
         return resp
 
-    def _route(self, resp: ep.ProcessingResponse, common: Any, decision: Forward) -> None:
-        """Headers for the upstream, a new route, and what the answer filter will need (dynamic metadata)."""
+    def _route(self, resp: ep.ProcessingResponse, common: Any, decision: Forward, carried_headers: bool = False) \
+            -> None:
+        """Headers for the upstream, a new route, and what the answer filter will need (dynamic metadata).
+
+        On the one-message path Envoy drops header mutations in a body reply: the headers travel in metadata
+        instead, and Envoy's headers_out filter applies them and routes again (extproc/carried.py)."""
         self.plan = decision.plan
         self._tracked = self.gw.track(self.req, decision, self._end_cancelled)
         self._watched = decision.plan if self.gw.watches_disconnect(decision.plan) else None
-        _set(common.header_mutation, decision.set_headers)
-        common.header_mutation.remove_headers.extend(decision.remove_headers)
-        common.clear_route_cache = True
+        if carried_headers:
+            fields = resp.dynamic_metadata.fields[carried.UPSTREAM_NAMESPACE].struct_value.fields
+            for key, value in carried.upstream_fields(decision.set_headers, decision.remove_headers).items():
+                fields[key].string_value = value
+        else:
+            _set(common.header_mutation, decision.set_headers)
+            common.header_mutation.remove_headers.extend(decision.remove_headers)
+            common.clear_route_cache = True
         resend = self.gw.resend_for(self.req, decision)
         for namespace, values in answer.metadata(decision, resend, self.gw.sessions.sealer).items():
             fields = resp.dynamic_metadata.fields[namespace].struct_value.fields

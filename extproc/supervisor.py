@@ -221,6 +221,11 @@ class Children:
                 log.warning("cannot write %s: %s", self.state_file, exc)
 
 
+def envoy_concurrency(config: GatewayConfig) -> int:
+    """Envoy's worker threads: the `envoyConcurrency` setting, else one per CPU up to 4."""
+    return config.envoy_concurrency or max(1, min(os.cpu_count() or 1, 4))
+
+
 def workers_healthy_in_envoy(config: GatewayConfig) -> bool:
     """Envoy's health checks have passed for every worker (until then it sends every stream to the others)."""
     with urllib.request.urlopen(f"http://{config.envoy_admin}/clusters", timeout=1) as resp:
@@ -308,7 +313,7 @@ def run(config: GatewayConfig, *, on_ready: Callable[[], None] | None = None) ->
                            name=f"processor {i}")
         children.start(bridges.command(config), env, name="bridges")
         children.start([envoy_binary(), "-c", paths.bootstrap, "--reject-unknown-dynamic-fields",
-                        "--disable-hot-restart", "--concurrency", str(max(1, min(os.cpu_count() or 1, 4))),
+                        "--disable-hot-restart", "--concurrency", str(envoy_concurrency(config)),
                         "--log-level", "warn", *envoy_log_args(config)], env, name="envoy")
         children.write_state()
         wait_ready(config, children)

@@ -462,9 +462,9 @@ def test_an_upstream_that_dies_mid_answer_is_never_a_clean_silent_end(gw: Gatewa
 
 # ---- the common path keeps its cost ----------------------------------------------------------------------------
 
-def test_a_plain_routed_call_costs_two_ext_proc_messages(gw: Gateway) -> None:
-    """Request headers and body, nothing for an answer that needs nothing (a modern client on modern SDK
-    servers, JSON or SSE); an answer the processor reads costs one stream and one message more."""
+def test_a_plain_routed_call_costs_one_ext_proc_message(gw: Gateway) -> None:
+    """The request body (its headers carried in metadata), nothing for an answer that needs nothing (a modern
+    client on modern SDK servers, JSON or SSE); an answer the processor reads costs one stream and one message more."""
     def cost(tool: str, args: dict[str, Any]) -> tuple[int, int, int]:
         call_modern(gw, tool, args)
         before = gw.processor_traffic()
@@ -472,5 +472,5 @@ def test_a_plain_routed_call_costs_two_ext_proc_messages(gw: Gateway) -> None:
             assert "result" in answer(call_modern(gw, tool, args))
         return tuple(b - a for a, b in zip(before, gw.processor_traffic(), strict=True))  # type: ignore[return-value]
 
-    assert cost("list_alerts", {}) == (5, 5, 10)
-    assert cost("ok", {}) == (5, 10, 15)  # a handshake-era upstream: its answer's id is mapped back
+    assert cost("list_alerts", {}) == (5, 5, 5)
+    assert cost("ok", {}) == (5, 10, 10)  # a handshake-era upstream: its answer's id is mapped back

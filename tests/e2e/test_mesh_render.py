@@ -103,7 +103,8 @@ def test_envoy_gateway_patch_policy_applies_and_validates(tmp_path: Path) -> Non
             _pointer_add(resources[(kind, patch["name"])], op["path"], op["value"])
     filters = [f["name"] for f in listener["default_filter_chain"]["filters"][0]["typed_config"]["http_filters"]]
     assert filters == ["envoy.filters.http.body_size_limit", "envoy.filters.http.jwt_authn",
-                       "envoy.filters.http.ext_proc", "muster_edge.answer_status", "muster_edge.answer_json",
+                       "muster_edge.headers_in", "envoy.filters.http.ext_proc", "muster_edge.request_headers",
+                       "muster_edge.headers_out", "muster_edge.answer_status", "muster_edge.answer_json",
                        "muster_edge.answer_sse", "envoy.filters.http.router"]
     clusters = [v for (k, _), v in resources.items() if k == "Cluster"]
     names = {c["name"] for c in clusters}
@@ -164,8 +165,9 @@ def test_istio_envoy_filter_applies_and_validates(tmp_path: Path) -> None:
         "clusters": [_backend()]}}
     _apply_istio(boot, spec["configPatches"])
     mcp = _hcms(boot["static_resources"]["listeners"][0])[0]["typed_config"]
-    assert [f["name"] for f in mcp["http_filters"]][-5:] == [
-        "envoy.filters.http.ext_proc", "muster_edge.answer_status", "muster_edge.answer_json",
+    assert [f["name"] for f in mcp["http_filters"]][-8:] == [
+        "muster_edge.headers_in", "envoy.filters.http.ext_proc", "muster_edge.request_headers",
+        "muster_edge.headers_out", "muster_edge.answer_status", "muster_edge.answer_json",
         "muster_edge.answer_sse", "envoy.filters.http.router"]
     names = [r.get("name", "") for r in mcp["route_config"]["virtual_hosts"][0]["routes"]]
     assert names[0] == "muster_edge_routed_kubernetes_repeatable"  # the processor's routes first, in order
