@@ -48,6 +48,10 @@ def test_envoy_config_gets_a_tracer_only_when_tracing_is_on() -> None:
     assert sampler["sampling_percentage"] == {"numerator": 500_000, "denominator": "MILLION"}
     assert hcm["tracing"]["provider"]["typed_config"]["service_name"] == "muster-edge-envoy"
     assert hcm["request_id_extension"]["typed_config"]["use_request_id_for_trace_sampling"] is False
+    # Envoy exports in batches the processor's size, not every 5 spans (hundreds of export RPCs a second under load)
+    runtime = on["layered_runtime"]["layers"][0]["static_layer"]
+    assert runtime["tracing.opentelemetry.min_flush_spans"] >= 512
+    assert runtime["tracing.opentelemetry.flush_interval_ms"] == 1000
     otlp = next(c for c in on["static_resources"]["clusters"] if c["name"] == envoy_config.OTLP_CLUSTER)
     assert otlp["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] == \
         {"socket_address": {"address": "127.0.0.1", "port_value": 4317}}
