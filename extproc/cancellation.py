@@ -2,7 +2,8 @@
 
 Only a handshake-era client sends it over HTTP (a 2026-07-28 client cancels by closing its stream, which Envoy
 turns into a reset of the upstream request by itself). The gateway keeps, per process and bounded, which
-upstream each in-flight routed request of a handshake-era client went to, under that client's id:
+upstream each in-flight routed request of a handshake-era client went to, under that client's id (a cancel that
+reaches another process is passed on to the others, extproc/peers.py, and the one holding the request acts):
 
 - a handshake-era upstream gets `notifications/cancelled` on the client's upstream session, naming the id the
   upstream saw (the gateway's own id where it renumbered the request);

@@ -754,18 +754,39 @@ class Gateway:
     async def cancel_request(self, req: Request, msg: Message) -> None:
         """A handshake-era client's notifications/cancelled: the upstream request it names is cancelled there."""
         request_id = cancellation.cancelled_id(msg.params)
-        entry = self.inflight.take(req.session_nonce.hex(), request_id) if req.session_nonce else None
+        if not req.session_nonce or request_id is None:
+            return
+        owner = req.session_nonce.hex()
+        if await self._cancel_held(owner, request_id, msg.params):
+            return
+        # finished, never routed, or held by another worker or replica (sessions move between them when a store is
+        # shared): whichever holds it cancels it; the spec lets a cancel for a finished request pass
+        if self.peers is not None:
+            await self.peers.announce_cancel(owner, request_id, msg.params)
+
+    def cancel_here(self, owner: str, request_id: Any, params: dict[str, Any]) -> None:
+        """Another process's cancel: cancel the request if this process routed it (peers.on_cancel)."""
+        if cancellation.cancelled_id({"requestId": request_id}) is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._cancel_held(owner, request_id, params))
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def _cancel_held(self, owner: str, request_id: Any, params: dict[str, Any]) -> bool:
+        """Cancel the request if this process holds it; whether it did."""
+        entry = self.inflight.take(owner, request_id)
         if entry is None:
-            return  # finished, never routed, or on another worker: nothing to cancel here (the spec lets it pass)
+            return False
         if entry.upstream_era == MODERN:
             log.info("client cancelled request %r: ending its stream to %s", request_id, entry.server)
             try:
                 await entry.close_stream()
             except Exception as exc:  # the request ended meanwhile: nothing left to cancel
                 log.info("ending a cancelled request's stream failed: %s", exc)
-            return
+            return True
         await self._tell_cancelled(entry.server, entry.session_owner, entry.subject,
-                                   cancellation.upstream_params(msg.params, entry.upstream_id))
+                                   cancellation.upstream_params(params, entry.upstream_id))
+        return True
 
     def resend_for(self, req: Request, fwd: Forward) -> Resend | None:
         """What a resend needs: after a 401, for a call whose credential can be renewed; after an upstream's -32020,

@@ -39,6 +39,8 @@ SeenHere = Callable[[list[bytes]], list[bytes]]
 LostHere = Callable[[str, str, str], None]
 # (requestState key, caller) -> who holds that state in this process (binding it to the caller if nobody did)
 ClaimHere = Callable[[str, str], str]
+# (gateway session, the client's request id, the notification's params): cancel that request if it is held here
+CancelHere = Callable[[str, Any, dict[str, Any]], None]
 
 
 class Peers:
@@ -58,6 +60,8 @@ class Peers:
         self._touched: dict[bytes, float] = {}
         # the notification channel's events from other processes (extproc/notify.py: logins, subscriptions)
         self.on_notify: Callable[[dict[str, Any]], None] | None = None
+        # a client's notifications/cancelled that reached another process than the one holding its request
+        self.on_cancel: CancelHere | None = None
         self._origin = secrets.token_hex(8)
 
     @property
@@ -151,6 +155,22 @@ class Peers:
             if isinstance(result, BaseException):
                 log.warning("telling the other processes a notification event failed: %s", type(result).__name__)
 
+    async def announce_cancel(self, owner: str, request_id: Any, params: dict[str, Any]) -> None:
+        """A cancel whose request this process does not hold: the process that routed it (a sibling worker, or a
+        replica through the store) cancels it; the others find nothing and drop it."""
+        msg = {"op": "cancel", "from": self._origin, "owner": owner, "id": request_id, "params": params}
+        jobs: list[Awaitable[Any]] = [self._post(url, msg) for url in self.siblings]
+        if self._redis is not None:
+            jobs.append(self._redis.publish(CHANNEL, self._seal(msg)))
+        for result in await asyncio.gather(*jobs, return_exceptions=True):
+            if isinstance(result, BaseException):
+                log.warning("telling the other processes of a cancel failed: %s", type(result).__name__)
+
+    def _cancelled(self, msg: dict[str, Any]) -> None:
+        params = msg.get("params")
+        if self.on_cancel is not None and msg.get("from") != self._origin and isinstance(params, dict):
+            self.on_cancel(str(msg.get("owner", "")), msg.get("id"), params)
+
     def _notified(self, msg: dict[str, Any]) -> None:
         event = msg.get("event")
         if self.on_notify is not None and msg.get("from") != self._origin and isinstance(event, dict):
@@ -210,6 +230,9 @@ class Peers:
             if msg.get("op") == "notify":
                 self._notified(msg)
                 return 200, b"[]"
+            if msg.get("op") == "cancel":
+                self._cancelled(msg)
+                return 200, b"[]"
             if msg.get("op") == "seen":
                 nonces = [bytes.fromhex(h) for h in msg.get("sessions", [])]
                 return 200, orjson.dumps([n.hex() for n in seen_here(nonces)])
@@ -238,6 +261,8 @@ class Peers:
                     msg = self.open(item["data"])
                     if msg is not None and msg.get("op") == "notify":
                         self._notified(msg)
+                    elif msg is not None and msg.get("op") == "cancel":
+                        self._cancelled(msg)
                     elif msg is not None and msg.get("op") == "end":
                         end_here([(bytes.fromhex(h), int(t)) for h, t in msg["sessions"]], str(msg.get("reason")))
                     elif msg is not None and msg.get("op") == "lost" and lost_here is not None:

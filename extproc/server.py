@@ -153,6 +153,7 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
         task.add_done_callback(relays.discard)
 
     gateway.peers.on_notify = gateway.notifier.from_peer
+    gateway.peers.on_cancel = gateway.cancel_here
     gateway.notifier.relay = relay
     server = grpc.aio.server(options=GRPC_OPTIONS, maximum_concurrent_rpcs=20_000)
     epg.add_ExternalProcessorServicer_to_server(Processor(gateway), server)

@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ import pytest
 
 from tests.e2e.conftest import MODES, connect
 from tests.e2e.test_catalog_live import mcp_error
+from tests.e2e.test_shared_state import start_redis
 from tests.gateway_harness import Gateway, start_gateway
 from tests.live_upstream import LiveUpstream, build, mirror_region, serve
 
@@ -232,3 +235,41 @@ async def test_a_2026_client_disconnect_reaches_a_handshake_era_upstream_as_a_ca
     sent_id = live.calls("wait")[-1].body["id"]
     cancels = [n["params"] for n in live.notifications if n["method"] == "notifications/cancelled"]
     assert cancels == [{"requestId": sent_id, "reason": "the client closed its stream"}]
+
+
+@pytest.mark.parametrize(("spread", "era"), [("workers", "modern-only"), ("replicas", "dual")])
+async def test_a_cancel_reaches_its_request_on_another_worker_or_replica(tmp_path: Path, spread: str,
+                                                                         era: str) -> None:
+    """With a store, a handshake-era session's requests go to any worker of any replica: the cancel lands where
+    the request is not held and is passed on (sibling workers: their peer listener; replicas: the store's channel).
+    `workers`: 2 workers, 2026-07-28 upstream (its stream is closed); Envoy balances by least requests, so the
+    cancel goes to the worker not holding the call. `replicas`: the call through one replica, the cancel through
+    the other, handshake-era upstream session (it gets notifications/cancelled with the id it saw)."""
+    key_file = tmp_path / "session.key"
+    key_file.write_text(base64.b64encode(secrets.token_bytes(32)).decode())
+    with contextlib.ExitStack() as stack:
+        live = stack.enter_context(serve(build("waiter", modern_only=era == "modern-only")))
+        common: dict[str, Any] = {"store": {"redis": stack.enter_context(start_redis(tmp_path))},
+                                  "sessionKey": {"file": str(key_file)}}
+        if spread == "workers":
+            gw = stack.enter_context(start_gateway(tmp_path / "a", {"waiter": live.url}, processor={"workers": 2},
+                                                   **common))
+            urls = (gw.url, gw.url)
+        else:
+            urls = tuple(stack.enter_context(start_gateway(tmp_path / name, {"waiter": live.url}, **common)).url
+                         for name in ("a", "b"))
+        async with httpx2.AsyncClient(timeout=20) as http:
+            headers = await legacy_session(http, urls[0])
+            for n in range(3):
+                label = f"elsewhere-{n}"
+                pending = asyncio.create_task(http.post(urls[0], headers=headers, json=call(20 + n, label)))
+                assert await event_set(live.event("started", label)), "the call never reached the upstream"
+                sent = await http.post(urls[1], headers=headers, json={
+                    "jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 20 + n}})
+                assert sent.status_code == 202
+                assert await event_set(live.event("cancelled", label)), f"call {n}: the upstream never saw the cancel"
+                answer = await asyncio.wait_for(pending, 10)
+                if era == "modern-only":
+                    assert answer.json()["error"]["code"] == -32800 and answer.json()["id"] == 20 + n, answer.text
+    cancels = [n for n in live.notifications if n["method"] == "notifications/cancelled"]
+    assert len(cancels) == (0 if era == "modern-only" else 3), cancels
