@@ -768,7 +768,10 @@ class Gateway:
         """Another process's cancel: cancel the request if this process routed it (peers.on_cancel)."""
         if cancellation.cancelled_id({"requestId": request_id}) is None:
             return
-        task = asyncio.get_running_loop().create_task(self._cancel_held(owner, request_id, params))
+        async def cancel() -> None:
+            await self._cancel_held(owner, request_id, params)
+
+        task = asyncio.get_running_loop().create_task(cancel())
         self._cancels.add(task)
         task.add_done_callback(self._cancels.discard)
 
