@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -253,12 +254,15 @@ class Gateway:
         auth = self.config.auth
         if auth is None:
             return None
-        if not req.caller.verified:
+        # Envoy compares `exp` in whole seconds; a token past it by less than a second still reaches us, and a stream
+        # ended at its expiry (extproc/notify.py) must not be reopened with it
+        expired = req.caller.expires_at and time.time() >= req.caller.expires_at + auth.clock_skew_s
+        if not req.caller.verified or expired:
             challenge = f'resource_metadata="{self.config.prm_url}"'
             if auth.required_scopes:
                 challenge += f', scope="{" ".join(auth.required_scopes)}"'
             if "authorization" in req.headers:
-                why = req.caller.auth_error.replace('"', "'") or "invalid token"
+                why = "Jwt is expired" if expired else req.caller.auth_error.replace('"', "'") or "invalid token"
                 challenge = f'error="invalid_token", error_description="{why}", {challenge}'
             refused = Local.error(RpcError(INVALID_REQUEST, "Unauthorized: this gateway needs a valid bearer token "
                                            "issued for it", status=401), MODERN)

@@ -86,6 +86,7 @@ class Listener:
     session: str = ""  # the handshake-era session nonce (hex) of a GET stream
     upstream_uris: set[tuple[str, str, str]] = field(default_factory=set)  # (server, owner, upstream uri)
     closed: bool = False
+    expiry: asyncio.TimerHandle | None = None  # ends the stream when its bearer would no longer be accepted
 
 
 class Notifier:
@@ -114,9 +115,16 @@ class Notifier:
         claims = req.caller.claims
         payload = {"era": era, "sub": req.caller.subject, "v": req.caller.verified, "g": sorted(claims.groups),
                    "s": sorted(claims.scopes), "ts": req.headers.get(TOOLSET_HEADER, ""),
-                   "tm": req.headers.get(_TOOL_MODE_HEADER, ""), "b": req.bearer,
+                   "tm": req.headers.get(_TOOL_MODE_HEADER, ""), "b": req.bearer, "x": self._ends_at(req.caller),
                    "exp": time.time() + TICKET_TTL_S, **extra}
         return self.gw.sessions.sealer.seal(zlib.compress(orjson.dumps(payload)), _AAD)
+
+    def _ends_at(self, caller: Caller) -> float:
+        """When a stream of this caller ends: when Envoy would refuse its token (exp + the allowed clock skew), so a
+        stream never outlives the credential that opened it; 0 without a token that expires."""
+        if not caller.expires_at or self.gw.config.auth is None:
+            return 0.0
+        return caller.expires_at + self.gw.config.auth.clock_skew_s
 
     def _forward(self, req: Request, ticket: str, client_id: Any, body: bytes) -> Forward:
         headers = {":path": NOTIFY_PATH, ROUTE_HEADER: NOTIFY_CLUSTER, TICKET_HEADER: ticket}
@@ -210,6 +218,10 @@ class Notifier:
         listener.watch.digests = dict(self._digests_of(listener))  # its own copy: the cached one is shared
         self.listeners[listener.id] = listener
         self.gw.metrics.listening(+1)
+        ends_at = float(ticket.get("x") or 0)
+        if ends_at:
+            loop = asyncio.get_running_loop()
+            listener.expiry = loop.call_at(loop.time() + max(0.0, ends_at - time.time()), self._expired, listener)
         for uri in watch.uris:
             self._hold_uri(listener, uri)
         self._ensure_keepalive()
@@ -219,6 +231,8 @@ class Notifier:
         if listener.closed:
             return
         listener.closed = True
+        if listener.expiry is not None:
+            listener.expiry.cancel()
         if self.listeners.pop(listener.id, None) is not None:
             self.gw.metrics.listening(-1)
         for key in listener.upstream_uris:
@@ -267,13 +281,23 @@ class Notifier:
         if self._keepalive is not None:
             self._keepalive.cancel()
         for listener in list(self.listeners.values()):
-            if listener.era == MODERN:
-                self._write(listener, {"jsonrpc": "2.0", "id": listener.subscription_id, "result": {
-                    "_meta": {SUBSCRIPTION_ID: listener.subscription_id}, "resultType": "complete"}})
-            with contextlib.suppress(Exception):
-                listener.writer.write(b"0\r\n\r\n")
-                listener.writer.close()
-            self._close(listener)
+            self._end(listener)
+
+    def _expired(self, listener: Listener) -> None:
+        log.info("a listening stream ended: the bearer that opened it expired (the client opens a new one)")
+        self._end(listener)
+
+    def _end(self, listener: Listener) -> None:
+        """End a stream as a server may: a 2026-07-28 listen gets its result, a GET stream just ends."""
+        if listener.closed:
+            return
+        if listener.era == MODERN:
+            self._write(listener, {"jsonrpc": "2.0", "id": listener.subscription_id, "result": {
+                "_meta": {SUBSCRIPTION_ID: listener.subscription_id}, "resultType": "complete"}})
+        with contextlib.suppress(Exception):
+            listener.writer.write(b"0\r\n\r\n")
+            listener.writer.close()
+        self._close(listener)
 
     # ---- whose view changed ---------------------------------------------------------------------------------
     def _digests_of(self, listener: Listener) -> dict[str, bytes]:

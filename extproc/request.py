@@ -23,6 +23,7 @@ class Caller:
     claims: Claims = field(default_factory=Claims)
     verified: bool = False
     auth_error: str = ""
+    expires_at: float = 0.0  # the token's `exp` (0: none): what the caller opens must not outlive it
 
     @property
     def key(self) -> str:

@@ -70,7 +70,9 @@ def _parse_caller(metadata: Any, groups_claim: str) -> Caller:
         message = str(failure.get("message", "")) if isinstance(failure, dict) else ""
         return Caller(auth_error=message or ("invalid token" if failure else ""))
     claims = Claims.from_payload(payload, groups_claim)
-    return Caller(subject=claims.subject, claims=claims, verified=True)
+    exp = payload.get("exp")
+    expires_at = float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else 0.0
+    return Caller(subject=claims.subject, claims=claims, verified=True, expires_at=expires_at)
 
 
 def _strings(msg: ep.ProcessingRequest, namespace: str) -> dict[str, str]:

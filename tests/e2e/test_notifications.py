@@ -431,3 +431,47 @@ def test_a_handshake_era_upstream_list_changed_reaches_both_eras(tmp_path: Path)
     with start_demo_server("vendor", name="vendor", era="legacy") as vendor, \
             start_gateway(tmp_path / "gw", {"vendor": vendor.url}) as gateway:
         asyncio.run(main(gateway))
+
+
+def test_a_listening_stream_ends_when_its_bearer_expires(tmp_path: Path) -> None:
+    """A stream never outlives the token that opened it: when Envoy would refuse the token (exp + clockSkewSeconds)
+    the listen ends with its result, and the same token cannot open another (401: the client renews it)."""
+    listen = f"127.0.0.1:{free_port()}"
+    resource = f"http://{listen}/mcp"
+    with contextlib.ExitStack() as stack:
+        idp = stack.enter_context(start_idp(
+            tmp_path / "idp", clients=[{"client_id": "carol", "client_secret": "carol-secret"}],
+            resources=[{"audience": resource, "scope": "mcp:tools", "accessTokenTTL": 4}]))
+        vendor = stack.enter_context(start_demo_server("vendor", name="vendor"))
+        gateway = stack.enter_context(start_gateway(
+            tmp_path / "gw", {"vendor": vendor.url}, listen=listen,
+            auth={"issuer": idp.issuer, "jwksUri": idp.jwks_uri, "resource": resource, "clockSkewSeconds": 1}))
+        token = idp.client_credentials("carol", "carol-secret", resource=resource, scope="mcp:tools")
+        exp = idp.decode(token, audience=resource)["exp"]
+        meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientCapabilities": {}}
+        body = {"jsonrpc": "2.0", "id": "exp-1", "method": "subscriptions/listen",
+                "params": {"notifications": {"toolsListChanged": True}, "_meta": meta}}
+        headers = {"accept": "application/json, text/event-stream", "content-type": "application/json",
+                   "mcp-protocol-version": "2026-07-28", "mcp-method": "subscriptions/listen",
+                   "authorization": f"Bearer {token}"}
+
+        async def main() -> list[dict[str, Any]]:
+            frames: list[dict[str, Any]] = []
+            async with httpx2.AsyncClient(timeout=TIMEOUT) as http, asyncio.timeout(30), \
+                    http.stream("POST", gateway.url, content=orjson.dumps(body), headers=headers) as resp:
+                assert resp.status_code == 200, await resp.aread()
+                async for line in resp.aiter_lines():  # until the gateway ends the stream
+                    if line.startswith("data:"):
+                        frames.append(orjson.loads(line[5:]))
+            return frames
+
+        frames = asyncio.run(main())
+        ended = time.time()
+        assert frames[0]["method"] == "notifications/subscriptions/acknowledged"
+        assert frames[-1] == {"jsonrpc": "2.0", "id": "exp-1", "result": {
+            "_meta": {"io.modelcontextprotocol/subscriptionId": "exp-1"}, "resultType": "complete"}}, frames
+        assert ended >= exp, "the stream ended before its token expired"
+        again = httpx2.post(gateway.url, content=orjson.dumps(body), headers=headers, timeout=TIMEOUT)
+        assert again.status_code == 401 and "error" in again.json(), again.text
+        assert listening(gateway) == 0
