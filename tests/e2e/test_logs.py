@@ -82,3 +82,25 @@ def test_json_logs_parse_line_by_line_and_hold_no_secret(tmp_path: Path) -> None
     assert any(line["logger"].startswith("envoy.") for line in lines)  # Envoy's own lines, same shape
     for secret in (SECRET_ARG, SECRET_HEADER, CALLER_TOKEN):
         assert secret not in text, f"{secret} leaked into the log"
+
+
+@pytest.mark.timeout(120)
+def test_audit_volume_denied_writes_only_refusals_and_still_counts_every_decision(tmp_path: Path) -> None:
+    with start_demo_server("kubernetes", name="kubernetes") as kube, \
+            start_gateway(tmp_path, {"kubernetes": kube.url}, logFormat="json", auditVolume="denied") as gw:
+        gw.wait_for(lambda: any(s["name"] == "kubernetes" and s["state"] == "Connected"
+                                for s in gw.status()["servers"]), what="kubernetes connected")
+        with httpx2.Client(timeout=30) as http:
+            for name, arguments in (("x_kubernetes_get_pods", {"namespace": "a"}),
+                                    ("x_kubernetes_kubectl_delete", {"kind": "pod", "name": "p"}),
+                                    ("x_kubernetes_get_pods", {"namespace": "b"})):
+                http.post(gw.url, json=modern_body("tools/call", {"name": name, "arguments": arguments}),
+                          headers=modern_headers("tools/call", name))
+        gw.wait_for(lambda: "x_kubernetes_kubectl_delete" in gw.log(), what="the refusal's audit line")
+        host, port = gw.config["processor"]["status"].rsplit(":", 1)
+        metrics = httpx2.get(f"http://{host}:{port}/metrics/all", timeout=5).text
+    audits = [line for line in _lines(gw.log()) if line["logger"] == "muster_edge.audit"]
+    assert [(a["decision"], a.get("tool")) for a in audits] == [("deny", "x_kubernetes_kubectl_delete")], audits
+    counted = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                  if line.startswith("muster_edge_policy_decisions_total{"))
+    assert counted == 3, [line for line in metrics.splitlines() if "policy_decisions" in line]
