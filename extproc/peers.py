@@ -109,14 +109,17 @@ class Peers:
     async def announce_lost(self, server: str, owner: str, subject: str) -> None:
         """The upstream lost an owner's session (it answered 404 to a call whose answer this process read): every
         other process holding it forgets it, so the client's retry opens a new one wherever it lands."""
-        msg = {"op": "lost", "server": server, "owner": owner, "subject": subject}
+        await self._broadcast({"op": "lost", "server": server, "owner": owner, "subject": subject},
+                              "an upstream session was lost")
+
+    async def _broadcast(self, msg: dict[str, Any], what: str) -> None:
+        """`msg` to every sibling worker and, with a store, every replica; failures are logged, not raised."""
         jobs: list[Awaitable[Any]] = [self._post(url, msg) for url in self.siblings]
         if self._redis is not None:
             jobs.append(self._redis.publish(CHANNEL, self._seal(msg)))
         for result in await asyncio.gather(*jobs, return_exceptions=True):
             if isinstance(result, BaseException):
-                log.warning("telling the other processes an upstream session was lost failed: %s",
-                            type(result).__name__)
+                log.warning("telling the other processes %s failed: %s", what, type(result).__name__)
 
     async def claim_state(self, key: str, caller: str) -> str:
         """Bind a requestState key to a caller in every sibling worker (no store); the holder a sibling already
@@ -147,24 +150,13 @@ class Peers:
 
     async def tell(self, event: dict[str, Any]) -> None:
         """A notification-channel event for every other process: sibling workers, and replicas via the store."""
-        msg = {"op": "notify", "from": self._origin, "event": event}
-        jobs: list[Awaitable[Any]] = [self._post(url, msg) for url in self.siblings]
-        if self._redis is not None:
-            jobs.append(self._redis.publish(CHANNEL, self._seal(msg)))
-        for result in await asyncio.gather(*jobs, return_exceptions=True):
-            if isinstance(result, BaseException):
-                log.warning("telling the other processes a notification event failed: %s", type(result).__name__)
+        await self._broadcast({"op": "notify", "from": self._origin, "event": event}, "a notification event")
 
     async def announce_cancel(self, owner: str, request_id: Any, params: dict[str, Any]) -> None:
         """A cancel whose request this process does not hold: the process that routed it (a sibling worker, or a
         replica through the store) cancels it; the others find nothing and drop it."""
-        msg = {"op": "cancel", "from": self._origin, "owner": owner, "id": request_id, "params": params}
-        jobs: list[Awaitable[Any]] = [self._post(url, msg) for url in self.siblings]
-        if self._redis is not None:
-            jobs.append(self._redis.publish(CHANNEL, self._seal(msg)))
-        for result in await asyncio.gather(*jobs, return_exceptions=True):
-            if isinstance(result, BaseException):
-                log.warning("telling the other processes of a cancel failed: %s", type(result).__name__)
+        await self._broadcast({"op": "cancel", "from": self._origin, "owner": owner, "id": request_id,
+                               "params": params}, "of a cancel")
 
     def _cancelled(self, msg: dict[str, Any]) -> None:
         params = msg.get("params")

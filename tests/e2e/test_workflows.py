@@ -402,7 +402,16 @@ def test_an_execution_is_read_back_from_another_worker(tmp_path: Path) -> None:
         url = stack.enter_context(start_redis(tmp_path))
         s = stack.enter_context(stack_for(tmp_path, processor={"workers": 2}, store={"redis": url}))
         wait_listed(s, "workflow_shaped")
-        execution_id = payload(call(s, "workflow_shaped", {"_debug": True}))["execution_id"]
+        # each worker reads the catalog folder itself (every 0.5 s): listed by one is not yet known to the other
+        runs: list[Any] = []
+
+        def ran() -> bool:
+            with contextlib.suppress(AssertionError):
+                runs.append(call(s, "workflow_shaped", {"_debug": True}))
+            return bool(runs)
+
+        s.gateway.wait_for(ran, what="workflow_shaped run (by a worker that has read it)")
+        execution_id = payload(runs[-1])["execution_id"]
         status_port = int(s.gateway.status_url.rsplit(":", 1)[1].split("/")[0])
         before = [served(status_port + w) for w in (0, 1)]
         after = before

@@ -31,12 +31,18 @@ class CountingStream(io.StringIO):
         return super().write(s)
 
 
-def test_batching_handler_writes_lines_in_batches() -> None:
+def batching_logger(name: str, max_lines: int, max_delay_s: float) -> tuple[logging.Logger, CountingStream,
+                                                                           BatchingHandler]:
     stream = CountingStream()
-    handler = BatchingHandler(stream, max_lines=10, max_delay_s=3600)
+    handler = BatchingHandler(stream, max_lines=max_lines, max_delay_s=max_delay_s)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    log = logging.Logger("batching-test")
+    log = logging.Logger(name)
     log.addHandler(handler)
+    return log, stream, handler
+
+
+def test_batching_handler_writes_lines_in_batches() -> None:
+    log, stream, handler = batching_logger("batching-test", 10, 3600)
     for i in range(25):
         log.info("line %d", i)
     assert stream.writes == 2  # two full batches of 10
@@ -46,21 +52,13 @@ def test_batching_handler_writes_lines_in_batches() -> None:
 
 
 def test_batching_handler_writes_a_late_line_after_its_delay() -> None:
-    stream = CountingStream()
-    handler = BatchingHandler(stream, max_lines=1000, max_delay_s=0.0)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log = logging.Logger("batching-late")
-    log.addHandler(handler)
+    log, stream, _ = batching_logger("batching-late", 1000, 0.0)
     log.info("now")
     assert stream.getvalue() == "now\n"
 
 
 def test_batching_handler_writes_an_urgent_line_at_once() -> None:
-    stream = CountingStream()
-    handler = BatchingHandler(stream, max_lines=1000, max_delay_s=3600)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log = logging.Logger("batching-urgent")
-    log.addHandler(handler)
+    log, stream, _ = batching_logger("batching-urgent", 1000, 3600)
     log.info("allowed")
     assert stream.getvalue() == ""
     log.info("denied", extra={"urgent": True})
