@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
 
 from catalog.manifests import AdmissionError, LoadResult, load_documents
@@ -51,15 +52,37 @@ def read_catalog(folder: str) -> LoadResult:
     return LoadResult(result.servers, (*unreadable, *result.errors, *flows.errors), flows.workflows)
 
 
-async def watch(folder: str, on_change: Callable[[LoadResult], None], interval: float = 0.5) -> None:
-    """Call `on_change` with the admitted catalog after every change to the folder."""
-    last: tuple[tuple[str, int, int], ...] | None = signature(folder)
-    while True:
-        sig = signature(folder)
-        if sig != last:
-            last = sig
-            try:
-                on_change(read_catalog(folder))
-            except Exception:
-                log.exception("catalog: applying a change failed")
-        await asyncio.sleep(interval)
+class CatalogWatch:
+    """Calls `on_change` with the admitted catalog after every change to the folder: polled every `interval`, and
+    at once when asked (`check`), so a worker that is asked for a name it does not know reads an edit it has not
+    polled yet instead of refusing what its sibling workers already list."""
+
+    def __init__(self, folder: str, on_change: Callable[[LoadResult], None], interval: float = 0.5) -> None:
+        self.folder = folder
+        self.on_change = on_change
+        self.interval = interval
+        self._last = signature(folder)
+        self._asked = -1e9  # when a check was last asked for (the polls do not count: they are not asked)
+
+    def check(self, min_gap_s: float = 0.0) -> bool:
+        """Apply the folder's change if there is one; whether there was. `min_gap_s`: an asked-for check, at most
+        once per that long (a client repeating unknown names does not make us read the folder each time)."""
+        if min_gap_s:
+            now = time.monotonic()
+            if now - self._asked < min_gap_s:
+                return False
+            self._asked = now
+        sig = signature(self.folder)
+        if sig == self._last:
+            return False
+        self._last = sig
+        try:
+            self.on_change(read_catalog(self.folder))
+        except Exception:
+            log.exception("catalog: applying a change failed")
+        return True
+
+    async def run(self) -> None:
+        while True:
+            self.check()
+            await asyncio.sleep(self.interval)

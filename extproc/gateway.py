@@ -120,6 +120,8 @@ class Gateway:
         self.fleet.on_resource = lambda server, owner, uri: self.notifier.resource_updated(server, uri, owner)
         self.collisions: dict[str, list[str]] = {}
         self.inflight = cancellation.Tracker()
+        # read the catalog folder now if it changed (set by the server; a name this worker does not know yet)
+        self.recheck_catalog: Callable[[], bool] = lambda: False
         self.answers = cancellation.Answers()
         self._cancels: set[asyncio.Task[None]] = set()
 

@@ -24,7 +24,7 @@ from catalog.manifests import LoadResult, MCPServer
 from extproc import logs, tracing
 from extproc.access_log import AccessLogs
 from extproc.bridges.state import with_bridges
-from extproc.catalog_files import read_catalog, watch
+from extproc.catalog_files import CatalogWatch, read_catalog
 from extproc.credentials import Broker, Exchanger, MemoryStore, RedisStore, SecretFiles, TokenStore
 from extproc.executions import Executions
 from extproc.fleet import Fleet
@@ -40,6 +40,7 @@ from extproc.upstream import UpstreamClient
 from extproc.xds import XdsServer, registry_for
 
 log = logging.getLogger(__name__)
+RECHECK_GAP_S = 0.05  # an unknown tool name reads the catalog folder at most this often (a few stat calls)
 
 SESSION_KEY_ENV = "MUSTER_EDGE_SESSION_KEY"
 SUPERVISOR_STATE_ENV = "MUSTER_EDGE_SUPERVISOR_STATE"
@@ -181,7 +182,9 @@ async def serve(config: GatewayConfig, *, port: int, status_port: int | None) ->
     flusher = asyncio.get_running_loop().create_task(flush_audit())
     sweeper = asyncio.get_running_loop().create_task(gateway.sweep_sessions())
     listener = asyncio.get_running_loop().create_task(gateway.peers.listen(gateway.end_here, gateway.lost_here))
-    watcher = asyncio.get_running_loop().create_task(watch(config.catalog_dir, changed))
+    catalog_watch = CatalogWatch(config.catalog_dir, changed)
+    gateway.recheck_catalog = lambda: catalog_watch.check(min_gap_s=RECHECK_GAP_S)
+    watcher = asyncio.get_running_loop().create_task(catalog_watch.run())
     upkeep = xds_upkeep(xds)
     status_server = None
     if status_port is not None:

@@ -180,6 +180,10 @@ async def call_tool(gw: Gateway, req: Request, msg: Message) -> Forward | Local:
     if name in gw.edge_tools:
         return await tool_calls.edge_call(gw, req, msg, name, arguments)
     view = await gw.current_view(req)
+    if name not in view.tool_routes and gw.recheck_catalog():  # a catalog edit this worker has not polled yet
+        if name in gw.edge_tools:
+            return await tool_calls.edge_call(gw, req, msg, name, arguments)
+        view = await gw.current_view(req)
     route = view.tool_routes.get(name)
     if route is not None and msg.era == MODERN:
         jsonrpc.check_param_headers(route.header_map, arguments, req.param_headers)
