@@ -11,7 +11,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -35,7 +35,7 @@ from extproc.metrics import Metrics
 from extproc.notify import Notifier
 from extproc.peers import Peers
 from extproc.replies import JSON, Forward, Local, ResponsePlan
-from extproc.request import Request
+from extproc.request import Caller, Request
 from extproc.rewrite import (
     SseRewriter,
     invalid_answer,
@@ -251,6 +251,12 @@ class Gateway:
         return host == req.headers.get(":authority", "") or (bool(self.config.allowed_hosts) and
                                                            self._host_allowed(host))
 
+    def token_ends_at(self, caller: Caller) -> float:
+        """When Envoy stops accepting the caller's token (its `exp` plus the allowed clock skew); 0: never."""
+        if not caller.expires_at or self.config.auth is None:
+            return 0.0
+        return caller.expires_at + self.config.auth.clock_skew_s
+
     def _authorized(self, req: Request) -> Local | None:
         """Envoy verified the token; here: fail closed without verified claims, 403 without required scopes."""
         auth = self.config.auth
@@ -258,7 +264,8 @@ class Gateway:
             return None
         # Envoy compares `exp` in whole seconds; a token past it by less than a second still reaches us, and a stream
         # ended at its expiry (extproc/notify.py) must not be reopened with it
-        expired = req.caller.expires_at and time.time() >= req.caller.expires_at + auth.clock_skew_s
+        ends_at = self.token_ends_at(req.caller)
+        expired = bool(ends_at) and time.time() >= ends_at
         if not req.caller.verified or expired:
             challenge = f'resource_metadata="{self.config.prm_url}"'
             if auth.required_scopes:
@@ -740,10 +747,7 @@ class Gateway:
         if self.answers.was_seen(plan.server, plan.upstream_session_owner, plan.upstream_id):
             return
         params = {"requestId": plan.upstream_id, "reason": "the client closed its stream"}
-        task = asyncio.get_running_loop().create_task(
-            self._tell_cancelled(plan.server, plan.upstream_session_owner, plan.subject, params))
-        self._cancels.add(task)
-        task.add_done_callback(self._cancels.discard)
+        self._spawn_cancel(self._tell_cancelled(plan.server, plan.upstream_session_owner, plan.subject, params))
 
     async def _tell_cancelled(self, server_name: str, owner: str, subject: str, params: dict[str, Any]) -> None:
         """notifications/cancelled to a handshake-era upstream, on the session the request went on."""
@@ -774,10 +778,15 @@ class Gateway:
         """Another process's cancel: cancel the request if this process routed it (peers.on_cancel)."""
         if cancellation.cancelled_id({"requestId": request_id}) is None:
             return
+
         async def cancel() -> None:
             await self._cancel_held(owner, request_id, params)
 
-        task = asyncio.get_running_loop().create_task(cancel())
+        self._spawn_cancel(cancel())
+
+    def _spawn_cancel(self, work: Coroutine[Any, Any, None]) -> None:
+        """Cancel work nobody waits for, kept referenced until it ends."""
+        task = asyncio.get_running_loop().create_task(work)
         self._cancels.add(task)
         task.add_done_callback(self._cancels.discard)
 

@@ -115,16 +115,10 @@ class Notifier:
         claims = req.caller.claims
         payload = {"era": era, "sub": req.caller.subject, "v": req.caller.verified, "g": sorted(claims.groups),
                    "s": sorted(claims.scopes), "ts": req.headers.get(TOOLSET_HEADER, ""),
-                   "tm": req.headers.get(_TOOL_MODE_HEADER, ""), "b": req.bearer, "x": self._ends_at(req.caller),
+                   "tm": req.headers.get(_TOOL_MODE_HEADER, ""), "b": req.bearer,
+                   "x": self.gw.token_ends_at(req.caller),
                    "exp": time.time() + TICKET_TTL_S, **extra}
         return self.gw.sessions.sealer.seal(zlib.compress(orjson.dumps(payload)), _AAD)
-
-    def _ends_at(self, caller: Caller) -> float:
-        """When a stream of this caller ends: when Envoy would refuse its token (exp + the allowed clock skew), so a
-        stream never outlives the credential that opened it; 0 without a token that expires."""
-        if not caller.expires_at or self.gw.config.auth is None:
-            return 0.0
-        return caller.expires_at + self.gw.config.auth.clock_skew_s
 
     def _forward(self, req: Request, ticket: str, client_id: Any, body: bytes) -> Forward:
         headers = {":path": NOTIFY_PATH, ROUTE_HEADER: NOTIFY_CLUSTER, TICKET_HEADER: ticket}
